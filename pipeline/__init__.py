@@ -1,0 +1,1 @@
+"""MoRE multi-task fine-tuning pipeline: prep -> train -> merge -> evaluate."""
