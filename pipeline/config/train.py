@@ -1,0 +1,64 @@
+"""Training-stage schema: base model, data, MoRE adapter, optimisation, checkpoints, logging."""
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import Field
+
+from pipeline.config.base import StrictModel
+from pipeline.config.more import MoreConfig
+
+
+class ModelConfig(StrictModel):
+    path: str  # local HF folder, or a hub id for users with network access
+    quantization: Literal["nf4", "none"] = "nf4"
+    dtype: Literal["bf16", "fp32", "fp16"] = "bf16"  # NF4: compute and storage dtype; none: load dtype
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    gradient_checkpointing: bool = True
+
+
+class DataConfig(StrictModel):
+    dir: str  # the prep stage's output (manifest.json + train/ + eval/)
+    temperature: float = Field(default=2.0, gt=0)  # task sampling p_t ∝ n_t^(1/T)
+    task_caps: Optional[dict[str, int]] = None  # at most this many sequences of a task per epoch
+    tasks: Optional[list[str]] = None  # train on a subset of the manifest's tasks (default: all)
+
+
+class OptimConfig(StrictModel):
+    lr: float = Field(default=2e-4, gt=0)
+    selector_lr_multiplier: float = Field(default=10.0, gt=0)  # gate + task embeddings learn faster (see docs)
+    weight_decay: float = Field(default=0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = Field(default=0, ge=0)
+    max_steps: int = Field(default=100, gt=0)
+    micro_batch_size: int = Field(default=4, gt=0)  # packed sequences per rank per micro step
+    grad_accum: int = Field(default=1, gt=0)
+    clip_grad_norm: float = Field(default=1.0, ge=0)  # 0 disables
+
+
+class CheckpointConfig(StrictModel):
+    every: int = Field(default=50, ge=0)  # steps between checkpoints; 0 = only on SIGTERM and at the end
+    keep: int = Field(default=2, gt=0)
+    resume: Literal["auto", "never", "must"] = "auto"
+
+
+class EvalConfig(StrictModel):
+    every: int = Field(default=50, ge=0)  # steps between held-out evaluations; 0 = only at the end
+    max_batches: Optional[int] = Field(default=None, gt=0)
+
+
+class TrainConfig(StrictModel):
+    output_dir: str
+    seed: int = 0
+    model: ModelConfig
+    data: DataConfig
+    more: MoreConfig = Field(default_factory=MoreConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    log_every: int = Field(default=1, gt=0)
+    dist_timeout_s: int = Field(default=600, gt=0)  # collectives fail (never hang) after this long
+    # Refuse to start when the memory planner says the run will not fit (CUDA only).
+    preflight: bool = True

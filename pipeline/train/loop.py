@@ -1,0 +1,269 @@
+"""The training loop: packed multi-task batches -> MoRE model under a DeepSpeed engine -> checkpoints and adapter.
+
+One optimizer step = `grad_accum` micro-batches on every rank. The LM loss of a step is normalised by the global
+number of supervised tokens of that step, so 1 process with accumulation and N ranks without give the same update.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from pipeline.config.base import ConfigError
+from pipeline.config.train import TrainConfig
+from pipeline.train import checkpoint
+from pipeline.train.data import TrainData, check_data
+from pipeline.train.distributed import DistInfo, all_reduce_sum, any_rank, init_distributed, shutdown
+from pipeline.train.ds_config import fill_ds_config
+from pipeline.train.loss import lm_loss_sums
+from pipeline.train.monitor import Monitor
+from pipeline.train.schedule import make_scheduler
+
+EXIT_REQUEUE = 75  # EX_TEMPFAIL: preempted after a checkpoint; the SLURM script requeues on it
+
+
+class Preempted:
+    """SIGTERM sets a flag; the loop finishes its step, checkpoints and exits with EXIT_REQUEUE."""
+
+    def __init__(self):
+        self.flag = False
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.flag = True
+
+
+def validate(cfg: TrainConfig, ds_config: str) -> list[str]:
+    """Everything checkable before a process group starts; returns the task names in id order."""
+    task_names = check_data(cfg)
+    model_path = Path(cfg.model.path)
+    if (model_path.is_absolute() or cfg.model.path.startswith(".")) and not model_path.is_dir():
+        raise ConfigError(f"model.path: {cfg.model.path} is not a directory")
+    fill_ds_config(ds_config, cfg, world_size=1)
+    return task_names
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_model(cfg: TrainConfig, task_names: list[str], dist_info: DistInfo):
+    from pipeline.models.loading import load_base_model
+    from pipeline.more import inject
+
+    device_map = {"": dist_info.device} if cfg.model.quantization == "nf4" else None
+    base = load_base_model(cfg.model.path, cfg.model.quantization, cfg.model.dtype,
+                           cfg.model.attn_implementation, device_map=device_map)
+    base.config.use_cache = False
+    if cfg.model.gradient_checkpointing:
+        # Reentrant checkpointing is what bitsandbytes 4-bit layers are known to work with.
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+        base.enable_input_require_grads()
+    return inject(base, cfg.more, task_names, base_model_id=cfg.model.path)
+
+
+def param_groups(model, cfg: TrainConfig) -> list[dict]:
+    selector = {id(p) for p in model.selector_parameters()}
+    adapter = [p for p in model.parameters() if p.requires_grad and id(p) not in selector]
+    sel = [p for p in model.parameters() if p.requires_grad and id(p) in selector]
+    groups = [{"params": adapter, "lr": cfg.optim.lr, "name": "adapter"}]
+    if sel:
+        groups.append({"params": sel, "lr": cfg.optim.lr * cfg.optim.selector_lr_multiplier,
+                       "weight_decay": 0.0, "name": "selector"})
+    return groups
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, ds_config: str, task_names: list[str], dist_info: DistInfo):
+        self.cfg, self.task_names, self.dist = cfg, task_names, dist_info
+        self.out = Path(cfg.output_dir)
+        self.ckpt_dir = self.out / "checkpoints"
+        if dist_info.is_main:
+            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        seed_everything(cfg.seed)
+        import deepspeed
+
+        model = build_model(cfg, task_names, dist_info)
+        ds = fill_ds_config(ds_config, cfg, dist_info.world_size)
+        o = cfg.optim
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=model, model_parameters=param_groups(model, cfg), config=ds,
+            lr_scheduler=lambda opt: make_scheduler(opt, o.warmup_steps, o.max_steps, o.schedule))
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.model.dtype]
+        self.data = TrainData(cfg, task_names, dist_info, self.dtype)
+        self.step = 0
+        self.tokens_seen = 0
+        self.preempt = Preempted()
+        self.last_eval: dict[str, float] = {}
+
+    # --- resume -------------------------------------------------------------------------------------------------
+    def maybe_resume(self) -> None:
+        mode = self.cfg.checkpoint.resume
+        if mode == "never":
+            return
+        state = checkpoint.load(self.engine, self.ckpt_dir, self.dist.rank)
+        if state is None:
+            if mode == "must":
+                raise RuntimeError(f"checkpoint.resume=must but no checkpoint in {self.ckpt_dir}")
+            return
+        self.step = state["step"]
+        self.tokens_seen = state["tokens_seen"]
+        self.data.load_state_dict(state["data"])
+        if self.dist.is_main:
+            print(f"resumed from {self.ckpt_dir / checkpoint.latest_tag(self.ckpt_dir)} at step {self.step}",
+                  flush=True)
+
+    def save_checkpoint(self) -> None:
+        state = {"step": self.step, "tokens_seen": self.tokens_seen, "data": self.data.state_dict()}
+        checkpoint.save(self.engine, self.ckpt_dir, self.step, state, self.cfg.checkpoint.keep, self.dist.rank)
+
+    # --- one optimizer step -------------------------------------------------------------------------------------
+    def train_step(self) -> dict[str, float]:
+        micro_batches = [self.data.next_train_batch() for _ in range(self.cfg.optim.grad_accum)]
+        dev = self.dist.device
+        counts = torch.tensor([float(sum(_supervised(b) for b in micro_batches)),
+                               float(sum(int((b["segment_ids"] >= 0).sum()) for b in micro_batches))], device=dev)
+        global_tokens, global_real = all_reduce_sum(counts).tolist()
+        if global_tokens == 0:
+            raise RuntimeError(f"step {self.step + 1}: no supervised tokens in the global batch")
+        scale = self.dist.world_size * self.cfg.optim.grad_accum / global_tokens
+        n_tasks = len(self.task_names)
+        stats = torch.zeros(2 + 2 * n_tasks, device=dev)  # ce_sum, contrastive_sum, per-task sums, per-task tokens
+        weight = self.cfg.more.contrastive.weight
+        for batch in micro_batches:
+            batch = {k: v.to(dev) for k, v in batch.items()}
+            out = self.engine(**batch)
+            sums = lm_loss_sums(out.logits, batch["labels"], batch["task_ids"], n_tasks, batch["position_ids"])
+            loss = sums.total * scale
+            if out.contrastive_loss is not None and weight > 0:
+                loss = loss + weight * out.contrastive_loss
+                stats[1] += out.contrastive_loss.detach().float()
+            self.engine.backward(loss)
+            self.engine.step()
+            stats[0] += sums.total.detach()
+            stats[2:2 + n_tasks] += sums.per_task
+            stats[2 + n_tasks:] += sums.per_task_tokens
+        all_reduce_sum(stats)
+        self.step += 1
+        self.tokens_seen += int(global_real)
+        lm = stats[0].item() / global_tokens
+        if not math.isfinite(lm):
+            raise FloatingPointError(f"step {self.step}: LM loss is {lm}; stopping (lower the lr or check the data)")
+        values = {"loss": lm, "contrastive": stats[1].item() / (self.cfg.optim.grad_accum * self.dist.world_size),
+                  "lr": self.scheduler.get_last_lr()[0], "tokens": global_real}
+        grad_norm = self.engine.get_global_grad_norm()
+        if grad_norm is not None:
+            values["grad_norm"] = float(grad_norm)
+        for t, name in enumerate(self.task_names):
+            if stats[2 + n_tasks + t] > 0:
+                values[f"loss/{name}"] = (stats[2 + t] / stats[2 + n_tasks + t]).item()
+        return values
+
+    # --- held-out evaluation ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        self.engine.eval()
+        from pipeline.train.evaluation import eval_loss
+
+        result = eval_loss(self.engine, self.data.eval_batches(), len(self.task_names), self.task_names,
+                           self.dist.device, reduce=all_reduce_sum)
+        self.engine.train()
+        return result
+
+    # --- the run ------------------------------------------------------------------------------------------------
+    def run(self) -> int:
+        cfg = self.cfg
+        self.maybe_resume()
+        monitor = Monitor(self.out, cfg.optim.max_steps, self.step, self.dist.is_main)
+        self.engine.train()
+        t_start, tokens_start = time.time(), self.tokens_seen
+        final: dict[str, float] = {}
+        try:
+            while self.step < cfg.optim.max_steps:
+                t0 = time.time()
+                values = self.train_step()
+                dt = time.time() - t0
+                values["tokens_per_s"] = values["tokens"] / max(dt, 1e-9)
+                values.update(_peak_memory_gb(self.dist.device))
+                final = values
+                if self.step % cfg.log_every == 0 or self.step == cfg.optim.max_steps:
+                    monitor.scalars(self.step, values, prefix="train/")
+                monitor.progress(self.step, values["loss"], values["tokens_per_s"])
+                preempted = any_rank(self.preempt.flag, self.dist.device)
+                if preempted or (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0):
+                    self.save_checkpoint()
+                if preempted:
+                    if self.dist.is_main:
+                        print(f"SIGTERM: checkpoint saved at step {self.step}; exiting {EXIT_REQUEUE} to requeue",
+                              flush=True)
+                    return EXIT_REQUEUE
+                if cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < cfg.optim.max_steps:
+                    self._eval_and_log(monitor)
+            self._eval_and_log(monitor)
+            if cfg.checkpoint.every and self.step % cfg.checkpoint.every != 0:
+                self.save_checkpoint()
+            self._finish(final, time.time() - t_start, self.tokens_seen - tokens_start)
+        finally:
+            monitor.close()
+        return 0
+
+    def _eval_and_log(self, monitor: Monitor) -> None:
+        from pipeline.more import rank_map
+
+        self.last_eval = self.evaluate()
+        monitor.scalars(self.step, self.last_eval, prefix="eval/")
+        monitor.rank_map(self.step, rank_map(self.engine.module))
+
+    def _finish(self, final: dict[str, float], wall_s: float, tokens: int) -> None:
+        from pipeline.more import save_adapter
+
+        save_adapter(self.engine.module, self.out / "adapter")
+        if not self.dist.is_main:
+            return
+        summary = {
+            "steps": self.step,
+            "tokens": self.tokens_seen,
+            "world_size": self.dist.world_size,
+            "final_train_loss": final.get("loss"),
+            "final_train_loss_per_task": {k[len("loss/"):]: v for k, v in final.items() if k.startswith("loss/")},
+            "eval": self.last_eval,
+            "wall_time_s": wall_s,
+            "tokens_per_s": tokens / max(wall_s, 1e-9),
+        }
+        tmp = self.out / "train_summary.json.tmp"
+        tmp.write_text(json.dumps(summary, indent=2))
+        os.replace(tmp, self.out / "train_summary.json")
+
+
+def _supervised(batch: dict[str, torch.Tensor]) -> int:
+    from pipeline.train.loss import supervised_targets
+
+    return int((supervised_targets(batch["labels"], batch["position_ids"]) != -100).sum())
+
+
+def _peak_memory_gb(device: torch.device) -> dict[str, float]:
+    if device.type == "cuda":
+        return {"peak_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30}
+    import resource
+
+    return {"peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+def train(cfg: TrainConfig, ds_config: str, local_rank: Optional[int] = None) -> int:
+    """Validate, start the process group, train. Returns the process exit code."""
+    task_names = validate(cfg, ds_config)
+    dist_info = init_distributed(cfg.dist_timeout_s, local_rank)
+    trainer = Trainer(cfg, ds_config, task_names, dist_info)
+    code = trainer.run()
+    shutdown(trainer.engine)
+    return code

@@ -1,0 +1,57 @@
+"""What a person watching a run sees: tqdm on rank 0, TensorBoard scalars/histograms, and a metrics.jsonl.
+
+Every method is a no-op on ranks other than 0, so the loop can call them unconditionally.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+from tqdm.auto import tqdm
+
+
+class Monitor:
+    def __init__(self, output_dir: Path, total_steps: int, start_step: int, is_main: bool):
+        self.is_main = is_main
+        self.writer = None
+        self.bar: Optional[tqdm] = None
+        self.metrics_file = None
+        if not is_main:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(output_dir / "tensorboard"), purge_step=start_step + 1)
+        self.metrics_file = open(output_dir / "metrics.jsonl", "a")
+        self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+        self._t0 = time.time()
+
+    def scalars(self, step: int, values: dict[str, float], prefix: str = "") -> None:
+        if not self.is_main:
+            return
+        for k, v in values.items():
+            self.writer.add_scalar(f"{prefix}{k}", v, step)
+        self.metrics_file.write(json.dumps({"step": step, **{f"{prefix}{k}": v for k, v in values.items()}}) + "\n")
+        self.metrics_file.flush()
+
+    def rank_map(self, step: int, ranks: dict[str, dict[str, int]]) -> None:
+        """Each task's chosen rank per layer: its mean as a scalar and the distribution as a histogram."""
+        if not self.is_main:
+            return
+        for task, per_layer in ranks.items():
+            values = torch.tensor(list(per_layer.values()), dtype=torch.float32)
+            self.writer.add_scalar(f"rank/{task}/mean", values.mean().item(), step)
+            self.writer.add_histogram(f"rank/{task}", values, step)
+
+    def progress(self, step: int, loss: float, tokens_per_s: float) -> None:
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}")
+
+    def close(self) -> None:
+        if self.is_main:
+            self.bar.close()
+            self.writer.close()
+            self.metrics_file.close()
