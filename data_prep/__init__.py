@@ -1,0 +1,1 @@
+"""`python -m data_prep`: thin CLI over pipeline.data.prep."""

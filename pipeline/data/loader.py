@@ -1,0 +1,122 @@
+"""Read the packed data (docs/interfaces.md) for training: a Dataset of packed rows and the collator that builds
+the block-diagonal causal attention.
+
+Why an explicit 4-D mask: transformers does not isolate packed samples from `position_ids` alone (sdpa or eager,
+docs/pitfalls.md), and a BOOLEAN 4-D mask is silently wrong with eager attention. The collator therefore emits an
+ADDITIVE float mask in the model's dtype: 0 where a query may attend (same sample, not in the future),
+`torch.finfo(dtype).min` elsewhere. Padding queries attend only to themselves, so no softmax row is all-masked.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import datasets
+import numpy as np
+import pyarrow.compute as pc
+import torch
+
+IGNORE_INDEX = -100
+COLUMNS = ("input_ids", "labels", "position_ids", "task_ids", "prompt_mask", "seq_lens")
+
+
+class PackedDataset(torch.utils.data.Dataset):
+    """Rows of `<data_dir>/<split>` (memory-mapped Arrow) as dicts of int64 tensors (`prompt_mask` bool)."""
+
+    def __init__(self, data_dir: str | Path, split: str = "train"):
+        self.data_dir = Path(data_dir)
+        manifest = self.data_dir / "manifest.json"
+        if not manifest.is_file():
+            raise FileNotFoundError(f"{manifest} not found: run the prep stage (python -m data_prep) first")
+        self.manifest = json.loads(manifest.read_text())
+        if not (self.data_dir / split).is_dir():
+            raise FileNotFoundError(f"{self.data_dir} has no {split!r} split (splits: {list(self.manifest['splits'])})")
+        self.split = split
+        self.ds = datasets.load_from_disk(str(self.data_dir / split)).with_format("numpy")
+        tasks = self.manifest["tasks"]
+        self.task_names = [n for n, _ in sorted(tasks.items(), key=lambda kv: kv[1]["id"])]
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        row = self.ds[int(i)]
+        out = {k: torch.from_numpy(np.asarray(row[k], dtype=np.int64)) for k in COLUMNS}
+        out["prompt_mask"] = out["prompt_mask"].bool()
+        return out
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.data_dir / self.manifest["tokenizer"]["path"]
+
+    def lengths(self) -> np.ndarray:
+        """Tokens per row (without reading the rows)."""
+        return pc.list_value_length(self.ds.data.column("input_ids")).to_numpy(zero_copy_only=False)
+
+    def row_tasks(self) -> np.ndarray:
+        """The majority task id of every row (its only task when prepared with `pack_per_task`)."""
+        col = self.ds.data.column("task_ids").combine_chunks()
+        flat = col.flatten().to_numpy(zero_copy_only=False).astype(np.int64)
+        lens = pc.list_value_length(col).to_numpy(zero_copy_only=False)
+        rows = np.repeat(np.arange(len(lens)), lens)
+        counts = np.zeros((len(lens), len(self.task_names)), dtype=np.int64)
+        np.add.at(counts, (rows, flat), 1)
+        return counts.argmax(axis=1)
+
+
+def block_causal_mask(segment_ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(B, L) segment ids (-1 = padding) -> (B, 1, L, L) additive mask: 0 where allowed, finfo(dtype).min elsewhere."""
+    B, L = segment_ids.shape
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    causal = torch.ones(L, L, dtype=torch.bool, device=segment_ids.device).tril()
+    allowed = same & causal & (segment_ids[:, :, None] >= 0)
+    allowed |= torch.eye(L, dtype=torch.bool, device=segment_ids.device)  # padding queries see themselves only
+    mask = torch.zeros(B, 1, L, L, dtype=dtype, device=segment_ids.device)
+    return mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
+
+
+@dataclass
+class PackedCollator:
+    """List of `PackedDataset` rows -> a training batch (docs/interfaces.md), padded on the right to the longest row.
+
+    Args:
+        dtype: dtype of the additive attention mask (the model's compute dtype).
+        pad_token_id: id put into padded `input_ids` (never attended to by real tokens, never a label).
+        pad_to_multiple_of: round the padded length up (e.g. 8 for tensor cores).
+        max_length: if set, every batch is padded to exactly this length (static shapes).
+    """
+
+    dtype: torch.dtype = torch.float32
+    pad_token_id: int = 0
+    pad_to_multiple_of: Optional[int] = None
+    max_length: Optional[int] = None
+
+    def __call__(self, rows: Sequence[dict]) -> dict[str, torch.Tensor]:
+        B = len(rows)
+        L = self.max_length or max(len(r["input_ids"]) for r in rows)
+        if self.pad_to_multiple_of:
+            L = -(-L // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        batch = {
+            "input_ids": torch.full((B, L), self.pad_token_id, dtype=torch.long),
+            "labels": torch.full((B, L), IGNORE_INDEX, dtype=torch.long),
+            "position_ids": torch.zeros((B, L), dtype=torch.long),
+            "task_ids": torch.full((B, L), -1, dtype=torch.long),
+            "segment_ids": torch.full((B, L), -1, dtype=torch.long),
+            "prompt_mask": torch.zeros((B, L), dtype=torch.bool),
+        }
+        next_segment = 0
+        for b, r in enumerate(rows):
+            n = len(r["input_ids"])
+            if n > L:
+                raise ValueError(f"row of {n} tokens is longer than max_length {L}")
+            for k in ("input_ids", "labels", "position_ids", "task_ids"):
+                batch[k][b, :n] = torch.as_tensor(r[k])
+            batch["prompt_mask"][b, :n] = torch.as_tensor(r["prompt_mask"]).bool()
+            lens = torch.as_tensor(r["seq_lens"], dtype=torch.long)
+            batch["segment_ids"][b, :n] = torch.repeat_interleave(
+                torch.arange(next_segment, next_segment + len(lens)), lens)
+            next_segment += len(lens)
+        batch["attention_mask"] = block_causal_mask(batch["segment_ids"], self.dtype)
+        return batch

@@ -1,0 +1,18 @@
+"""Loss mask: labels equal the input ids on response tokens and -100 elsewhere.
+
+Labels are aligned with `input_ids` (HF models shift them inside the loss). The first token of every sample never
+carries a label, even with `train_on_prompt`: after packing, its label would be predicted by the previous sample's
+last token, i.e. across a sample boundary.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+IGNORE_INDEX = -100
+
+
+def build_labels(ids: np.ndarray, positions: np.ndarray, n_prompt_per_token: np.ndarray,
+                 train_on_prompt: bool) -> np.ndarray:
+    """`positions`: index of each token within its sample; `n_prompt_per_token`: its sample's prompt length."""
+    keep = positions > 0 if train_on_prompt else positions >= n_prompt_per_token
+    return np.where(keep, ids, IGNORE_INDEX).astype(np.int32)

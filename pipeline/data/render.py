@@ -1,0 +1,103 @@
+"""Turn one source row into (prompt, response) text, the same way for training (prep) and scoring (evaluate).
+
+- `template`: `str.format` over the row's columns; `{label_text}` is the verbalized label.
+- `alpaca`: instruction / input / output columns.
+- `chat`: `messages` (role/content); the last message is the assistant's answer and the only supervised part.
+  With a tokenizer that has a chat template, the prompt is the template applied to the earlier turns with the
+  generation prompt, and the response is what the template adds for the last turn (end-of-turn tokens included).
+  Without one, a plain `role: content` rendering is used.
+"""
+from __future__ import annotations
+
+import string
+from typing import Any, Optional
+
+from pipeline.config.tasks import TaskConfig
+from pipeline.data.errors import PrepError
+
+ALPACA_PROMPT = "Instruction: {instruction}\n{input_block}Response:"
+
+
+def template_columns(fmt: str) -> set[str]:
+    """Top-level column names a `str.format` template reads (`{a.b}`/`{a[0]}` read column `a`)."""
+    cols = set()
+    for _, field, _, _ in string.Formatter().parse(fmt):
+        if field:
+            cols.add(field.split(".")[0].split("[")[0])
+    return cols
+
+
+def required_columns(task: TaskConfig) -> set[str]:
+    if task.format == "alpaca":
+        return {"instruction", "output"}
+    if task.format == "chat":
+        return {"messages"}
+    tpl = task.template
+    cols = (template_columns(tpl.prompt) | template_columns(tpl.response)) - {"label_text"}
+    if "{label_text" in tpl.prompt + tpl.response:
+        cols.add(tpl.label_column)
+    return cols
+
+
+def check_columns(task: TaskConfig, columns: list[str], where: str) -> None:
+    """Fail once, before any work, if the task's template reads a column the source does not have."""
+    missing = sorted(required_columns(task) - set(columns))
+    if missing:
+        shown = sorted(c for c in columns if not c.startswith("_"))
+        raise PrepError(f"task {task.name!r}: template needs column(s) {missing} missing from {where}; "
+                        f"available columns: {shown}")
+
+
+def _label_text(task: TaskConfig, row: dict[str, Any]) -> str:
+    tpl = task.template
+    value = row[tpl.label_column]
+    if tpl.verbalizer is None:
+        return str(value)
+    key = str(value)
+    if key not in tpl.verbalizer and isinstance(value, float) and value.is_integer():
+        key = str(int(value))
+    try:
+        return tpl.verbalizer[key]
+    except KeyError:
+        raise PrepError(f"task {task.name!r}: label {value!r} (example {row.get('_example_id')}) has no verbalizer "
+                        f"entry; verbalizer keys: {sorted(tpl.verbalizer)}") from None
+
+
+def _chat(task: TaskConfig, row: dict[str, Any], tokenizer) -> tuple[str, str]:
+    msgs = row["messages"]
+    if not msgs or msgs[-1].get("role") != "assistant":
+        raise PrepError(f"task {task.name!r}: example {row.get('_example_id')}: `messages` must end with an "
+                        f"assistant message")
+    msgs = [{"role": m["role"], "content": m["content"]} for m in msgs]
+    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
+        prompt = tokenizer.apply_chat_template(msgs[:-1], tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(msgs, tokenize=False)
+        if full.startswith(prompt):
+            return prompt, full[len(prompt):]
+        return prompt, msgs[-1]["content"]
+    prompt = "".join(f"{m['role']}: {m['content']}\n" for m in msgs[:-1]) + "assistant:"
+    return prompt, msgs[-1]["content"]
+
+
+def uses_chat_template(task: TaskConfig, tokenizer) -> bool:
+    """Chat-template text carries its own special tokens, so BOS/EOS are not added around it."""
+    return task.format == "chat" and tokenizer is not None and bool(getattr(tokenizer, "chat_template", None))
+
+
+def render(task: TaskConfig, row: dict[str, Any], tokenizer: Optional[Any] = None) -> tuple[str, str]:
+    """(prompt, response) text of one row. `evaluate` uses the prompt and scores against the response."""
+    if task.format == "chat":
+        return _chat(task, row, tokenizer)
+    if task.format == "alpaca":
+        inp = row.get("input") or ""
+        prompt = ALPACA_PROMPT.format(instruction=row["instruction"], input_block=f"Input: {inp}\n" if inp else "")
+        return prompt, str(row["output"])
+    tpl = task.template
+    fields = dict(row)
+    if "{label_text" in tpl.prompt + tpl.response:
+        fields["label_text"] = _label_text(task, row)
+    try:
+        return tpl.prompt.format(**fields), tpl.response.format(**fields)
+    except (KeyError, IndexError, ValueError) as e:
+        raise PrepError(f"task {task.name!r}: template could not be rendered for example "
+                        f"{row.get('_example_id')}: {e!r}") from None

@@ -1,0 +1,132 @@
+"""Read a task's examples into a `datasets.Dataset` (local JSONL/JSON, `save_to_disk` folders, hub names).
+
+Every row gets `_example_id` (its index in the source: line number - 1 for JSONL), so a packed sample can be
+traced back and held-out splits stay the same however the data is sharded.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Optional
+
+import datasets
+
+from pipeline.config.tasks import SourceConfig, TaskConfig
+from pipeline.data.errors import PrepError
+
+EXAMPLE_ID = "_example_id"
+
+
+def source_path(source: SourceConfig, split: Optional[str]) -> str:
+    """Local file sources may name the split in their path: `data/arith/{split}.jsonl`."""
+    return source.path.replace("{split}", split) if split and "{split}" in source.path else source.path
+
+
+def _read_jsonl(path: Path, task: str, skip_invalid: bool) -> tuple[list[dict], int]:
+    rows, invalid = [], 0
+    with path.open("r", encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                if not isinstance(row, dict):
+                    raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+            except ValueError as e:
+                if skip_invalid:
+                    invalid += 1
+                    continue
+                raise PrepError(f"task {task!r}: {path}:{lineno}: malformed JSON line ({e}); "
+                                f"fix it or set skip_invalid: true") from None
+            row[EXAMPLE_ID] = lineno - 1
+            rows.append(row)
+    return rows, invalid
+
+
+def _read_json(path: Path, task: str) -> list[dict]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise PrepError(f"task {task!r}: {path}:{e.lineno}: malformed JSON ({e.msg})") from None
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        data = data["data"]
+    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+        raise PrepError(f"task {task!r}: {path}: expected a JSON list of objects (or {{\"data\": [...]}})")
+    return [dict(r, **{EXAMPLE_ID: i}) for i, r in enumerate(data)]
+
+
+def _from_rows(rows: list[dict], task: str, where: str) -> datasets.Dataset:
+    try:
+        return datasets.Dataset.from_list(rows)
+    except Exception as e:  # pyarrow type clashes between rows
+        raise PrepError(f"task {task!r}: {where}: rows do not share one schema ({e})") from None
+
+
+def load_split(task: TaskConfig, split: Optional[str], skip_invalid: bool = False) -> tuple[datasets.Dataset, int]:
+    """All rows of one split of the task's source (before `max_examples`), plus the number of invalid rows skipped."""
+    src, invalid = task.source, 0
+    if src.type in ("jsonl", "json"):
+        path = Path(source_path(src, split))
+        if not path.is_file():
+            raise PrepError(f"task {task.name!r}: source file not found: {path}")
+        if src.type == "jsonl":
+            rows, invalid = _read_jsonl(path, task.name, skip_invalid)
+        else:
+            rows = _read_json(path, task.name)
+        if not rows:
+            raise PrepError(f"task {task.name!r}: source {path} has no examples"
+                            + (f" ({invalid} invalid lines skipped)" if invalid else ""))
+        return _from_rows(rows, task.name, str(path)), invalid
+    if src.type == "disk":
+        path = Path(src.path)
+        if not path.exists():
+            raise PrepError(f"task {task.name!r}: dataset folder not found: {path}")
+        obj = datasets.load_from_disk(str(path))
+        if isinstance(obj, datasets.DatasetDict):
+            if split not in obj:
+                raise PrepError(f"task {task.name!r}: {path} has splits {sorted(obj)}, not {split!r}")
+            obj = obj[split]
+    else:  # hub: real loading code for users with network access (not exercised offline)
+        obj = datasets.load_dataset(src.path, src.subset, split=split or "train")
+    if len(obj) == 0:
+        raise PrepError(f"task {task.name!r}: source {src.path} split {split!r} has no examples")
+    return obj.add_column(EXAMPLE_ID, list(range(len(obj)))), invalid
+
+
+def load_task(task: TaskConfig, split: Optional[str], skip_invalid: bool = False,
+              shard: Optional[tuple[int, int]] = None, max_examples: Optional[int] = -1) -> tuple[datasets.Dataset, int]:
+    """Rows for prep: the first `max_examples` (default: the task's) of the split, then (for `--shard i/N`) the
+    i-th contiguous slice.
+
+    Contiguous slices concatenated in shard order give back exactly the unsharded rows, in the same order.
+    """
+    ds, invalid = load_split(task, split, skip_invalid)
+    cap = task.max_examples if max_examples == -1 else max_examples
+    if cap is not None and cap < len(ds):
+        ds = ds.select(range(cap))
+    if shard is not None:
+        ds = ds.shard(num_shards=shard[1], index=shard[0], contiguous=True)
+        invalid = invalid if shard[0] == 0 else 0  # invalid lines are counted once, by shard 0
+    return ds, invalid
+
+
+def fingerprint_source(task: TaskConfig, splits: list[Optional[str]]) -> str:
+    """Content hash of the files a task reads (for the prep cache). Hub sources hash their name only."""
+    h = hashlib.sha256()
+    src = task.source
+    if src.type == "hub":
+        h.update(json.dumps([src.path, src.subset, splits]).encode())
+        return h.hexdigest()
+    paths = sorted({source_path(src, s) for s in splits}) if src.type in ("jsonl", "json") else [src.path]
+    for p in map(Path, paths):
+        files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+        for f in files:
+            h.update(str(f.relative_to(p) if p.is_dir() else f.name).encode())
+            if f.is_file():
+                with f.open("rb") as fh:
+                    for chunk in iter(lambda: fh.read(1 << 20), b""):
+                        h.update(chunk)
+            else:
+                h.update(b"<missing>")
+    return h.hexdigest()

@@ -1,0 +1,93 @@
+"""Write packed rows as `datasets` Arrow folders, atomically, with a manifest.
+
+Why Arrow via `datasets` (not memory-mapped numpy or Parquet): each split is one `save_to_disk` folder that
+training opens with `load_from_disk` memory-mapped (no copy into RAM, no parse step, random access to any row,
+so a sampler can index rows freely), variable-length rows are stored without padding as list columns, the schema
+(column names and int widths) travels with the data, and any tool in the HF ecosystem can read it. Parquet would
+need a decode pass on every open; raw numpy would need our own offsets/index format and schema.
+
+Everything is first written to a temporary sibling folder and renamed into place, so a failure at any point
+leaves no (half-written) output, and readers never see a partial directory.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Iterator
+
+import datasets
+import numpy as np
+import pyarrow as pa
+
+from pipeline.data.mask import build_labels
+from pipeline.data.tokenize import Samples
+
+PACKED_FEATURES = datasets.Features({
+    "input_ids": datasets.Sequence(datasets.Value("int32")),
+    "labels": datasets.Sequence(datasets.Value("int32")),
+    "position_ids": datasets.Sequence(datasets.Value("int32")),
+    "task_ids": datasets.Sequence(datasets.Value("int16")),
+    "prompt_mask": datasets.Sequence(datasets.Value("int8")),
+    "seq_lens": datasets.Sequence(datasets.Value("int32")),
+})
+
+
+def packed_table(samples: Samples, rows: list[list[int]], train_on_prompt: bool) -> pa.Table:
+    """One Arrow row per packed sequence, built with vectorised numpy from the flat sample arrays."""
+    order = np.fromiter((i for row in rows for i in row), dtype=np.int64, count=sum(len(r) for r in rows))
+    s = samples.select(order)
+    n_tok = len(s.ids)
+    sample_start = np.repeat(s.offsets[:-1], s.lengths)
+    positions = (np.arange(n_tok) - sample_start).astype(np.int32)
+    labels = build_labels(s.ids, positions, np.repeat(s.n_prompt, s.lengths), train_on_prompt)
+    per_row = np.array([len(r) for r in rows], dtype=np.int64)
+    sample_row_start = np.concatenate([[0], np.cumsum(per_row)]).astype(np.int32)
+    token_row_start = s.offsets[sample_row_start].astype(np.int32)
+
+    def lst(values: np.ndarray, offsets: np.ndarray) -> pa.ListArray:
+        return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
+
+    return pa.table({
+        "input_ids": lst(s.ids.astype(np.int32), token_row_start),
+        "labels": lst(labels, token_row_start),
+        "position_ids": lst(positions, token_row_start),
+        "task_ids": lst(np.repeat(s.task_id, s.lengths).astype(np.int16), token_row_start),
+        "prompt_mask": lst((positions < np.repeat(s.n_prompt, s.lengths)).astype(np.int8), token_row_start),
+        "seq_lens": lst(s.lengths.astype(np.int32), sample_row_start),
+    })
+
+
+def save_table(table: pa.Table, out_dir: Path, features: datasets.Features | None, fingerprint: str) -> None:
+    """`save_to_disk` with a content-derived fingerprint, so two runs write byte-identical folders."""
+    info = datasets.DatasetInfo(features=features) if features is not None else None
+    ds = datasets.Dataset(table.cast(features.arrow_schema) if features is not None else table, info=info,
+                          fingerprint=fingerprint)
+    ds.save_to_disk(str(out_dir), max_shard_size="500MB")
+
+
+def write_json(path: Path, obj: dict) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_dir(final: Path) -> Iterator[Path]:
+    """Yield a temporary folder next to `final`; on success it replaces `final` (old copy removed), on any error it
+    is deleted and `final` is left as it was."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = final.parent / f".{final.name}.old-{os.getpid()}"
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
