@@ -1,0 +1,35 @@
+"""Shared pytest fixtures. Keep each fixture small and named for what it provides."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+def _small_builtin_config(root: Path, **overrides):
+    """The default prep config shrunk for tests: built-in data at 5 % scale, a small tokenizer, outputs in `root`."""
+    from pipeline.config.base import load_config
+    from pipeline.config.prep import PrepConfig
+
+    ov = {"output_dir": str(root / "out"), "builtin": {"dir": str(root / "builtin"), "scale": 0.05, "seed": 0},
+          "tokenizer": {"train_sentencepiece": {"vocab_size": 320}}, "max_seq_len": 128, "num_proc": 1}
+    cfg = load_config(PrepConfig, Path(__file__).parents[1] / "configs/prep/default.yaml", overrides=ov)
+    for i, task in enumerate(cfg.tasks):  # point the tasks at the test copy of the built-in data
+        cfg.tasks[i] = task.model_copy(update={"source": task.source.model_copy(
+            update={"path": task.source.path.replace("data/built/builtin", str(root / "builtin"))})})
+    return cfg.model_copy(update=overrides) if overrides else cfg
+
+
+@pytest.fixture
+def small_prep_config(tmp_path):
+    """Factory: `small_prep_config(**field_overrides) -> PrepConfig` writing under this test's tmp_path."""
+    return lambda **ov: _small_builtin_config(tmp_path, **ov)
+
+
+@pytest.fixture(scope="session")
+def prepared_builtin_data(tmp_path_factory) -> Path:
+    """A prepared (packed, mixed-task rows) copy of the small built-in set, shared by loader/sampler tests."""
+    from pipeline.data.prep import run_prep
+
+    root = tmp_path_factory.mktemp("prepared_builtin")
+    return run_prep(_small_builtin_config(root, pack_per_task=False))

@@ -1,0 +1,108 @@
+"""PackedDataset + PackedCollator: packed logits equal per-sample logits with the collator's mask (sdpa and eager)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from pipeline.data.loader import PackedCollator, PackedDataset, block_causal_mask
+from pipeline.models.tiny import build_tiny_llama
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(prepared_builtin_data, tmp_path_factory):
+    ds = PackedDataset(prepared_builtin_data)
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny"), vocab_size=ds.manifest["tokenizer"]["vocab_size"], seed=0)
+
+
+def _rows_with_many_samples(ds: PackedDataset, k: int = 2) -> list[dict]:
+    """Rows holding several samples of several tasks, of different lengths (so the batch has padding)."""
+    rows = [ds[i] for i in range(len(ds))]
+    mixed = [r for r in rows if len(r["seq_lens"]) >= 3 and len(set(r["task_ids"].tolist())) >= 2]
+    assert len(mixed) >= k, "the prepared test data should hold mixed-task rows"
+    mixed.sort(key=lambda r: len(r["input_ids"]))
+    return [mixed[0], mixed[-1]]
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_logits_equal_per_sample_logits(prepared_builtin_data, tiny_model_dir, attn):
+    ds = PackedDataset(prepared_builtin_data)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation=attn).eval()
+    rows = _rows_with_many_samples(ds)
+    batch = PackedCollator(dtype=torch.float32)(rows)
+    assert len(rows[0]["input_ids"]) < batch["input_ids"].shape[1]  # row 0 is padded
+    with torch.no_grad():
+        packed = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       position_ids=batch["position_ids"]).logits
+        # Negative control: position ids alone do not isolate samples (docs/pitfalls.md), so this test can fail.
+        leaky = model(input_ids=batch["input_ids"][1:], position_ids=batch["position_ids"][1:]).logits
+        n_checked = 0
+        for b, row in enumerate(rows):
+            start = 0
+            for n in row["seq_lens"].tolist():
+                ids = row["input_ids"][start:start + n][None]
+                alone = model(input_ids=ids).logits[0]
+                torch.testing.assert_close(packed[b, start:start + n], alone, atol=1e-5, rtol=0)
+                if b == 1 and start > 0:
+                    assert (leaky[0, start:start + n] - alone).abs().max() > 1e-3
+                start += n
+                n_checked += 1
+    assert n_checked >= 6
+
+
+def test_collator_batch_contract(prepared_builtin_data):
+    ds = PackedDataset(prepared_builtin_data)
+    rows = _rows_with_many_samples(ds)
+    batch = PackedCollator(dtype=torch.bfloat16, pad_token_id=0, pad_to_multiple_of=8)(rows)
+    B, L = batch["input_ids"].shape
+    assert L % 8 == 0 and L >= max(len(r["input_ids"]) for r in rows)
+    for k in ("input_ids", "labels", "position_ids", "task_ids", "segment_ids", "prompt_mask"):
+        assert batch[k].shape == (B, L), k
+    m = batch["attention_mask"]
+    assert m.shape == (B, 1, L, L) and m.dtype == torch.bfloat16
+    assert set(m.unique().tolist()) == {0.0, torch.finfo(torch.bfloat16).min}
+    # Segment ids are unique across the batch and follow seq_lens; padding is -1 / -100.
+    seen = set()
+    for b, r in enumerate(rows):
+        n = len(r["input_ids"])
+        segs = batch["segment_ids"][b, :n]
+        assert torch.equal(torch.unique_consecutive(segs, return_counts=True)[1], r["seq_lens"])
+        assert not (set(segs.tolist()) & seen)
+        seen |= set(segs.tolist())
+        assert (batch["segment_ids"][b, n:] == -1).all() and (batch["task_ids"][b, n:] == -1).all()
+        assert (batch["labels"][b, n:] == -100).all() and not batch["prompt_mask"][b, n:].any()
+        assert torch.equal(batch["task_ids"][b, :n], r["task_ids"])
+    # Block-diagonal causal: allowed exactly when same segment and not in the future.
+    seg = batch["segment_ids"][1]
+    allowed = m[1, 0] == 0
+    i, j = torch.meshgrid(torch.arange(L), torch.arange(L), indexing="ij")
+    expect = ((seg[:, None] == seg[None, :]) & (j <= i) & (seg[:, None] >= 0)) | (i == j)
+    assert torch.equal(allowed, expect)
+
+
+def test_block_causal_mask_small_example():
+    seg = torch.tensor([[0, 0, 1, 1, 1, -1]])
+    allowed = block_causal_mask(seg, torch.float32)[0, 0] == 0
+    expect = torch.tensor([
+        [1, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0],
+        [0, 0, 1, 0, 0, 0],
+        [0, 0, 1, 1, 0, 0],
+        [0, 0, 1, 1, 1, 0],
+        [0, 0, 0, 0, 0, 1],
+    ], dtype=torch.bool)
+    assert torch.equal(allowed, expect)
+
+
+def test_dataset_rows_and_row_tasks(prepared_builtin_data):
+    ds = PackedDataset(prepared_builtin_data)
+    L = ds.manifest["max_seq_len"]
+    lengths = ds.lengths()
+    assert len(lengths) == len(ds) == ds.manifest["num_sequences"]
+    row_tasks = ds.row_tasks()
+    for i in range(len(ds)):
+        r = ds[i]
+        assert len(r["input_ids"]) == lengths[i] <= L and int(r["seq_lens"].sum()) == lengths[i]
+        counts = torch.bincount(r["task_ids"], minlength=len(ds.task_names))
+        assert counts[row_tasks[i]] == counts.max()
+    assert PackedDataset(prepared_builtin_data, "eval")[0]["input_ids"].dtype == torch.long

@@ -1,0 +1,199 @@
+"""Prep end to end on the small built-in set: round trip, label masking, task ids, overflow, determinism, cache,
+sharding, chat templates, and the CLI."""
+from __future__ import annotations
+
+import collections
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from transformers import AutoTokenizer
+
+from data_prep.__main__ import main as cli
+from pipeline.data.loader import PackedDataset
+from pipeline.data.prep import run_prep
+from pipeline.data.render import render
+from pipeline.data.sources import load_split
+
+
+def expected_samples(cfg, tok):
+    """Independent reference: every source example -> (ids, n_prompt), by task name (a multiset)."""
+    out = {}
+    for task in cfg.tasks:
+        ds, _ = load_split(task, task.source.split)
+        if task.max_examples:
+            ds = ds.select(range(min(task.max_examples, len(ds))))
+        exp = collections.Counter()
+        for row in ds:
+            prompt, response = render(task, row, tok)
+            chat = task.format == "chat" and tok.chat_template
+            p = ([] if chat else [tok.bos_token_id]) + tok.encode(prompt, add_special_tokens=False)
+            r = tok.encode(response, add_special_tokens=False) + ([] if chat else [tok.eos_token_id])
+            exp[(tuple(p + r), len(p))] += 1
+        out[task.name] = exp
+    return out
+
+
+def packed_samples(data_dir: Path):
+    """Split every packed row back into samples; check per-token invariants on the way."""
+    got = collections.defaultdict(collections.Counter)
+    for split in ("train", "eval"):
+        if not (data_dir / split).is_dir():
+            continue
+        ds = PackedDataset(data_dir, split)
+        for i in range(len(ds)):
+            r = ds[i]
+            start = 0
+            for n in r["seq_lens"].tolist():
+                sl = slice(start, start + n)
+                ids, labels, tasks = r["input_ids"][sl].tolist(), r["labels"][sl].tolist(), r["task_ids"][sl]
+                assert r["position_ids"][sl].tolist() == list(range(n))
+                assert (tasks == tasks[0]).all(), "every token of a sample carries the sample's task id"
+                n_prompt = int(r["prompt_mask"][sl].sum())
+                assert r["prompt_mask"][sl].tolist() == [True] * n_prompt + [False] * (n - n_prompt)
+                assert labels == [-100] * n_prompt + ids[n_prompt:], "exactly the response tokens carry labels"
+                got[ds.task_names[int(tasks[0])]][(tuple(ids), n_prompt)] += 1
+                start += n
+            assert start == len(r["input_ids"])
+    return got
+
+
+def tree_bytes(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_round_trip_labels_and_task_ids(prepared_builtin_data):
+    from pipeline.config.base import load_config  # noqa: F401 (config is rebuilt from the fixture's root)
+    from tests.conftest import _small_builtin_config
+
+    cfg = _small_builtin_config(prepared_builtin_data.parent, pack_per_task=False)
+    tok = AutoTokenizer.from_pretrained(prepared_builtin_data / "tokenizer")
+    manifest = json.loads((prepared_builtin_data / "manifest.json").read_text())
+    expected, got = expected_samples(cfg, tok), packed_samples(prepared_builtin_data)
+    assert set(got) == set(expected)
+    for name, exp in expected.items():
+        assert got[name] == exp, f"task {name}: packed samples differ from the source examples"
+        t = manifest["tasks"][name]
+        assert t["examples"] + t["eval_examples"] + t["dropped"] == t["read"] == sum(exp.values())
+    # Mixed-task rows exist (global packing), and the verbalizer word is what the model learns.
+    ds = PackedDataset(prepared_builtin_data)
+    assert any(len(set(ds[i]["task_ids"].tolist())) > 1 for i in range(len(ds)))
+    sid = ds.task_names.index("sentiment")
+    words = collections.Counter()
+    for i in range(len(ds)):
+        r = ds[i]
+        start = 0
+        for n in r["seq_lens"].tolist():
+            if int(r["task_ids"][start]) == sid:
+                lab = [t for t in r["labels"][start:start + n].tolist() if t != -100]
+                words[tok.decode(lab, skip_special_tokens=True).strip()] += 1
+            start += n
+    assert set(words) == {"positive", "negative"}
+    assert manifest["packing_efficiency"] == pytest.approx(
+        manifest["num_tokens"] / (manifest["num_sequences"] * manifest["max_seq_len"]), abs=1e-6)
+
+
+def test_train_on_prompt_and_pack_per_task(small_prep_config):
+    cfg = small_prep_config(train_on_prompt=True, pack_per_task=True)
+    out = run_prep(cfg)
+    ds = PackedDataset(out)
+    for i in range(len(ds)):
+        r = ds[i]
+        assert len(set(r["task_ids"].tolist())) == 1
+        first = r["position_ids"] == 0
+        assert (r["labels"][first] == -100).all(), "no label across a sample boundary"
+        assert (r["labels"][~first] == r["input_ids"][~first]).all()
+
+
+@pytest.mark.parametrize("overflow", ["drop", "truncate"])
+def test_overflow_is_counted(small_prep_config, overflow):
+    cfg = small_prep_config(max_seq_len=80, overflow=overflow)
+    out = run_prep(cfg)
+    m = json.loads((out / "manifest.json").read_text())
+    tok = AutoTokenizer.from_pretrained(out / "tokenizer")
+    expected, got = expected_samples(cfg, tok), packed_samples(out)
+    n_over = 0
+    for name, exp in expected.items():
+        t = m["tasks"][name]
+        over = collections.Counter({k: v for k, v in exp.items() if len(k[0]) > 80})
+        n_over += sum(over.values())
+        if overflow == "drop":
+            assert t["dropped"] == sum(over.values()) and t["truncated"] == 0
+            assert got[name] == exp - over
+        else:
+            assert t["truncated"] == sum(over.values()) and t["dropped"] == 0
+            cut = collections.Counter()
+            for (ids, n_p), c in exp.items():
+                cut[(ids[:80], n_p)] += c
+            assert got[name] == cut
+        assert t["examples"] + t["eval_examples"] + t["dropped"] == t["read"]
+    assert n_over > 0, "the test needs some over-long samples"
+
+
+def _write_cfg(cfg, path: Path) -> Path:
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    return path
+
+
+def test_determinism_cache_and_shards(small_prep_config, tmp_path, capsys):
+    base = small_prep_config(pack_per_task=False)
+    a = run_prep(base.model_copy(update={"output_dir": str(tmp_path / "a")}))
+    b = run_prep(base.model_copy(update={"output_dir": str(tmp_path / "b")}))
+    ref = tree_bytes(a)
+    assert any(k.startswith("train/") and k.endswith(".arrow") for k in ref) and "eval/state.json" in ref
+    assert tree_bytes(b) == ref, "two runs must give byte-identical output"
+
+    # Cache: same config -> reused untouched; --force -> rebuilt (same bytes); a changed config -> rebuilt.
+    cfg_file = _write_cfg(base.model_copy(update={"output_dir": str(tmp_path / "a")}), tmp_path / "a.yaml")
+    mtime = (a / "manifest.json").stat().st_mtime_ns
+    capsys.readouterr()
+    assert cli(["--config", str(cfg_file)]) == 0
+    assert "cache hit" in capsys.readouterr().err and (a / "manifest.json").stat().st_mtime_ns == mtime
+    assert cli(["--config", str(cfg_file), "--force"]) == 0
+    assert (a / "manifest.json").stat().st_mtime_ns != mtime and tree_bytes(a) == ref
+    assert cli(["--config", str(cfg_file), "--set", "max_seq_len=100"]) == 0
+    assert json.loads((a / "manifest.json").read_text())["max_seq_len"] == 100
+
+    # --shard i/N + --merge-shards == one run (byte for byte, manifest included).
+    shard_cfg = _write_cfg(base.model_copy(update={"output_dir": str(tmp_path / "c")}), tmp_path / "c.yaml")
+    for i in range(3):
+        assert cli(["--config", str(shard_cfg), "--shard", f"{i}/3"]) == 0
+    assert not (tmp_path / "c").exists()
+    assert cli(["--config", str(shard_cfg), "--merge-shards"]) == 0
+    assert tree_bytes(tmp_path / "c") == ref
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name or ".prep-scratch" in p.name]
+
+
+def test_cache_follows_source_content(small_prep_config):
+    cfg = small_prep_config()
+    out = run_prep(cfg)
+    key = json.loads((out / "manifest.json").read_text())["cache_key"]
+    cfg = cfg.model_copy(update={"builtin": None})  # keep our edit of the source below
+    src = Path(cfg.tasks[0].source.path.replace("{split}", "train"))
+    lines = src.read_text().splitlines(keepends=True)
+    src.write_text("".join(lines[:-1]))
+    run_prep(cfg)
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["cache_key"] != key and m["tasks"][cfg.tasks[0].name]["read"] == len(lines) - 1
+
+
+def test_chat_template_is_used_when_the_tokenizer_has_one(prepared_builtin_data, small_prep_config, tmp_path):
+    tok = AutoTokenizer.from_pretrained(prepared_builtin_data / "tokenizer")
+    tok.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>\n{% endfor %}"
+                         "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    tok.save_pretrained(tmp_path / "chat_tok")
+    base = small_prep_config()
+    cfg = base.model_copy(update={"tasks": [t for t in base.tasks if t.format == "chat"],
+                                  "tokenizer": base.tokenizer.model_copy(update={
+                                      "path": str(tmp_path / "chat_tok"), "train_sentencepiece": None})})
+    out = run_prep(cfg)
+    tok = AutoTokenizer.from_pretrained(out / "tokenizer")
+    assert tok.chat_template
+    assert packed_samples(out)["reverse"] == expected_samples(cfg, tok)["reverse"]
+    r = PackedDataset(out)[0]
+    n = int(r["seq_lens"][0])
+    text = tok.decode(r["input_ids"][:n].tolist())
+    assert text.startswith("<|user|>Reverse the words:") and text.rstrip().endswith("<|end|>")
+    response = tok.decode([t for t in r["labels"][:n].tolist() if t != -100])
+    assert "<|user|>" not in response and response.rstrip().endswith("<|end|>")
