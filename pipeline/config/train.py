@@ -26,7 +26,6 @@ class DataConfig(StrictModel):
 
 class OptimConfig(StrictModel):
     lr: float = Field(default=2e-4, gt=0)
-    selector_lr_multiplier: float = Field(default=10.0, gt=0)  # gate + task embeddings learn faster (see docs)
     weight_decay: float = Field(default=0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8

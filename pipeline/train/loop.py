@@ -65,22 +65,10 @@ def build_model(cfg: TrainConfig, task_names: list[str], dist_info: DistInfo):
     base = load_base_model(cfg.model.path, cfg.model.quantization, cfg.model.dtype,
                            cfg.model.attn_implementation, device_map=device_map)
     base.config.use_cache = False
+    model = inject(base, cfg.more, task_names, base_model_id=cfg.model.path)
     if cfg.model.gradient_checkpointing:
-        # Reentrant checkpointing is what bitsandbytes 4-bit layers are known to work with.
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
-        base.enable_input_require_grads()
-    return inject(base, cfg.more, task_names, base_model_id=cfg.model.path)
-
-
-def param_groups(model, cfg: TrainConfig) -> list[dict]:
-    selector = {id(p) for p in model.selector_parameters()}
-    adapter = [p for p in model.parameters() if p.requires_grad and id(p) not in selector]
-    sel = [p for p in model.parameters() if p.requires_grad and id(p) in selector]
-    groups = [{"params": adapter, "lr": cfg.optim.lr, "name": "adapter"}]
-    if sel:
-        groups.append({"params": sel, "lr": cfg.optim.lr * cfg.optim.selector_lr_multiplier,
-                       "weight_decay": 0.0, "name": "selector"})
-    return groups
+        model.gradient_checkpointing_enable(use_reentrant=False)
+    return model
 
 
 class Trainer:
@@ -97,7 +85,7 @@ class Trainer:
         ds = fill_ds_config(ds_config, cfg, dist_info.world_size)
         o = cfg.optim
         self.engine, _, _, self.scheduler = deepspeed.initialize(
-            model=model, model_parameters=param_groups(model, cfg), config=ds,
+            model=model, model_parameters=model.param_groups(o.lr, o.weight_decay), config=ds,
             lr_scheduler=lambda opt: make_scheduler(opt, o.warmup_steps, o.max_steps, o.schedule))
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.model.dtype]
         self.data = TrainData(cfg, task_names, dist_info, self.dtype)
