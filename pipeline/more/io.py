@@ -1,0 +1,130 @@
+"""Save / load a MoRE adapter: adapter_model.safetensors + more_config.json + rank_map.json.
+
+Under ZeRO-3 every rank must call `save_adapter` (parameters are gathered collectively, a layer at a time); rank 0
+writes and then re-reads the file and checks tensor count, shapes and non-zero norms, because a save of ungathered
+partitions silently writes empty tensors (trl#4416, DeepSpeed#7900).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Dict, Optional
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from pipeline.config.more import MoreConfig
+from pipeline.more.model import MoreCausalLM, gathered, rank_map
+
+FORMAT_VERSION = 1
+ADAPTER_FILE = "adapter_model.safetensors"
+CONFIG_FILE = "more_config.json"
+RANK_MAP_FILE = "rank_map.json"
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _barrier():
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def base_identity(model: MoreCausalLM) -> Dict:
+    cfg = model.hf_config
+    return dict(id=model.base_model_id, model_type=getattr(cfg, "model_type", None),
+                hidden_size=getattr(cfg, "hidden_size", None), num_hidden_layers=getattr(cfg, "num_hidden_layers", None),
+                vocab_size=getattr(cfg, "vocab_size", None), quantized_nf4=model.quantized_base)
+
+
+def _full_shape(p) -> tuple:
+    return tuple(p.ds_shape) if hasattr(p, "ds_shape") else tuple(p.shape)
+
+
+def save_adapter(model, out_dir, dtype: Optional[torch.dtype] = None) -> Path:
+    """Write the adapter; `dtype` None keeps each parameter's dtype (16-bit under DeepSpeed bf16)."""
+    model = getattr(model, "module", model)
+    out = Path(out_dir)
+    rmap = rank_map(model)  # collective under ZeRO-3
+    named = list(model.trainable_named_parameters())
+    tensors, expected = {}, {}
+    # gather one MoRE layer (or the selector) at a time to bound memory
+    groups: Dict[str, list] = {}
+    for n, p in named:
+        groups.setdefault(n.rsplit(".", 2)[0] if ".gate." in n else n.rsplit(".", 1)[0], []).append((n, p))
+    for _, items in groups.items():
+        with gathered([p for _, p in items]):
+            if _rank() == 0:
+                for n, p in items:
+                    t = p.detach().to("cpu", dtype=dtype or p.dtype).clone().contiguous()
+                    tensors[n] = t
+                    expected[n] = _full_shape(p)
+    if _rank() == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(out / ADAPTER_FILE), metadata={"format": "pt", "more_format": str(FORMAT_VERSION)})
+        meta = dict(format_version=FORMAT_VERSION, task_names=model.task_names, expert_ranks=model.config.ranks,
+                    targets=list(model.layers.keys()), scale=model.config.scale,
+                    base_model=base_identity(model), more_config=model.config.model_dump(mode="json"))
+        (out / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+        (out / RANK_MAP_FILE).write_text(json.dumps(rmap, indent=2))
+        check_saved(out, expected)
+    _barrier()
+    return out
+
+
+def check_saved(adapter_dir, expected_shapes: Dict[str, tuple]) -> None:
+    """Raise if the file lacks tensors, has wrong/empty shapes, or all-zero A matrices / task embeddings."""
+    path = Path(adapter_dir) / ADAPTER_FILE
+    with safe_open(str(path), "pt") as f:
+        keys = set(f.keys())
+        if keys != set(expected_shapes):
+            raise RuntimeError(f"{path}: {len(keys)} tensors saved, expected {len(expected_shapes)} "
+                               f"(missing {sorted(set(expected_shapes) - keys)[:3]}...)")
+        for k in keys:
+            t = f.get_tensor(k)
+            if tuple(t.shape) != tuple(expected_shapes[k]) or t.numel() == 0:
+                raise RuntimeError(f"{path}: {k} has shape {tuple(t.shape)}, expected {expected_shapes[k]}")
+            if (k.endswith("lora_A") or k.endswith("task_embedding")) and float(t.float().norm()) == 0.0:
+                raise RuntimeError(f"{path}: {k} is all zeros (ungathered ZeRO-3 partition?)")
+
+
+def read_adapter(adapter_dir):
+    """(meta dict, rank_map dict, {name: tensor}) from an adapter folder, no model needed."""
+    d = Path(adapter_dir)
+    meta = json.loads((d / CONFIG_FILE).read_text())
+    rmap = json.loads((d / RANK_MAP_FILE).read_text())
+    from safetensors.torch import load_file
+    return meta, rmap, load_file(str(d / ADAPTER_FILE))
+
+
+def load_adapter(base_model, adapter_dir, freeze_selection: bool = False, check_base: bool = True) -> MoreCausalLM:
+    """Inject a saved adapter into a fresh `base_model` and load its weights (exact).
+
+    `freeze_selection`: fix each layer's per-task rank to the saved rank_map.json (eval/export); otherwise the
+    gates choose, which gives the same ranks unless the gate is trained further.
+    """
+    meta, rmap, tensors = read_adapter(adapter_dir)
+    cfg = MoreConfig(**meta["more_config"])
+    model = MoreCausalLM(base_model, cfg, meta["task_names"], base_model_id=meta["base_model"].get("id"))
+    if check_base:
+        have, want = base_identity(model), meta["base_model"]
+        bad = {k: (want[k], have[k]) for k in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")
+               if want.get(k) != have.get(k)}
+        if bad:
+            raise ValueError(f"adapter {adapter_dir} was trained on a different base: {bad} (saved, given)")
+    params = dict(model.trainable_named_parameters())
+    missing = sorted(set(params) - set(tensors))
+    extra = sorted(set(tensors) - set(params))
+    if missing or extra:
+        raise ValueError(f"adapter {adapter_dir} does not fit: missing {missing[:3]}, unexpected {extra[:3]}")
+    with gathered(list(params.values()), modifier_rank=0):
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(tensors[n].to(p.dtype))
+    if freeze_selection:
+        model.freeze_selection(rmap)
+    return model

@@ -1,0 +1,248 @@
+"""The MoRE linear: one LoRA pair (A: R x in, B: out x R) whose nested rank prefixes are the experts.
+
+Per token the adapter adds  scale * ((x @ A.T) * M) @ B.T  where M (tokens x R) is the token's task row of
+M_task = (w @ C) * colscale, w = straight-through one-hot over experts (selector.py), C = nested prefix mask.
+Padding tokens (task id -1) index an all-zero row. One matmul pair for the whole mixed-task batch.
+
+Two execution paths, same numbers:
+- fused (`torch.nn.Linear` base, frozen, not ZeRO-partitioned): one autograd Function computes
+  addmm(bias, x, W.T) and adds the adapter's up-projection into that output in place (`addmm_`); in backward the
+  adapter's input gradient is added into gy @ W in place. No extra pass over activations for the adds.
+- wrapped (bitsandbytes Linear4bit, ZeRO-3 partitioned weights, trainable base): y = base_layer(x) (its own hooks,
+  so ZeRO-3 gathers the weight), then one autograd Function adds the adapter.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.more.selector import Gate, column_scale, nested_expert_mask, straight_through
+
+
+def _grad_M(gv: torch.Tensor, u: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
+    gM = gv * u
+    if M.shape[0] != gM.shape[0]:
+        gM = gM.sum(0, keepdim=True)
+    return gM
+
+
+class _FusedMoreLinear(torch.autograd.Function):
+    """y = x W^T + b + ((xa A^T) * M) B^T with W, b frozen. x, xa: (N, in); M: (N, R) or (1, R), scale folded in."""
+
+    @staticmethod
+    def forward(ctx, x, xa, W, bias, A, B, M):
+        u = xa @ A.t()
+        v = u * M
+        y = torch.addmm(bias, x, W.t()) if bias is not None else x @ W.t()
+        y.addmm_(v, B.t())
+        ctx.save_for_backward(xa, W, A, B, M, u, v)
+        ctx.same_input = xa is x
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        xa, W, A, B, M, u, v = ctx.saved_tensors
+        need_x, need_xa, _, _, need_A, need_B, need_M = ctx.needs_input_grad
+        gv = gy @ B
+        gu = gv * M
+        gx = gxa = None
+        if need_x:
+            gx = gy @ W
+            if ctx.same_input:  # the adapter's input gradient lands in gy @ W in place
+                gx.addmm_(gu, A)
+        if need_xa and not ctx.same_input:
+            gxa = gu @ A
+        gA = gu.t() @ xa if need_A else None
+        gB = gy.t() @ v if need_B else None
+        gM = _grad_M(gv, u, M) if need_M else None
+        return gx, gxa, None, None, gA, gB, gM
+
+
+class _AdapterAdd(torch.autograd.Function):
+    """y_out = y + ((xa A^T) * M) B^T, y being the base layer's output (N, out)."""
+
+    @staticmethod
+    def forward(ctx, y, xa, A, B, M):
+        u = xa @ A.t()
+        v = u * M
+        out = torch.addmm(y, v, B.t())
+        ctx.save_for_backward(xa, A, B, M, u, v)
+        return out
+
+    @staticmethod
+    def backward(ctx, gy):
+        xa, A, B, M, u, v = ctx.saved_tensors
+        _, need_xa, need_A, need_B, need_M = ctx.needs_input_grad
+        gv = gy @ B
+        gu = gv * M
+        gxa = gu @ A if need_xa else None
+        gA = gu.t() @ xa if need_A else None
+        gB = gy.t() @ v if need_B else None
+        gM = _grad_M(gv, u, M) if need_M else None
+        return gy, gxa, gA, gB, gM
+
+
+def is_linear4bit(module: nn.Module) -> bool:
+    try:
+        import bitsandbytes as bnb
+    except Exception:  # pragma: no cover - bitsandbytes is a requirement
+        return False
+    return isinstance(module, bnb.nn.Linear4bit)
+
+
+def base_weight_fp32(base_layer: nn.Module) -> torch.Tensor:
+    """The weight the base layer really multiplies by, in fp32 (NF4 dequantized exactly as its forward does)."""
+    if is_linear4bit(base_layer):
+        import bitsandbytes as bnb
+        w = base_layer.weight
+        return bnb.functional.dequantize_4bit(w.data, w.quant_state).float()
+    return base_layer.weight.detach().float()
+
+
+class MoreContext:
+    """Per-forward state shared by every MoRE layer of one model (plain object, not a module).
+
+    `token_index` (N,) long: the task row of each token (num_tasks for padding); or `fixed_task` (int) for every
+    token (generation). `disabled`: run the base only. `forced_rank`: every task uses this rank (tests, routing).
+    The layers read it again when reentrant checkpointing recomputes them in backward, so each backward must
+    follow its own forward (the usual training loop).
+    """
+
+    def __init__(self, num_tasks: int):
+        self.num_tasks = num_tasks
+        self.token_index: Optional[torch.Tensor] = None
+        self.fixed_task: Optional[int] = None
+        self.disabled = False
+        self.forced_rank: Optional[int] = None
+        self.selector_detached = False  # selector warm-up: hard choice without gradient to gates / embeddings
+        self.selector = None  # MoreSelector in the shared layout
+
+
+class MoreLinear(nn.Module):
+    def __init__(self, base_layer: nn.Module, config, num_tasks: int, context: MoreContext,
+                 generator: Optional[torch.Generator] = None):
+        super().__init__()
+        self.base_layer = base_layer
+        self.in_features = base_layer.in_features
+        self.out_features = base_layer.out_features
+        self.max_rank = R = config.max_rank
+        self.expert_ranks = list(config.ranks)
+        self.rank_scaling = config.rank_scaling
+        self.scale = config.scale
+        self.ste = config.ste
+        self.num_tasks = num_tasks
+        dev = base_layer.weight.device
+        self.lora_A = nn.Parameter(torch.empty(R, self.in_features, device=dev))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, R, device=dev))
+        with torch.no_grad():  # kaiming_uniform_(a=sqrt(5)) as nn.Linear / PEFT, from our own generator
+            bound = 1.0 / math.sqrt(self.in_features)
+            self.lora_A.uniform_(-bound, bound, generator=generator)
+        K = len(self.expert_ranks)
+        if config.task_embedding == "per_layer":
+            self.task_embedding = nn.Parameter(torch.empty(num_tasks, self.in_features, device=dev))
+            with torch.no_grad():
+                self.task_embedding.normal_(0.0, 0.01, generator=generator)
+            self.gate = Gate(self.in_features, K, config.gate_temperature, config.gate_init, config.gate_init_margin,
+                             generator=generator)
+        else:
+            self.task_embedding = None
+            self.gate = Gate(config.task_embedding_dim, K, config.gate_temperature, config.gate_init,
+                             config.gate_init_margin, generator=generator,
+                             weight_std=0.02 if config.gate_init == "max_rank" else None)
+        self.gate.to(dev)
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else None
+        self.frozen_ranks: Optional[torch.Tensor] = None  # (T,) ranks when the selection is frozen
+        object.__setattr__(self, "_ctx", context)
+        self._consts = {}
+
+    # ---------------------------------------------------------------- selection
+    def _constants(self, device):
+        if device not in self._consts:
+            self._consts[device] = (nested_expert_mask(self.expert_ranks, self.max_rank, device),
+                                    column_scale(self.max_rank, self.rank_scaling, device))
+        return self._consts[device]
+
+    def _embeddings(self) -> torch.Tensor:
+        if self.task_embedding is not None:
+            return self.task_embedding
+        return self._ctx.selector.task_embedding
+
+    def probs(self) -> torch.Tensor:
+        """p (T x K) over experts for every task."""
+        return self.gate.probs(self._embeddings())
+
+    def chosen_ranks(self) -> torch.Tensor:
+        """(T,) long: the rank each task uses now (frozen map if set, else argmax of the gate)."""
+        if self.frozen_ranks is not None:
+            return self.frozen_ranks.clone()
+        with torch.no_grad():
+            k = self.probs().argmax(-1).cpu()
+        return torch.tensor(self.expert_ranks)[k]
+
+    def task_mask(self) -> torch.Tensor:
+        """(T+1) x R float32: per-task rank mask x straight-through weight x column scale x scale; last row 0."""
+        device = self.lora_A.device
+        C, cs = self._constants(device)
+        ctx = self._ctx
+        T = self.num_tasks
+        if ctx.forced_rank is not None or self.frozen_ranks is not None:
+            ranks = (torch.full((T,), int(ctx.forced_rank)) if ctx.forced_rank is not None else self.frozen_ranks)
+            j = torch.arange(self.max_rank, device=device)
+            M = (j[None, :] < ranks.to(device)[:, None]).float()
+        else:
+            p = self.probs()
+            w = straight_through(p.detach() if ctx.selector_detached else p, self.ste)
+            M = w @ C
+        M = M * (cs * self.scale)
+        return torch.cat([M, M.new_zeros(1, self.max_rank)], 0)
+
+    # ---------------------------------------------------------------- forward
+    def _fused_ok(self) -> bool:
+        b = self.base_layer
+        return (type(b) is nn.Linear and not b.weight.requires_grad and not hasattr(b.weight, "ds_id")
+                and (b.bias is None or not b.bias.requires_grad))
+
+    def forward(self, x: torch.Tensor, *, task_similarity: bool = False) -> torch.Tensor:
+        if task_similarity:  # per_layer contrastive / routing: cos(x, own task embeddings), x (S, in)
+            return F.normalize(x.float(), dim=-1) @ F.normalize(self.task_embedding.float(), dim=-1).t()
+        ctx = self._ctx
+        if ctx.disabled:
+            return self.base_layer(x)
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)
+        Mt = self.task_mask()
+        if ctx.fixed_task is not None:
+            M = Mt[int(ctx.fixed_task)].unsqueeze(0)
+        elif ctx.token_index is not None:
+            if ctx.token_index.numel() != x2.shape[0]:
+                raise RuntimeError(f"MoRE layer got {x2.shape[0]} tokens but task ids for {ctx.token_index.numel()}")
+            M = Mt.index_select(0, ctx.token_index.to(Mt.device))
+        else:
+            raise RuntimeError("MoRE layer called without task ids: call MoreCausalLM.forward(task_ids=...), "
+                               "use model.task_context(t), or model.disable_adapters()")
+        xa = self.dropout(x2) if (self.dropout is not None and self.training) else x2
+        if self._fused_ok() and self.base_layer.weight.dtype == x2.dtype:
+            dt = x2.dtype
+            b = self.base_layer
+            y = _FusedMoreLinear.apply(x2, xa, b.weight, b.bias, self.lora_A.to(dt), self.lora_B.to(dt), M.to(dt))
+        else:
+            y = self.base_layer(x).reshape(-1, self.out_features)
+            dt = y.dtype
+            y = _AdapterAdd.apply(y, xa.to(dt), self.lora_A.to(dt), self.lora_B.to(dt), M.to(dt))
+        return y.view(*shape[:-1], self.out_features)
+
+    # ---------------------------------------------------------------- merge helpers
+    def delta_weight(self, rank: int) -> torch.Tensor:
+        """scale * B[:, :r] diag(colscale[:r]) A[:r] in fp32 (out x in)."""
+        _, cs = self._constants(self.lora_A.device)
+        A = self.lora_A.detach().float()[:rank]
+        B = self.lora_B.detach().float()[:, :rank] * (cs[:rank] * self.scale)
+        return B @ A
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, max_rank={self.max_rank}, "
+                f"experts={self.expert_ranks}, scaling={self.rank_scaling}")

@@ -1,0 +1,277 @@
+"""`MoreCausalLM`: an HF causal LM with MoRE layers, per-token task ids, contrastive loss and a frozen-able selection.
+
+The contrastive representation is read from the model's `hidden_states` (decoder-layer OUTPUTS, which carry
+gradient even under reentrant gradient checkpointing, whose first forward runs each layer under no_grad). Nothing is
+captured from inside a layer as a side channel.
+"""
+from __future__ import annotations
+
+import contextlib
+import re
+from dataclasses import dataclass
+from typing import Dict, Iterator, List, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.config.more import MoreConfig
+from pipeline.more.inject import _register_external, inject_layers, parameter_report
+from pipeline.more.layer import MoreContext, MoreLinear, is_linear4bit
+from pipeline.more.selector import MoreSelector
+
+
+@dataclass
+class MoreOutput:
+    logits: torch.Tensor
+    contrastive_loss: Optional[torch.Tensor] = None  # unweighted InfoNCE (None when not computed)
+    aux_loss: Optional[torch.Tensor] = None  # contrastive.weight * contrastive_loss: add it to the LM loss
+    hidden_states: Optional[tuple] = None
+
+
+def gathered(params: Sequence[nn.Parameter], modifier_rank=None):
+    """Context in which ZeRO-3 partitioned `params` hold their full data (no-op without ZeRO-3)."""
+    params = [p for p in params if hasattr(p, "ds_id")]
+    if not params:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
+
+
+def pool_samples(hidden: torch.Tensor, segment_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                 task_ids: Optional[torch.Tensor], mode: str = "prompt_mean"):
+    """Per-sample representation from (B, L, d) hidden states of packed rows.
+
+    Returns (reps (S, d), sample_task (S,) or None, keep (S,) bool): samples are the distinct segment ids;
+    `prompt_mean` averages the sample's prompt tokens, `last_prompt` takes its last prompt token.
+    """
+    d = hidden.shape[-1]
+    h = hidden.reshape(-1, d)
+    seg = segment_ids.reshape(-1).to(h.device).long()
+    pm = prompt_mask.reshape(-1).to(h.device).bool() & (seg >= 0)
+    S = int(seg.max().item()) + 1 if seg.numel() and seg.max() >= 0 else 0
+    if S == 0:
+        return h.new_zeros(0, d), None, torch.zeros(0, dtype=torch.bool)
+    sel = pm.nonzero().squeeze(1)
+    sseg = seg[sel]
+    counts = torch.bincount(sseg, minlength=S)
+    if mode == "prompt_mean":
+        reps = h.new_zeros(S, d, dtype=torch.float32).index_add_(0, sseg, h.index_select(0, sel).float())
+        reps = reps / counts.clamp(min=1).unsqueeze(1)
+    elif mode == "last_prompt":
+        last = torch.full((S,), -1, dtype=torch.long, device=h.device).scatter_reduce(0, sseg, sel, "amax")
+        reps = h.index_select(0, last.clamp(min=0)).float()
+    else:
+        raise ValueError(f"unknown representation {mode!r}")
+    keep = counts > 0
+    sample_task = None
+    if task_ids is not None:
+        t = task_ids.reshape(-1).to(h.device).long()
+        sample_task = torch.full((S,), -1, dtype=torch.long, device=h.device).scatter_(0, sseg, t[sel])
+        keep = keep & (sample_task >= 0)
+    return reps, sample_task, keep
+
+
+_LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+class MoreCausalLM(nn.Module):
+    def __init__(self, base_model: nn.Module, config: MoreConfig, task_names: List[str],
+                 base_model_id: Optional[str] = None):
+        super().__init__()
+        if len(set(task_names)) != len(task_names) or not task_names:
+            raise ValueError(f"task_names must be distinct and non-empty, got {task_names}")
+        self.config = config
+        self.task_names = list(task_names)
+        hf_cfg = getattr(base_model, "config", None)
+        hidden = getattr(hf_cfg, "hidden_size", None)
+        self.quantized_base = any(is_linear4bit(m) for m in base_model.modules())
+        self.base_model_id = base_model_id or getattr(hf_cfg, "_name_or_path", None) or None
+        self._ctx = MoreContext(len(task_names))
+        g = torch.Generator().manual_seed(config.init_seed)
+        shared = config.task_embedding == "shared"
+        if shared and hidden is None:
+            raise ValueError("shared task embeddings need base_model.config.hidden_size")
+        self.base_model = base_model
+        self.selector = MoreSelector(len(task_names), config.task_embedding_dim, hidden or 1, shared, generator=g)
+        dev = next(base_model.parameters()).device
+        self.selector.to(dev)
+        self._ctx.selector = self.selector
+        layers = inject_layers(base_model, config, len(task_names), self._ctx)
+        object.__setattr__(self, "layers", layers)  # {name in base_model: MoreLinear}, not re-registered
+        if shared:
+            for layer in layers.values():
+                _register_external(layer, self.selector.task_embedding)
+        self.report = parameter_report(self)
+        self._training_step: Optional[int] = None
+        self._train_forwards = 0
+
+    # ------------------------------------------------------------------ parameters
+    def adapter_parameters(self) -> List[nn.Parameter]:
+        """LoRA pairs A, B of every layer."""
+        return [p for l in self.layers.values() for p in (l.lora_A, l.lora_B)]
+
+    def selector_parameters(self) -> List[nn.Parameter]:
+        """Task embeddings, gates and the contrastive head: put them in their own group (lr x multiplier)."""
+        ps = [p for l in self.layers.values() for p in l.gate.parameters()]
+        ps += [l.task_embedding for l in self.layers.values() if l.task_embedding is not None]
+        ps += list(self.selector.parameters())
+        return ps
+
+    def param_groups(self, lr: float, weight_decay: float = 0.0) -> List[dict]:
+        """Optimizer groups: adapters at lr, selector at lr * selector_lr_multiplier (no weight decay)."""
+        return [dict(params=self.adapter_parameters(), lr=lr, weight_decay=weight_decay, name="more_adapter"),
+                dict(params=self.selector_parameters(), lr=lr * self.config.selector_lr_multiplier,
+                     weight_decay=0.0, name="more_selector")]
+
+    def trainable_named_parameters(self) -> Iterator[tuple]:
+        ids = {id(p) for p in self.adapter_parameters() + self.selector_parameters()}
+        for n, p in self.named_parameters():
+            if id(p) in ids:
+                yield n, p
+
+    # ------------------------------------------------------------------ HF pass-throughs
+    @property
+    def hf_config(self):
+        return self.base_model.config
+
+    def gradient_checkpointing_enable(self, use_reentrant: bool = True):
+        """Reentrant checkpointing (what QLoRA needs); inputs must require grad so the layers' outputs do."""
+        self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+        self.base_model.enable_input_require_grads()
+
+    # ------------------------------------------------------------------ task context
+    def _set_tokens(self, task_ids):
+        ctx = self._ctx
+        ctx.fixed_task = None
+        ctx.token_index = None
+        if task_ids is None:
+            return
+        if isinstance(task_ids, int) or (torch.is_tensor(task_ids) and task_ids.dim() == 0):
+            t = int(task_ids)
+            if not 0 <= t < len(self.task_names):
+                raise ValueError(f"task id {t} out of range 0..{len(self.task_names) - 1}")
+            ctx.fixed_task = t
+            return
+        t = task_ids.reshape(-1).long()
+        if t.numel() and int(t.max()) >= len(self.task_names):
+            raise ValueError(f"task id {int(t.max())} out of range 0..{len(self.task_names) - 1}")
+        ctx.token_index = torch.where(t < 0, torch.full_like(t, len(self.task_names)), t)
+
+    @contextlib.contextmanager
+    def task_context(self, task: int):
+        """Every token uses task `task` (e.g. around `self.base_model.generate(...)`)."""
+        old = (self._ctx.fixed_task, self._ctx.token_index)
+        self._set_tokens(int(task))
+        try:
+            yield self
+        finally:
+            self._ctx.fixed_task, self._ctx.token_index = old
+
+    @contextlib.contextmanager
+    def disable_adapters(self):
+        old = self._ctx.disabled
+        self._ctx.disabled = True
+        try:
+            yield self
+        finally:
+            self._ctx.disabled = old
+
+    @contextlib.contextmanager
+    def forced_rank(self, rank: Optional[int]):
+        """Every task uses the rank-`rank` prefix in every layer (no selector)."""
+        old = self._ctx.forced_rank
+        self._ctx.forced_rank = rank
+        try:
+            yield self
+        finally:
+            self._ctx.forced_rank = old
+
+    def freeze_selection(self, ranks: Optional[Dict[str, Dict[str, int]]] = None):
+        """Fix each layer's per-task rank (given map, or the current argmax); `None` map -> current choice."""
+        ranks = ranks if ranks is not None else rank_map(self)
+        for name, layer in self.layers.items():
+            layer.frozen_ranks = torch.tensor([int(ranks[t][name]) for t in self.task_names])
+
+    def unfreeze_selection(self):
+        for layer in self.layers.values():
+            layer.frozen_ranks = None
+
+    def set_training_step(self, step: int) -> None:
+        """The trainer's optimizer step (drives `selector_warmup_steps`)."""
+        self._training_step = int(step)
+
+    def selector_warming_up(self) -> bool:
+        step = self._training_step if self._training_step is not None else self._train_forwards
+        return step < self.config.selector_warmup_steps
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, task_ids=None, segment_ids=None,
+                prompt_mask=None, output_hidden_states: bool = False, inputs_embeds=None, **_) -> MoreOutput:
+        cc = self.config.contrastive
+        want_cl = (cc.weight > 0 and task_ids is not None and torch.is_tensor(task_ids) and task_ids.dim() > 0
+                   and segment_ids is not None and prompt_mask is not None)
+        self._set_tokens(task_ids)
+        self._ctx.selector_detached = self.training and self.selector_warming_up()
+        if self.training and torch.is_grad_enabled():
+            self._train_forwards += 1
+        out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              inputs_embeds=inputs_embeds, use_cache=False,
+                              output_hidden_states=bool(want_cl or output_hidden_states))
+        cl = aux = None
+        if want_cl:
+            sims, sample_task, keep = self.task_similarities(out.hidden_states, segment_ids, prompt_mask, task_ids)
+            if keep.any():
+                cl = F.cross_entropy(sims[keep] / cc.temperature, sample_task[keep])
+            else:
+                cl = sims.sum() * 0.0
+            aux = cc.weight * cl
+        return MoreOutput(logits=out.logits, contrastive_loss=cl, aux_loss=aux,
+                          hidden_states=out.hidden_states if output_hidden_states else None)
+
+    def task_similarities(self, hidden_states, segment_ids, prompt_mask, task_ids=None):
+        """Cosine similarity (S x T) of each packed sample to each task, from the model's hidden states.
+
+        shared: projected pooled `hidden_states[contrastive.layer]` vs the shared table (through
+        `self.selector(...)` so ZeRO-3 gathers it). per_layer: mean over adapted modules reading the residual stream
+        (in_features == hidden) of cos(pooled input of their decoder layer, their own embeddings), as the reference
+        compares each linear's input with its embeddings.
+        """
+        mode = self.config.contrastive.representation
+        if self.selector.shared:
+            reps, st, keep = pool_samples(hidden_states[self.config.contrastive.layer], segment_ids, prompt_mask,
+                                          task_ids, mode)
+            return self.selector(reps), st, keep
+        hidden = self.hf_config.hidden_size
+        pooled, sims, st, keep = {}, [], None, None
+        for name, layer in self.layers.items():
+            m = _LAYER_RE.search(name)
+            if m is None or layer.in_features != hidden:
+                continue
+            i = int(m.group(1))
+            if i not in pooled:
+                pooled[i], st, keep = pool_samples(hidden_states[i], segment_ids, prompt_mask, task_ids, mode)
+            sims.append(layer(pooled[i], task_similarity=True))
+        if not sims:
+            raise ValueError("per_layer contrastive needs adapted modules of width hidden_size inside `layers.N.`")
+        return torch.stack(sims).mean(0), st, keep
+
+    # ------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def generate(self, *args, task: int, **kwargs):
+        with self.task_context(task):
+            return self.base_model.generate(*args, **kwargs)
+
+
+def rank_map(model) -> Dict[str, Dict[str, int]]:
+    """{task: {layer name in the base model: chosen rank}}; gathers ZeRO-3 partitioned selector parameters
+    (collective: every rank must call it)."""
+    model = getattr(model, "module", model)  # a DeepSpeed engine
+    out = {t: {} for t in model.task_names}
+    with gathered(model.selector_parameters()):
+        for name, layer in model.layers.items():
+            ranks = layer.chosen_ranks()
+            for i, t in enumerate(model.task_names):
+                out[t][name] = int(ranks[i])
+    return out
