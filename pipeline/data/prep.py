@@ -135,7 +135,7 @@ def tokenize_tasks(cfg: PrepConfig, tok, shard: Optional[tuple[int, int]], work:
     parts, stats = [], {}
     for tid, task in enumerate(tqdm(cfg.tasks, desc="tokenize", unit="task", file=sys.stderr)):
         st = stats[task.name] = dict.fromkeys(STAT_KEYS, 0)
-        jobs = [(task.source.split, None, False)]
+        jobs = [(task.source.split, -1, False)]
         if cfg.eval.from_task_eval_split:
             jobs.append((task.eval_split, cfg.eval.max_examples, True))
         for split, max_ex, is_eval in jobs:
