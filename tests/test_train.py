@@ -1,0 +1,242 @@
+"""The training stage for real: DeepSpeed ZeRO-3 on 2 CPU ranks (gloo), NF4 base, MoRE, packed multi-task data.
+
+The multi-process runs are marked slow; they still run in CI. Ranks are started either by the `deepspeed`
+launcher (the README's main entry) or one process per rank with RANK/WORLD_SIZE set, as srun does.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = ROOT / "launch" / "train.py"
+ZERO3 = ROOT / "ds_configs" / "zero3.json"
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(prepared_builtin_data, tmp_path_factory):
+    """Prepared data + a tiny Llama base with the data's tokenizer + a small training config file."""
+    from transformers import AutoTokenizer
+
+    from pipeline.models import build_tiny_llama
+
+    root = tmp_path_factory.mktemp("train")
+    tok = AutoTokenizer.from_pretrained(prepared_builtin_data / "tokenizer")
+    base = build_tiny_llama(root / "base", vocab_size=len(tok), tokenizer=tok, hidden_size=64, num_layers=2)
+    cfg = {
+        "output_dir": str(root / "unused"),
+        "seed": 0,
+        "model": {"path": str(base), "quantization": "nf4", "dtype": "fp32", "gradient_checkpointing": True},
+        "data": {"dir": str(prepared_builtin_data), "temperature": 2.0},
+        "more": {"max_rank": 4, "target_modules": ["q_proj", "v_proj", "up_proj", "down_proj"]},
+        "optim": {"lr": 1.0e-2, "warmup_steps": 0, "max_steps": 6, "micro_batch_size": 2, "grad_accum": 1,
+                  "schedule": "constant"},
+        "checkpoint": {"every": 0, "keep": 2},
+        "eval": {"every": 0, "max_batches": 2},
+    }
+    import yaml
+
+    cfg_file = root / "train.yaml"
+    cfg_file.write_text(yaml.safe_dump(cfg))
+    return {"root": root, "config": cfg_file, "base": base, "data": prepared_builtin_data}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict:
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    env.pop("RANK", None)
+    return env
+
+
+def spawn_ranks(world: int, args: list[str], log_dir: Path) -> list[subprocess.Popen]:
+    """One process per rank, as srun starts them (RANK / LOCAL_RANK / WORLD_SIZE / MASTER_*)."""
+    port = str(_free_port())
+    procs = []
+    for rank in range(world):
+        env = _env()
+        env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=port)
+        log = open(log_dir / f"rank{rank}.log", "w")
+        procs.append(subprocess.Popen([sys.executable, str(TRAIN), *args], env=env, stdout=log,
+                                      stderr=subprocess.STDOUT, cwd=ROOT))
+    return procs
+
+
+def wait_all(procs, timeout=600) -> list[int]:
+    deadline = time.time() + timeout
+    codes = []
+    for p in procs:
+        codes.append(p.wait(timeout=max(1, deadline - time.time())))
+    return codes
+
+
+def step_losses(run_dir: Path) -> dict[int, float]:
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if "train/loss" in rec:
+            out[rec["step"]] = rec["train/loss"]
+    return out
+
+
+def _logs(d: Path) -> str:
+    return "\n".join(p.read_text()[-3000:] for p in sorted(d.glob("rank*.log")))
+
+
+# --------------------------------------------------------------------------------------------- bad configs
+
+
+def _run_main(argv):
+    sys.path.insert(0, str(TRAIN.parent))
+    try:
+        import importlib
+
+        mod = importlib.import_module("train")
+        return mod.main(argv)
+    finally:
+        sys.path.remove(str(TRAIN.parent))
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("bogus_key=1", "unknown key 'bogus_key'"),
+    ("data.dir=/nonexistent/data", "/nonexistent/data/manifest.json not found"),
+    ("data.tasks=[sentiment,no_such_task]", "data.tasks: task(s) ['no_such_task']"),
+    ("optim.micro_batch_size=0", "optim.micro_batch_size"),
+])
+def test_bad_config_fails_before_any_process_group(tiny_setup, tmp_path, capsys, override, expected):
+    import torch.distributed as dist
+
+    out_dir = tmp_path / "run"
+    code = _run_main(["--config", str(tiny_setup["config"]), "--set", f"output_dir={out_dir}", "--set", override])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert expected in err, err
+    assert not dist.is_initialized()
+    assert not out_dir.exists()
+
+
+def test_ds_config_auto_values_filled_and_conflicts_named(tiny_setup, tmp_path):
+    from pipeline.config import ConfigError, load_config
+    from pipeline.config.train import TrainConfig
+    from pipeline.train.ds_config import fill_ds_config
+
+    cfg = load_config(TrainConfig, tiny_setup["config"], ["optim.grad_accum=3", "model.dtype=bf16"])
+    ds = fill_ds_config(ZERO3, cfg, world_size=4)
+    assert ds["train_batch_size"] == 2 * 3 * 4
+    assert ds["gradient_accumulation_steps"] == 3 and ds["bf16"]["enabled"] is True
+    assert ds["optimizer"]["params"]["lr"] == cfg.optim.lr
+    assert "auto" not in json.dumps(ds)
+    bad = json.loads(ZERO3.read_text())
+    bad["train_micro_batch_size_per_gpu"] = 7
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    with pytest.raises(ConfigError, match="train_micro_batch_size_per_gpu = 7 disagrees"):
+        fill_ds_config(tmp_path / "bad.json", cfg, world_size=1)
+
+
+# --------------------------------------------------------------------------------------------- real runs
+
+
+@pytest.mark.slow
+def test_zero3_two_ranks_nf4_learns_and_adapter_reproduces_eval_loss(tiny_setup, tmp_path):
+    """The README's main entry: `deepspeed launch/train.py --deepspeed ds_configs/zero3.json --config ...`."""
+    run = tmp_path / "run"
+    deepspeed = Path(sys.executable).parent / "deepspeed"
+    cmd = [str(deepspeed), "--num_gpus", "2", str(TRAIN), "--deepspeed", str(ZERO3),
+           "--config", str(tiny_setup["config"]), "--set", f"output_dir={run}", "--set", "model.dtype=bf16",
+           "--set", "optim.max_steps=12", "--set", "eval.max_batches=null"]
+    proc = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+
+    losses = step_losses(run)
+    assert sorted(losses) == list(range(1, 13))
+    first, last = sum(losses[s] for s in (1, 2, 3)) / 3, sum(losses[s] for s in (10, 11, 12)) / 3
+    assert last < first - 0.2, losses
+
+    summary = json.loads((run / "train_summary.json").read_text())
+    assert summary["steps"] == 12 and summary["world_size"] == 2 and summary["tokens"] > 0
+    assert set(summary["eval"]) >= {"loss", "tokens"}
+    for f in ("adapter_model.safetensors", "more_config.json", "rank_map.json"):
+        assert (run / "adapter" / f).is_file()
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+
+    # The adapter on a fresh base gives the logged eval loss (whole eval split, one process, no ZeRO).
+    from pipeline.data.loader import PackedCollator, PackedDataset
+    from pipeline.models import load_base_model
+    from pipeline.more import load_adapter
+    from pipeline.train.evaluation import eval_loss
+
+    base = load_base_model(str(tiny_setup["base"]), "nf4", "bf16")
+    model = load_adapter(base, run / "adapter").eval()
+    ds = PackedDataset(tiny_setup["data"], "eval")
+    collate = PackedCollator(dtype=torch.bfloat16)
+    batches = (collate([ds[i] for i in range(j, min(j + 2, len(ds)))]) for j in range(0, len(ds), 2))
+    result = eval_loss(model, batches, len(ds.task_names), ds.task_names, torch.device("cpu"))
+    assert result["tokens"] == summary["eval"]["tokens"]
+    assert result["loss"] == pytest.approx(summary["eval"]["loss"], rel=5e-3)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_run(tiny_setup):
+    """2 ranks (srun-style), fp32, 6 steps: the reference that resume and 1-process runs must reproduce."""
+    run = tiny_setup["root"] / "uninterrupted"
+    run.mkdir()
+    procs = spawn_ranks(2, ["--config", str(tiny_setup["config"]), "--set", f"output_dir={run}"], run)
+    codes = wait_all(procs)
+    assert codes == [0, 0], _logs(run)
+    return run
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoint_and_resume_reproduce_uninterrupted_losses(tiny_setup, uninterrupted_run, tmp_path):
+    run = tmp_path / "preempted"
+    run.mkdir()
+    args = ["--config", str(tiny_setup["config"]), "--set", f"output_dir={run}"]
+    procs = spawn_ranks(2, args, run)
+    deadline = time.time() + 600
+    while time.time() < deadline and not (run / "metrics.jsonl").is_file():
+        time.sleep(0.2)
+    while time.time() < deadline and len(step_losses(run)) < 2:
+        time.sleep(0.2)
+    for p in procs:  # SLURM sends the signal to every task of the step
+        p.send_signal(signal.SIGTERM)
+    codes = wait_all(procs)
+    assert codes == [75, 75], _logs(run)
+    stopped_at = max(step_losses(run))
+    assert stopped_at < 6, "the run finished before the signal arrived; nothing was resumed"
+    assert (run / "checkpoints" / f"step_{stopped_at}").is_dir()
+
+    procs = spawn_ranks(2, args, run)
+    assert wait_all(procs) == [0, 0], _logs(run)
+    resumed, reference = step_losses(run), step_losses(uninterrupted_run)
+    assert sorted(resumed) == list(range(1, 7))
+    for step in range(1, 7):
+        assert resumed[step] == pytest.approx(reference[step], rel=1e-6), (step, resumed, reference)
+
+
+@pytest.mark.slow
+def test_one_process_with_accumulation_matches_two_ranks(tiny_setup, uninterrupted_run, tmp_path):
+    """Same global batch (2 ranks x 2 rows vs 1 process x 2 micro-batches of 2 rows): same losses."""
+    run = tmp_path / "single"
+    proc = subprocess.run([sys.executable, str(TRAIN), "--config", str(tiny_setup["config"]),
+                           "--set", f"output_dir={run}", "--set", "optim.grad_accum=2"],
+                          env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    single, reference = step_losses(run), step_losses(uninterrupted_run)
+    assert sorted(single) == sorted(reference) == list(range(1, 7))
+    for step in range(1, 7):
+        # fp32; the two layouts reduce gradients in a different order, so allow float rounding.
+        assert single[step] == pytest.approx(reference[step], rel=1e-4), (step, single, reference)
