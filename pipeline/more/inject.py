@@ -92,10 +92,11 @@ def parameter_report(more_model) -> Dict[str, int | float]:
     gates = count([p for l in more_model.layers.values() for p in l.gate.parameters()])
     emb = count([l.task_embedding for l in more_model.layers.values() if l.task_embedding is not None])
     head = 0
+    inside = adapter + gates + emb  # what inject added inside the base model
     if more_model.selector.shared:
         emb += count([more_model.selector.task_embedding])
         head = count(more_model.selector.proj.parameters())
-    base = _base_numel(more_model.base_model) - adapter - gates - emb
+    base = _base_numel(more_model.base_model) - inside
     trainable = adapter + gates + emb + head
     return dict(adapted_layers=len(more_model.layers), adapter=adapter, gates=gates, task_embeddings=emb,
                 contrastive_head=head, trainable=trainable, base=base,

@@ -1,0 +1,206 @@
+"""MoRE injected into a tiny Llama: report, packed mixed-task batch vs per-sample runs, forced rank R vs PEFT LoRA,
+gradients (incl. the contrastive one) under reentrant and non-reentrant checkpointing, per_layer layout, routing."""
+import copy
+
+import pytest
+import torch
+
+from more_fixtures import TASKS, VOCAB, mixed_batch, packed_batch, tiny_llama
+from pipeline.config.more import MoreConfig
+from pipeline.more import inject, rank_map
+from pipeline.more.routing import routing_accuracy
+
+LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _model(cfg=None, seed=0, randomize_B=True):
+    base = tiny_llama(seed)
+    m = inject(base, cfg or MoreConfig(gate_init="random"), TASKS)
+    if randomize_B:
+        g = torch.Generator().manual_seed(seed + 1)
+        with torch.no_grad():
+            for layer in m.layers.values():
+                layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.05)
+    return m.eval()
+
+
+def test_inject_report_and_freezing():
+    m = _model()
+    assert len(m.layers) == 2 * 7
+    trainable = {n for n, p in m.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, _ in m.trainable_named_parameters()}
+    assert all(("lora_" in n or ".gate." in n or n.startswith("selector.")) for n in trainable)
+    r = m.report
+    want_lora = sum(8 * (l.in_features + l.out_features) for l in m.layers.values())
+    assert r["adapter"] == want_lora
+    assert r["gates"] == 14 * (16 * 8 + 8) and r["task_embeddings"] == len(TASKS) * 16
+    assert r["trainable"] == sum(p.numel() for n, p in m.named_parameters() if p.requires_grad)
+    assert r["base"] == sum(p.numel() for n, p in m.named_parameters() if not p.requires_grad)
+    assert {id(p) for p in m.selector_parameters()}.isdisjoint({id(p) for p in m.adapter_parameters()})
+    groups = m.param_groups(1e-3)
+    assert groups[1]["lr"] == pytest.approx(1e-3 * m.config.selector_lr_multiplier)
+
+
+def test_target_matching():
+    base = tiny_llama()
+    m = inject(base, MoreConfig(target_modules=["q_proj", "mlp.down_proj"]), TASKS)
+    assert sorted(m.layers) == sorted([f"model.layers.{i}.self_attn.q_proj" for i in range(2)]
+                                      + [f"model.layers.{i}.mlp.down_proj" for i in range(2)])
+    m2 = inject(tiny_llama(), MoreConfig(target_modules="all-linear"), TASKS)
+    assert len(m2.layers) == 14 and not any("lm_head" in n for n in m2.layers)
+    with pytest.raises(ValueError, match="match no module"):
+        inject(tiny_llama(), MoreConfig(target_modules=["nope_proj"]), TASKS)
+
+
+def test_packed_mixed_batch_equals_each_sample_alone():
+    """The whole model: a packed batch mixing 3 tasks (and padding) gives, at every sample's positions, the logits of
+    that sample run alone with its task; tasks really use different ranks in some layers."""
+    m = _model()
+    ranks = rank_map(m)
+    assert any(len({ranks[t][n] for t in TASKS}) > 1 for n in m.layers)
+    b = mixed_batch()
+    with torch.no_grad():
+        out = m(**b).logits
+        for s in range(int(b["segment_ids"].max()) + 1):
+            where = b["segment_ids"] == s
+            row = int(where.any(1).nonzero()[0])
+            ids = b["input_ids"][row][where[row]].unsqueeze(0)
+            t = int(b["task_ids"][where][0])
+            alone = m(input_ids=ids, task_ids=torch.full_like(ids, t)).logits[0]
+            torch.testing.assert_close(out[row][where[row]], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_forced_max_rank_equals_peft_lora():
+    from peft import LoraConfig, get_peft_model
+
+    m = _model(seed=3)
+    peft_model = get_peft_model(copy.deepcopy(tiny_llama(3)), LoraConfig(r=8, lora_alpha=16, target_modules=LINEARS,
+                                                                          lora_dropout=0.0))
+    with torch.no_grad():
+        for name, layer in m.layers.items():
+            mod = peft_model.base_model.model.get_submodule(name)
+            mod.lora_A["default"].weight.copy_(layer.lora_A)
+            mod.lora_B["default"].weight.copy_(layer.lora_B)
+    b = mixed_batch()
+    peft_model.eval()
+    with torch.no_grad(), m.forced_rank(8):
+        ours = m(**b).logits
+        theirs = peft_model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                            position_ids=b["position_ids"]).logits
+    real = b["segment_ids"] >= 0
+    torch.testing.assert_close(ours[real], theirs[real], atol=1e-5, rtol=1e-5)
+
+
+def _grads(m, b, which="all"):
+    m.zero_grad(set_to_none=True)
+    out = m(**b)
+    if which == "contrastive":
+        loss = out.contrastive_loss
+    else:
+        loss = out.logits.float().pow(2).mean() + out.aux_loss
+    loss.backward()
+    return {n: (p.grad.clone() if p.grad is not None else None) for n, p in m.trainable_named_parameters()}
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_gradients_with_checkpointing_including_contrastive(reentrant):
+    """Representation from output hidden states: the contrastive loss keeps its graph under checkpointing (with
+    reentrant checkpointing each layer's first forward runs under no_grad) and the gradients equal those without."""
+    cfg = MoreConfig(gate_init="random", selector_warmup_steps=0)
+    b = mixed_batch()
+    ref_m = _model(cfg).train()
+    ref = _grads(ref_m, b)
+    ref_cl = _grads(ref_m, b, "contrastive")
+    m = _model(cfg).train()
+    m.gradient_checkpointing_enable(use_reentrant=reentrant)
+    got = _grads(m, b)
+    got_cl = _grads(m, b, "contrastive")
+    for n in ref:
+        assert got[n] is not None, n
+        torch.testing.assert_close(got[n], ref[n], atol=1e-6, rtol=1e-4, msg=n)
+    # every kind of trainable parameter receives gradient; the gate's is non-zero through the straight-through
+    for key in ["layers.0.self_attn.q_proj.lora_A", "layers.1.mlp.down_proj.lora_B", "layers.0.mlp.up_proj.gate.weight",
+                "layers.1.self_attn.v_proj.gate.bias", "selector.task_embedding", "selector.proj.weight"]:
+        n = next(n for n in got if n.endswith(key))
+        assert got[n].abs().sum() > 0, n
+    # the contrastive loss alone reaches the adapters of the layers below the representation
+    cl_b = next(n for n in got_cl if n.endswith("layers.0.self_attn.q_proj.lora_B"))
+    assert got_cl[cl_b] is not None and got_cl[cl_b].abs().sum() > 0
+    torch.testing.assert_close(got_cl[cl_b], ref_cl[cl_b], atol=1e-6, rtol=1e-4)
+    assert got_cl[next(n for n in got_cl if n.endswith("selector.task_embedding"))].abs().sum() > 0
+
+
+def test_selector_warmup_blocks_selector_gradient_only():
+    m = _model(MoreConfig(gate_init="random", selector_warmup_steps=2)).train()
+    b = mixed_batch()
+    g1 = _grads(m, b)
+    gate = next(n for n in g1 if n.endswith("layers.0.self_attn.q_proj.gate.weight"))
+    assert g1[gate] is None or g1[gate].abs().sum() == 0
+    assert g1[next(n for n in g1 if n.endswith("layers.0.self_attn.q_proj.lora_A"))].abs().sum() > 0
+    m.set_training_step(2)
+    assert _grads(m, b)[gate].abs().sum() > 0
+
+
+def test_per_layer_reference_layout():
+    m = _model(MoreConfig.reference(dropout=0.0, selector_warmup_steps=0)).train()
+    assert all(l.task_embedding.shape == (len(TASKS), l.in_features) for l in m.layers.values())
+    out = m(**mixed_batch())
+    assert out.contrastive_loss is not None and torch.isfinite(out.contrastive_loss)
+    (out.logits.pow(2).mean() + out.aux_loss).backward()
+    l0 = m.layers["model.layers.0.self_attn.q_proj"]
+    assert l0.task_embedding.grad.abs().sum() > 0 and l0.gate.weight.grad.abs().sum() > 0
+
+
+def test_frozen_selection_is_the_same_computation():
+    m = _model()
+    b = mixed_batch()
+    with torch.no_grad():
+        before = m(**b).logits
+        m.freeze_selection()
+        after = m(**b).logits
+    assert torch.equal(before, after)
+
+
+def _task_prompts(task, n, g):
+    """Task t's prompts start with its own 2-token template (like "cola sentence:"), then tokens from its own
+    vocabulary band; responses are random."""
+    lo = 3 + task * 40
+
+    def tok(total):
+        t = torch.randint(3, VOCAB, (total,), generator=g)
+        t[:2] = torch.tensor([lo, lo + 1])
+        t[2:6] = torch.randint(lo + 2, lo + 40, (4,), generator=g)
+        return t
+    return tok
+
+
+def _routing_batches(n_batches, seed):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n_batches):
+        samples = []
+        for r in range(4):
+            t1, t2 = torch.randint(0, 3, (2,), generator=g).tolist()
+            samples += [(r, t1, 6, 9, _task_prompts(t1, 1, g)), (r, t2, 6, 10, _task_prompts(t2, 1, g))]
+        out.append(packed_batch(samples, rows=4, length=20))
+    return out
+
+
+@pytest.mark.parametrize("representation", ["prompt_mean", "last_prompt"])
+def test_contrastive_training_enables_zero_shot_routing(representation):
+    """A few selector steps on the contrastive loss alone; then the base-model representation of held-out
+    prompts routes them to their task."""
+    torch.manual_seed(0)
+    cfg = MoreConfig(contrastive=dict(weight=1.0, temperature=0.1, representation=representation))
+    m = _model(cfg, randomize_B=False).train()
+    opt = torch.optim.Adam(m.selector_parameters(), lr=0.05)
+    train = _routing_batches(25, seed=1)
+    before = routing_accuracy(m, _routing_batches(3, seed=99))["accuracy"]
+    for b in train:
+        loss = m(**b).contrastive_loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    acc = routing_accuracy(m, _routing_batches(3, seed=99))
+    assert acc["n"] == 24
+    assert acc["accuracy"] >= 0.9, (before, acc)
