@@ -34,9 +34,20 @@ def _barrier():
         dist.barrier()
 
 
+_DT_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def base_dtype(model: MoreCausalLM) -> str:
+    """The dtype the adapted base layers were loaded in (NF4: the dtype their dequantized weights come out in)."""
+    layer = next(iter(model.layers.values()))
+    w = layer.base_layer.weight
+    qs = getattr(w, "quant_state", None)
+    return _DT_NAMES.get(qs.dtype if qs is not None else w.dtype, "fp32")
+
+
 def base_identity(model: MoreCausalLM) -> Dict:
     cfg = model.hf_config
-    return dict(id=model.base_model_id, model_type=getattr(cfg, "model_type", None),
+    return dict(id=model.base_model_id, dtype=base_dtype(model), model_type=getattr(cfg, "model_type", None),
                 hidden_size=getattr(cfg, "hidden_size", None), num_hidden_layers=getattr(cfg, "num_hidden_layers", None),
                 vocab_size=getattr(cfg, "vocab_size", None), quantized_nf4=model.quantized_base)
 
