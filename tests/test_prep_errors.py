@@ -118,3 +118,11 @@ def test_cli_prints_the_error_without_traceback(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "\nerror: task 'plus': max_seq_len 8 is smaller" in err and "Traceback" not in err
     assert_clean(tmp_path)
+
+
+def test_refuses_to_replace_a_folder_that_is_not_prep_output(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    with pytest.raises(PrepError, match="not a prepared-data folder"):
+        run(make_cfg(tmp_path))
+    assert (tmp_path / "out" / "notes.txt").read_text() == "mine"

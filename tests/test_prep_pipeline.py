@@ -15,6 +15,7 @@ from pipeline.data.loader import PackedDataset
 from pipeline.data.prep import run_prep
 from pipeline.data.render import render
 from pipeline.data.sources import load_split
+from pipeline.data.tokenize import prompt_ids
 
 
 def expected_samples(cfg, tok):
@@ -25,12 +26,13 @@ def expected_samples(cfg, tok):
         if task.max_examples:
             ds = ds.select(range(min(task.max_examples, len(ds))))
         exp = collections.Counter()
-        for row in ds:
+        for row, eval_prompt in zip(ds, prompt_ids(task, tok, list(ds))):
             prompt, response = render(task, row, tok)
             chat = task.format == "chat" and tok.chat_template
             p = ([] if chat else [tok.bos_token_id]) + tok.encode(prompt, add_special_tokens=False)
             r = tok.encode(response, add_special_tokens=False) + ([] if chat else [tok.eos_token_id])
             exp[(tuple(p + r), len(p))] += 1
+            assert eval_prompt == p, "evaluate's prompt ids must be the training sample's prompt"
         out[task.name] = exp
     return out
 

@@ -31,7 +31,7 @@ from pipeline.data.tokenize import Samples, tokenize_dataset
 from pipeline.data.tokenizer import hash_files, load_tokenizer, train_sentencepiece_model, wrap_sentencepiece
 from pipeline.data.write import PACKED_FEATURES, atomic_dir, packed_table, save_table, write_json
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 STAT_KEYS = ("read", "invalid", "truncated", "dropped")
 
 
@@ -214,6 +214,7 @@ def write_packed(cfg: PrepConfig, samples: Samples, stats: dict[str, dict], tok,
             "hash": hash_files(out / "tokenizer"),
             "vocab_size": len(tok),
             "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id,
+            "add_bos": cfg.tokenizer.add_bos, "add_eos": cfg.tokenizer.add_eos,
         },
         "tasks": tasks,
         "splits": splits,
@@ -265,7 +266,7 @@ def _prepare_shard(cfg: PrepConfig, key: str, shard: tuple[int, int], force: boo
     if not force and _cached(out, key, "shard.json"):
         _log(f"cache hit: shard {i}/{n} at {out}")
         return out
-    with _scratch(out.parent) as work, atomic_dir(out) as tmp:
+    with _scratch(out.parent) as work, atomic_dir(out, marker="shard.json") as tmp:
         tok = make_tokenizer(cfg, tmp / "tokenizer")
         samples, stats = tokenize_tasks(cfg, tok, shard, Path(work), key)
         save_table(samples.to_table(), tmp / "samples", None, fingerprint=f"{key[:8]}{i:04d}{n:04d}")

@@ -43,6 +43,13 @@ def encode_prompts(tokenizer, prompts: list[str], add_bos: bool) -> list[list[in
     return ids
 
 
+def prompt_ids(task: TaskConfig, tokenizer, rows: list[dict], add_bos: bool = True) -> list[list[int]]:
+    """Generation inputs for `evaluate`: exactly the ids a training sample of each row starts with (its prompt).
+    `add_bos` is the manifest's `tokenizer.add_bos`; chat-template text brings its own special tokens."""
+    prompts = [render(task, r, tokenizer)[0] for r in rows]
+    return encode_prompts(tokenizer, prompts, add_bos and not uses_chat_template(task, tokenizer))
+
+
 def _tokenize_batch(batch: dict[str, list], task: TaskConfig, tokenizer, add_bos: bool, add_eos: bool) -> dict:
     n = len(batch[EXAMPLE_ID])
     rows = [{k: batch[k][i] for k in batch} for i in range(n)]

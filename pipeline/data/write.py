@@ -22,6 +22,7 @@ import datasets
 import numpy as np
 import pyarrow as pa
 
+from pipeline.data.errors import PrepError
 from pipeline.data.mask import build_labels
 from pipeline.data.tokenize import Samples
 
@@ -73,10 +74,14 @@ def write_json(path: Path, obj: dict) -> None:
 
 
 @contextlib.contextmanager
-def atomic_dir(final: Path) -> Iterator[Path]:
+def atomic_dir(final: Path, marker: str = "manifest.json") -> Iterator[Path]:
     """Yield a temporary folder next to `final`; on success it replaces `final` (old copy removed), on any error it
-    is deleted and `final` is left as it was."""
+    is deleted and `final` is left as it was. An existing `final` is only replaced if it holds `marker` (an earlier
+    output of ours) or is empty, so a mistyped output_dir never deletes someone's folder."""
     final = Path(final)
+    if final.exists() and not (final / marker).is_file() and any(final.iterdir()):
+        raise PrepError(f"output folder {final} exists and is not a prepared-data folder (no {marker}); "
+                        f"refusing to replace it: choose another output_dir or remove it yourself")
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
