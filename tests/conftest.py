@@ -27,9 +27,14 @@ def small_prep_config(tmp_path):
 
 
 @pytest.fixture(scope="session")
-def prepared_builtin_data(tmp_path_factory) -> Path:
+def prepared_builtin_config(tmp_path_factory):
+    """The PrepConfig behind `prepared_builtin_data` (small built-in set, global packing)."""
+    return _small_builtin_config(tmp_path_factory.mktemp("prepared_builtin"), pack_per_task=False)
+
+
+@pytest.fixture(scope="session")
+def prepared_builtin_data(prepared_builtin_config) -> Path:
     """A prepared (packed, mixed-task rows) copy of the small built-in set, shared by loader/sampler tests."""
     from pipeline.data.prep import run_prep
 
-    root = tmp_path_factory.mktemp("prepared_builtin")
-    return run_prep(_small_builtin_config(root, pack_per_task=False))
+    return run_prep(prepared_builtin_config)

@@ -126,3 +126,18 @@ def test_refuses_to_replace_a_folder_that_is_not_prep_output(tmp_path):
     with pytest.raises(PrepError, match="not a prepared-data folder"):
         run(make_cfg(tmp_path))
     assert (tmp_path / "out" / "notes.txt").read_text() == "mine"
+
+
+def test_json_list_source_and_malformed_json_file(tmp_path):
+    cfg = make_cfg(tmp_path)
+    good = tmp_path / "good.jsonl"  # a JSON list despite the name: `type: json` reads the whole file
+    good.write_text(json.dumps(ROWS, indent=1))
+    cfg["tasks"][0]["source"] = {"type": "json", "path": str(good)}
+    out = run(cfg)
+    assert json.loads((out / "manifest.json").read_text())["tasks"]["plus"]["examples"] == len(ROWS)
+    import shutil
+    shutil.rmtree(out)
+    good.write_text('[\n {"q": "a", "a": "b"},\n {"q": }\n]')
+    with pytest.raises(PrepError, match=r"good\.jsonl:3: malformed JSON"):
+        run(cfg)
+    assert_clean(tmp_path)

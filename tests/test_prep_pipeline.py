@@ -65,11 +65,8 @@ def tree_bytes(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def test_round_trip_labels_and_task_ids(prepared_builtin_data):
-    from pipeline.config.base import load_config  # noqa: F401 (config is rebuilt from the fixture's root)
-    from tests.conftest import _small_builtin_config
-
-    cfg = _small_builtin_config(prepared_builtin_data.parent, pack_per_task=False)
+def test_round_trip_labels_and_task_ids(prepared_builtin_data, prepared_builtin_config):
+    cfg = prepared_builtin_config
     tok = AutoTokenizer.from_pretrained(prepared_builtin_data / "tokenizer")
     manifest = json.loads((prepared_builtin_data / "manifest.json").read_text())
     expected, got = expected_samples(cfg, tok), packed_samples(prepared_builtin_data)
