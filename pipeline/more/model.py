@@ -14,6 +14,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.utils import ModelOutput
 
 from pipeline.config.more import MoreConfig
 from pipeline.more.inject import _register_external, inject_layers, parameter_report
@@ -22,8 +23,10 @@ from pipeline.more.selector import MoreSelector
 
 
 @dataclass
-class MoreOutput:
-    logits: torch.Tensor
+class MoreOutput(ModelOutput):
+    """A dict-like ModelOutput so DeepSpeed ZeRO-3 sees the tensors inside (its hooks walk dicts/tuples)."""
+
+    logits: Optional[torch.Tensor] = None
     contrastive_loss: Optional[torch.Tensor] = None  # unweighted InfoNCE (None when not computed)
     aux_loss: Optional[torch.Tensor] = None  # contrastive.weight * contrastive_loss: add it to the LM loss
     hidden_states: Optional[tuple] = None
