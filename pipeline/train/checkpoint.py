@@ -58,8 +58,10 @@ def load(engine, ckpt_dir: Path, rank: int) -> Optional[dict[str, Any]]:
     tag = latest_tag(ckpt_dir)
     if tag is None:
         return None
+    # Not strict: bitsandbytes serialises its quantisation state as extra keys the frozen 4-bit base does not
+    # load back; the base comes from the model folder, and the trained parameters from ZeRO's partitions.
     _, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
-                                             load_lr_scheduler_states=True)
+                                             load_lr_scheduler_states=True, load_module_strict=False)
     if client_state is None:
         raise RuntimeError(f"checkpoint {ckpt_dir / tag} could not be loaded")
     rng_file = ckpt_dir / tag / f"rng_rank{rank}.pt"

@@ -120,11 +120,15 @@ class Trainer:
         micro_batches = [self.data.next_train_batch() for _ in range(self.cfg.optim.grad_accum)]
         dev = self.dist.device
         counts = torch.tensor([float(sum(_supervised(b) for b in micro_batches)),
-                               float(sum(int((b["segment_ids"] >= 0).sum()) for b in micro_batches))], device=dev)
-        global_tokens, global_real = all_reduce_sum(counts).tolist()
+                               float(sum(int((b["segment_ids"] >= 0).sum()) for b in micro_batches)),
+                               float(sum(_contrastive_samples(b) for b in micro_batches))], device=dev)
+        global_tokens, global_real, global_samples = all_reduce_sum(counts).tolist()
         if global_tokens == 0:
             raise RuntimeError(f"step {self.step + 1}: no supervised tokens in the global batch")
-        scale = self.dist.world_size * self.cfg.optim.grad_accum / global_tokens
+        # DeepSpeed divides by grad_accum and averages over ranks; undo both so that each loss is a sum over the
+        # global batch divided by its global count, whatever the split of that batch.
+        layout = self.dist.world_size * self.cfg.optim.grad_accum
+        scale = layout / global_tokens
         n_tasks = len(self.task_names)
         stats = torch.zeros(2 + 2 * n_tasks, device=dev)  # ce_sum, contrastive_sum, per-task sums, per-task tokens
         weight = self.cfg.more.contrastive.weight
@@ -134,8 +138,9 @@ class Trainer:
             sums = lm_loss_sums(out.logits, batch["labels"], batch["task_ids"], n_tasks, batch["position_ids"])
             loss = sums.total * scale
             if out.contrastive_loss is not None and weight > 0:
-                loss = loss + weight * out.contrastive_loss
-                stats[1] += out.contrastive_loss.detach().float()
+                cl_sum = out.contrastive_loss * _contrastive_samples(batch)  # the model returns a per-sample mean
+                loss = loss + weight * cl_sum * layout / max(global_samples, 1.0)
+                stats[1] += cl_sum.detach().float()
             self.engine.backward(loss)
             self.engine.step()
             stats[0] += sums.total.detach()
@@ -147,7 +152,7 @@ class Trainer:
         lm = stats[0].item() / global_tokens
         if not math.isfinite(lm):
             raise FloatingPointError(f"step {self.step}: LM loss is {lm}; stopping (lower the lr or check the data)")
-        values = {"loss": lm, "contrastive": stats[1].item() / (self.cfg.optim.grad_accum * self.dist.world_size),
+        values = {"loss": lm, "contrastive": stats[1].item() / max(global_samples, 1.0),
                   "lr": self.scheduler.get_last_lr()[0], "tokens": global_real}
         grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is not None:
@@ -237,6 +242,12 @@ def _supervised(batch: dict[str, torch.Tensor]) -> int:
     from pipeline.train.loss import supervised_targets
 
     return int((supervised_targets(batch["labels"], batch["position_ids"]) != -100).sum())
+
+
+def _contrastive_samples(batch: dict[str, torch.Tensor]) -> int:
+    """Samples the contrastive loss averages over: those with a task and at least one prompt token."""
+    keep = batch["prompt_mask"] & (batch["segment_ids"] >= 0) & (batch["task_ids"] >= 0)
+    return int(batch["segment_ids"][keep].unique().numel())
 
 
 def _peak_memory_gb(device: torch.device) -> dict[str, float]:
