@@ -132,6 +132,7 @@ class Trainer:
         n_tasks = len(self.task_names)
         stats = torch.zeros(2 + 2 * n_tasks, device=dev)  # ce_sum, contrastive_sum, per-task sums, per-task tokens
         weight = self.cfg.more.contrastive.weight
+        self.engine.module.set_training_step(self.step)  # the selector's warm-up counts optimizer steps
         for batch in micro_batches:
             batch = {k: v.to(dev) for k, v in batch.items()}
             out = self.engine(**batch)

@@ -1,0 +1,25 @@
+"""Schema of the `base` stage: the small Llama-shaped base the built-in default trains MoRE on.
+
+A frozen RANDOM base gives an adapter nothing to build on, so the default first pretrains a tiny base as a plain
+language model on the PROMPT text of the prepared data (never the responses): it learns the vocabulary and the
+shape of the inputs, not the answers, and the untrained-baseline row of the report stays at chance.
+"""
+from __future__ import annotations
+
+from pydantic import Field
+
+from pipeline.config.base import StrictModel
+
+
+class BaseModelConfig(StrictModel):
+    data_dir: str  # a prep output (manifest.json, train/, tokenizer/)
+    output_dir: str
+    hidden_size: int = Field(default=128, gt=0)
+    num_layers: int = Field(default=2, gt=0)
+    num_heads: int = Field(default=4, gt=0)
+    num_kv_heads: int = Field(default=2, gt=0)
+    intermediate_size: int = Field(default=256, gt=0)
+    pretrain_steps: int = Field(default=300, ge=0)  # 0: a random base
+    batch_size: int = Field(default=8, gt=0)
+    lr: float = Field(default=3e-3, gt=0)
+    seed: int = 0
