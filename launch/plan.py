@@ -10,6 +10,7 @@ Exit status: 0, or 3 with `--check` when the run does not fit.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -17,6 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.config.base import ConfigError, load_config  # noqa: E402
 from pipeline.config.plan import PlanConfig  # noqa: E402
+
+DEFAULT_DS = Path(__file__).resolve().parents[1] / "ds_configs" / "zero3.json"
 
 
 def parse_args(argv=None):
@@ -44,7 +47,7 @@ def parse_args(argv=None):
     a("--double-quant", action=argparse.BooleanOptionalAction, default=None)
     a("--overhead-gb", type=float)
     a("--host-mem-gb", type=float, help="host RAM per node in GiB, for the host verdict")
-    a("--ds-config", help="DeepSpeed JSON (zero_optimization buckets, thresholds, offload)")
+    a("--ds-config", help="DeepSpeed JSON (buckets, thresholds, offload); default ds_configs/zero3.json")
     a("--check", action="store_true", help="exit 3 when the run does not fit")
     return p.parse_args(argv)
 
@@ -62,6 +65,8 @@ def main(argv=None) -> int:
 
     kwargs = cfg.model_dump()
     model, ds = kwargs.pop("model"), kwargs.pop("ds_config")
+    if ds is None and DEFAULT_DS.is_file():  # what launch/train.py uses by default
+        ds = os.path.relpath(DEFAULT_DS)
     try:
         result = plan(model, ds_config=ds, **kwargs)
     except (FileNotFoundError, ValueError) as e:

@@ -9,6 +9,7 @@ partition) + 12 (fp32 master, Adam m, v) + 4 (fp32 grad at the step) bytes, part
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
@@ -76,6 +77,7 @@ class MemoryPlan:
     suggestion: str | None = None  # the smallest single change that fits (None when it fits already)
     alternatives: tuple[str, ...] = ()
     warnings: tuple[str, ...] = field(default=())
+    zero_source: str = "DeepSpeed defaults"  # where the ZeRO-3 settings came from
 
     @property
     def fits(self) -> bool:
@@ -259,6 +261,8 @@ def plan(model, *, ds_config: dict | str | None = None, suggest: bool = True, **
                                    inp.task_embedding_dim, inp.num_experts)
         adapted = tuple(sorted({n.rsplit(".", 1)[-1] for n, _ in target_linears(meta, inp.targets)}))
     result = _evaluate(inp, inv, adapter, adapted, ds_config)
+    if ds_config is not None:
+        result = replace(result, zero_source=str(ds_config) if isinstance(ds_config, (str, os.PathLike)) else "dict")
     if result.fits or not suggest:
         return result
     fits = lambda cand: _evaluate(cand, inv, adapter, adapted, ds_config).fits  # noqa: E731
