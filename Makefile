@@ -8,8 +8,9 @@ else
 ENV_READY  :=
 endif
 PYTEST_ARGS ?=
+DEEPSPEED  := $(PYTHON) -m deepspeed.launcher.runner
 
-.PHONY: env test test-fast prep clean
+.PHONY: env test test-fast prep base train clean
 
 env: $(ENV_READY)
 
@@ -28,6 +29,13 @@ test-fast: $(ENV_READY)
 
 prep: $(ENV_READY)
 	$(PYTHON) -m data_prep --config configs/prep/default.yaml
+
+base: prep
+	$(PYTHON) launch/base.py --config configs/base/default.yaml
+
+# The built-in default on CPU: 2 ranks under ZeRO-3 (gloo). On GPUs drop --num_gpus to use them all.
+train: base
+	$(DEEPSPEED) --num_gpus 2 launch/train.py --deepspeed ds_configs/zero3.json --config configs/train/default.yaml
 
 clean:
 	rm -rf runs outputs data/built

@@ -38,3 +38,31 @@ def prepared_builtin_data(prepared_builtin_config) -> Path:
     from pipeline.data.prep import run_prep
 
     return run_prep(prepared_builtin_config)
+
+
+@pytest.fixture(scope="session")
+def tiny_train_setup(prepared_builtin_data, tmp_path_factory):
+    """Prepared data + a tiny Llama base with the data's tokenizer + a small training config file (fp32 NF4)."""
+    from transformers import AutoTokenizer
+
+    from pipeline.models import build_tiny_llama
+
+    root = tmp_path_factory.mktemp("train")
+    tok = AutoTokenizer.from_pretrained(prepared_builtin_data / "tokenizer")
+    base = build_tiny_llama(root / "base", vocab_size=len(tok), tokenizer=tok, hidden_size=64, num_layers=2)
+    cfg = {
+        "output_dir": str(root / "unused"),
+        "seed": 0,
+        "model": {"path": str(base), "quantization": "nf4", "dtype": "fp32", "gradient_checkpointing": True},
+        "data": {"dir": str(prepared_builtin_data), "temperature": 2.0},
+        "more": {"max_rank": 4, "target_modules": ["q_proj", "v_proj", "up_proj", "down_proj"]},
+        "optim": {"lr": 1.0e-2, "warmup_steps": 0, "max_steps": 6, "micro_batch_size": 2, "grad_accum": 1,
+                  "schedule": "constant"},
+        "checkpoint": {"every": 0, "keep": 2},
+        "eval": {"every": 0, "max_batches": 2},
+    }
+    import yaml
+
+    cfg_file = root / "train.yaml"
+    cfg_file.write_text(yaml.safe_dump(cfg))
+    return {"root": root, "config": cfg_file, "base": base, "data": prepared_builtin_data}

@@ -1,14 +1,12 @@
 """The SLURM scripts on a real SLURM: a one-machine cluster (two slurmd as nodes n1, n2) started by the fixture.
 
 Workloads are stand-ins (tests/slurm_probe.py: gloo all_reduce; tests/slurm_fake_python.sh: records commands).
-HOOK for the real trainer: set MORE_SLURM_TRAIN_CMD (`{out}` = a fresh output dir), or make `real_train_cmd()`
-return e.g. f"{PY} launch/train.py --config configs/train/default.yaml --set train.output_dir={out}"; then
-`test_real_trainer_under_slurm` runs it with 2 CPU ranks through launch/slurm/train.sbatch.
+`test_real_trainer_under_slurm` runs the real trainer (tiny NF4 Llama + MoRE, ZeRO-3, 2 CPU ranks) through
+launch/slurm/train.sbatch, preempts it with SIGTERM, and checks the requeued job resumes and finishes.
 """
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -24,10 +22,10 @@ PY = sys.executable
 SBATCH = str(ROOT / "launch" / "slurm" / "train.sbatch")
 
 
-def real_train_cmd(out: Path) -> str | None:
-    """The real trainer's command for 2 CPU ranks, or None to skip that test (see module docstring)."""
-    cmd = os.environ.get("MORE_SLURM_TRAIN_CMD")
-    return cmd.format(out=out) if cmd else None
+def real_train_cmd(config: Path, out: Path, steps: int) -> str:
+    """The real trainer on the small test setup, as train.sbatch's TRAIN_CMD (one task per CPU rank)."""
+    return (f"{PY} launch/train.py --config {config} --deepspeed ds_configs/zero3.json --set output_dir={out} "
+            f"--set optim.max_steps={steps} --set checkpoint.every=2")
 
 
 @pytest.fixture(scope="module")
@@ -132,9 +130,29 @@ def test_prep_array_and_pipeline_chain(slurm, tmp_path):
     assert f"launch/evaluate.py --model {tmp_path}/run/merged --out {tmp_path}/run/eval" in lines[-1]
 
 
-def test_real_trainer_under_slurm(slurm, tmp_path):
-    cmd = real_train_cmd(tmp_path / "run")
-    if cmd is None:
-        pytest.skip("hook not wired: set MORE_SLURM_TRAIN_CMD or fill real_train_cmd()")
-    r, _ = submit_train(slurm, tmp_path, 1, 2, cmd, wait=True)
-    assert r.returncode == 0, sbatch_log(tmp_path) + "\n".join(p.read_text() for p in tmp_path.glob("logs/*/*"))
+def test_real_trainer_under_slurm(slurm, tiny_train_setup, tmp_path):
+    """The real trainer through train.sbatch: 2 CPU ranks, preempted by TERM, requeued, resumed, finished."""
+    run, steps = tmp_path / "run", 6
+    _, job = submit_train(slurm, tmp_path, 1, 2, real_train_cmd(tiny_train_setup["config"], run, steps), wait=False)
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not (metrics.is_file() and metrics.read_text().count("train/loss") >= 1):
+        assert time.time() < deadline and slurm.job_field(job, "JobState") in ("PENDING", "RUNNING"), \
+            sbatch_log(tmp_path) + "\n".join(p.read_text()[-2000:] for p in tmp_path.glob("logs/*/*"))
+        time.sleep(0.5)
+    slurm.run(["scancel", "--batch", "--signal=TERM", job])
+    deadline = time.time() + 300
+    while slurm.job_field(job, "Restarts") != "1":
+        assert time.time() < deadline, sbatch_log(tmp_path)
+        time.sleep(0.5)
+    if slurm.job_field(job, "JobState") == "PENDING":  # skip SLURM's ~2 min hold of a requeued job
+        slurm.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=False)
+    state = slurm.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED"}, 600)
+    logs = sbatch_log(tmp_path) + "\n".join(p.read_text()[-2000:] for p in tmp_path.glob("logs/*/*"))
+    assert state == "COMPLETED", logs
+    assert "ranks finished with exit code 75" in logs and "requeueing job" in logs
+    recorded = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if "train/loss" in line]
+    assert recorded == list(range(1, steps + 1)), recorded  # resumed where it stopped: no step twice, none lost
+    summary = json.loads((run / "train_summary.json").read_text())
+    assert summary["steps"] == steps and summary["world_size"] == 2
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()

@@ -22,34 +22,6 @@ TRAIN = ROOT / "launch" / "train.py"
 ZERO3 = ROOT / "ds_configs" / "zero3.json"
 
 
-@pytest.fixture(scope="module")
-def tiny_setup(prepared_builtin_data, tmp_path_factory):
-    """Prepared data + a tiny Llama base with the data's tokenizer + a small training config file."""
-    from transformers import AutoTokenizer
-
-    from pipeline.models import build_tiny_llama
-
-    root = tmp_path_factory.mktemp("train")
-    tok = AutoTokenizer.from_pretrained(prepared_builtin_data / "tokenizer")
-    base = build_tiny_llama(root / "base", vocab_size=len(tok), tokenizer=tok, hidden_size=64, num_layers=2)
-    cfg = {
-        "output_dir": str(root / "unused"),
-        "seed": 0,
-        "model": {"path": str(base), "quantization": "nf4", "dtype": "fp32", "gradient_checkpointing": True},
-        "data": {"dir": str(prepared_builtin_data), "temperature": 2.0},
-        "more": {"max_rank": 4, "target_modules": ["q_proj", "v_proj", "up_proj", "down_proj"]},
-        "optim": {"lr": 1.0e-2, "warmup_steps": 0, "max_steps": 6, "micro_batch_size": 2, "grad_accum": 1,
-                  "schedule": "constant"},
-        "checkpoint": {"every": 0, "keep": 2},
-        "eval": {"every": 0, "max_batches": 2},
-    }
-    import yaml
-
-    cfg_file = root / "train.yaml"
-    cfg_file.write_text(yaml.safe_dump(cfg))
-    return {"root": root, "config": cfg_file, "base": base, "data": prepared_builtin_data}
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -117,11 +89,11 @@ def _run_main(argv):
     ("data.tasks=[sentiment,no_such_task]", "data.tasks: task(s) ['no_such_task']"),
     ("optim.micro_batch_size=0", "optim.micro_batch_size"),
 ])
-def test_bad_config_fails_before_any_process_group(tiny_setup, tmp_path, capsys, override, expected):
+def test_bad_config_fails_before_any_process_group(tiny_train_setup, tmp_path, capsys, override, expected):
     import torch.distributed as dist
 
     out_dir = tmp_path / "run"
-    code = _run_main(["--config", str(tiny_setup["config"]), "--set", f"output_dir={out_dir}", "--set", override])
+    code = _run_main(["--config", str(tiny_train_setup["config"]), "--set", f"output_dir={out_dir}", "--set", override])
     err = capsys.readouterr().err
     assert code == 2, err
     assert expected in err, err
@@ -129,12 +101,12 @@ def test_bad_config_fails_before_any_process_group(tiny_setup, tmp_path, capsys,
     assert not out_dir.exists()
 
 
-def test_ds_config_auto_values_filled_and_conflicts_named(tiny_setup, tmp_path):
+def test_ds_config_auto_values_filled_and_conflicts_named(tiny_train_setup, tmp_path):
     from pipeline.config import ConfigError, load_config
     from pipeline.config.train import TrainConfig
     from pipeline.train.ds_config import fill_ds_config
 
-    cfg = load_config(TrainConfig, tiny_setup["config"], ["optim.grad_accum=3", "model.dtype=bf16"])
+    cfg = load_config(TrainConfig, tiny_train_setup["config"], ["optim.grad_accum=3", "model.dtype=bf16"])
     ds = fill_ds_config(ZERO3, cfg, world_size=4)
     assert ds["train_batch_size"] == 2 * 3 * 4
     assert ds["gradient_accumulation_steps"] == 3 and ds["bf16"]["enabled"] is True
@@ -151,12 +123,12 @@ def test_ds_config_auto_values_filled_and_conflicts_named(tiny_setup, tmp_path):
 
 
 @pytest.mark.slow
-def test_zero3_two_ranks_nf4_learns_and_adapter_reproduces_eval_loss(tiny_setup, tmp_path):
+def test_zero3_two_ranks_nf4_learns_and_adapter_reproduces_eval_loss(tiny_train_setup, tmp_path):
     """The README's main entry: `deepspeed launch/train.py --deepspeed ds_configs/zero3.json --config ...`."""
     run = tmp_path / "run"
     deepspeed = Path(sys.executable).parent / "deepspeed"
     cmd = [str(deepspeed), "--num_gpus", "2", str(TRAIN), "--deepspeed", str(ZERO3),
-           "--config", str(tiny_setup["config"]), "--set", f"output_dir={run}", "--set", "model.dtype=bf16",
+           "--config", str(tiny_train_setup["config"]), "--set", f"output_dir={run}", "--set", "model.dtype=bf16",
            "--set", "optim.max_steps=12", "--set", "eval.max_batches=null"]
     proc = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
@@ -179,9 +151,9 @@ def test_zero3_two_ranks_nf4_learns_and_adapter_reproduces_eval_loss(tiny_setup,
     from pipeline.more import load_adapter
     from pipeline.train.evaluation import eval_loss
 
-    base = load_base_model(str(tiny_setup["base"]), "nf4", "bf16")
+    base = load_base_model(str(tiny_train_setup["base"]), "nf4", "bf16")
     model = load_adapter(base, run / "adapter").eval()
-    ds = PackedDataset(tiny_setup["data"], "eval")
+    ds = PackedDataset(tiny_train_setup["data"], "eval")
     collate = PackedCollator(dtype=torch.bfloat16)
     batches = (collate([ds[i] for i in range(j, min(j + 2, len(ds)))]) for j in range(0, len(ds), 2))
     result = eval_loss(model, batches, len(ds.task_names), ds.task_names, torch.device("cpu"))
@@ -190,21 +162,21 @@ def test_zero3_two_ranks_nf4_learns_and_adapter_reproduces_eval_loss(tiny_setup,
 
 
 @pytest.fixture(scope="module")
-def uninterrupted_run(tiny_setup):
+def uninterrupted_run(tiny_train_setup):
     """2 ranks (srun-style), fp32, 6 steps: the reference that resume and 1-process runs must reproduce."""
-    run = tiny_setup["root"] / "uninterrupted"
+    run = tiny_train_setup["root"] / "uninterrupted"
     run.mkdir()
-    procs = spawn_ranks(2, ["--config", str(tiny_setup["config"]), "--set", f"output_dir={run}"], run)
+    procs = spawn_ranks(2, ["--config", str(tiny_train_setup["config"]), "--set", f"output_dir={run}"], run)
     codes = wait_all(procs)
     assert codes == [0, 0], _logs(run)
     return run
 
 
 @pytest.mark.slow
-def test_sigterm_checkpoint_and_resume_reproduce_uninterrupted_losses(tiny_setup, uninterrupted_run, tmp_path):
+def test_sigterm_checkpoint_and_resume_reproduce_uninterrupted_losses(tiny_train_setup, uninterrupted_run, tmp_path):
     run = tmp_path / "preempted"
     run.mkdir()
-    args = ["--config", str(tiny_setup["config"]), "--set", f"output_dir={run}"]
+    args = ["--config", str(tiny_train_setup["config"]), "--set", f"output_dir={run}"]
     procs = spawn_ranks(2, args, run)
     deadline = time.time() + 600
     while time.time() < deadline and not (run / "metrics.jsonl").is_file():
@@ -228,10 +200,10 @@ def test_sigterm_checkpoint_and_resume_reproduce_uninterrupted_losses(tiny_setup
 
 
 @pytest.mark.slow
-def test_one_process_with_accumulation_matches_two_ranks(tiny_setup, uninterrupted_run, tmp_path):
+def test_one_process_with_accumulation_matches_two_ranks(tiny_train_setup, uninterrupted_run, tmp_path):
     """Same global batch (2 ranks x 2 rows vs 1 process x 2 micro-batches of 2 rows): same losses."""
     run = tmp_path / "single"
-    proc = subprocess.run([sys.executable, str(TRAIN), "--config", str(tiny_setup["config"]),
+    proc = subprocess.run([sys.executable, str(TRAIN), "--config", str(tiny_train_setup["config"]),
                            "--set", f"output_dir={run}", "--set", "optim.grad_accum=2"],
                           env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -240,3 +212,18 @@ def test_one_process_with_accumulation_matches_two_ranks(tiny_setup, uninterrupt
     for step in range(1, 7):
         # fp32; the two layouts reduce gradients in a different order, so allow float rounding.
         assert single[step] == pytest.approx(reference[step], rel=1e-4), (step, single, reference)
+
+
+@pytest.mark.slow
+def test_failed_rank_ends_every_rank_with_an_error_not_a_hang(tiny_train_setup, tmp_path, monkeypatch):
+    run = tmp_path / "failing"
+    run.mkdir()
+    monkeypatch.setenv("PIPELINE_FAIL_AT", "1:2")
+    procs = spawn_ranks(2, ["--config", str(tiny_train_setup["config"]), "--set", f"output_dir={run}",
+                            "--set", "dist_timeout_s=60"], run)
+    t0 = time.time()
+    codes = wait_all(procs, timeout=400)
+    assert all(c != 0 for c in codes), (codes, _logs(run))
+    assert "injected failure on rank 1 at step 2" in (run / "rank1.log").read_text()
+    assert time.time() - t0 < 300
+    assert not (run / "adapter").exists()

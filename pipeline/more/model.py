@@ -140,8 +140,17 @@ class MoreCausalLM(nn.Module):
         return self.base_model.config
 
     def gradient_checkpointing_enable(self, use_reentrant: bool = True):
-        """Reentrant checkpointing (what QLoRA needs); inputs must require grad so the layers' outputs do."""
-        self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+        """Inputs must require grad so checkpointed layers' outputs do.
+
+        Under ZeRO-3 use `use_reentrant=False`: with reentrant checkpointing each recomputed layer runs its own
+        backward, so a parameter read in two places (the shared task table, an embedding also used by the
+        contrastive loss) fires ZeRO-3's reduce hook twice and DeepSpeed asserts.
+        """
+        kwargs = {"use_reentrant": use_reentrant}
+        if hasattr(self.base_model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            self.base_model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         self.base_model.enable_input_require_grads()
 
     # ------------------------------------------------------------------ task context

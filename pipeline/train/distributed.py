@@ -7,11 +7,16 @@ from __future__ import annotations
 
 import os
 import socket
+import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+
+# DeepSpeed 0.19 still calls the old torch.distributed names; the warning repeats every step and says nothing to users.
+warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
 
 
 @dataclass(frozen=True)

@@ -117,6 +117,7 @@ class Trainer:
 
     # --- one optimizer step -------------------------------------------------------------------------------------
     def train_step(self) -> dict[str, float]:
+        _injected_fault(self.dist.rank, self.step + 1)
         micro_batches = [self.data.next_train_batch() for _ in range(self.cfg.optim.grad_accum)]
         dev = self.dist.device
         counts = torch.tensor([float(sum(_supervised(b) for b in micro_batches)),
@@ -243,6 +244,14 @@ def _supervised(batch: dict[str, torch.Tensor]) -> int:
     from pipeline.train.loss import supervised_targets
 
     return int((supervised_targets(batch["labels"], batch["position_ids"]) != -100).sum())
+
+
+def _injected_fault(rank: int, step: int) -> None:
+    """`PIPELINE_FAIL_AT=RANK:STEP` makes that rank raise at that step: how the tests check a failed rank ends the
+    whole job instead of hanging its peers in a collective."""
+    spec = os.environ.get("PIPELINE_FAIL_AT")
+    if spec and spec == f"{rank}:{step}":
+        raise RuntimeError(f"injected failure on rank {rank} at step {step} (PIPELINE_FAIL_AT)")
 
 
 def _contrastive_samples(batch: dict[str, torch.Tensor]) -> int:
