@@ -227,3 +227,16 @@ def test_failed_rank_ends_every_rank_with_an_error_not_a_hang(tiny_train_setup, 
     assert "injected failure on rank 1 at step 2" in (run / "rank1.log").read_text()
     assert time.time() - t0 < 300
     assert not (run / "adapter").exists()
+
+
+def test_preflight_refuses_a_run_that_does_not_fit(tiny_train_setup):
+    from pipeline.config import ConfigError, load_config
+    from pipeline.config.train import TrainConfig
+    from pipeline.train.preflight import check_fits
+
+    cfg = load_config(TrainConfig, tiny_train_setup["config"])
+    assert check_fits(cfg, str(ZERO3), 5, nodes=1, gpus_per_node=1, gpu_mem_gb=80).fits  # the tiny model fits
+    big = cfg.model_copy(update={"model": cfg.model.model_copy(update={"path": "llama-2-70b"})})
+    with pytest.raises(ConfigError, match="will not fit") as err:
+        check_fits(big, str(ZERO3), 5, nodes=1, gpus_per_node=1, gpu_mem_gb=24)
+    assert "GiB" in str(err.value)

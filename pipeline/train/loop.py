@@ -25,6 +25,7 @@ from pipeline.train.distributed import DistInfo, all_reduce_sum, any_rank, init_
 from pipeline.train.ds_config import fill_ds_config
 from pipeline.train.loss import lm_loss_sums
 from pipeline.train.monitor import Monitor
+from pipeline.train.preflight import preflight
 from pipeline.train.schedule import make_scheduler
 
 EXIT_REQUEUE = 75  # EX_TEMPFAIL: preempted after a checkpoint; the SLURM script requeues on it
@@ -271,6 +272,7 @@ def _peak_memory_gb(device: torch.device) -> dict[str, float]:
 def train(cfg: TrainConfig, ds_config: str, local_rank: Optional[int] = None) -> int:
     """Validate, start the process group, train. Returns the process exit code."""
     task_names = validate(cfg, ds_config)
+    preflight(cfg, ds_config, len(task_names))
     dist_info = init_distributed(cfg.dist_timeout_s, local_rank)
     trainer = Trainer(cfg, ds_config, task_names, dist_info)
     code = trainer.run()
