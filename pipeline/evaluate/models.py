@@ -1,0 +1,261 @@
+"""What evaluation runs: "a model that scores a task", over four sources.
+
+- `HFModel(path)`: one plain transformers folder for every task (the untrained base row, or a single checkpoint).
+- `MergedModels(root)`: `root/<task>/` per task, as `pipeline.export.merge` writes them; one loaded at a time.
+- `AdapterModel(base, adapter)`: the base (loaded as it was trained: NF4 or not, per more_config.json) + the MoRE
+  adapter, each prompt run with the task's id; `routing=True` first routes each prompt zero-shot
+  (`pipeline.more.routing.route`, no task id given) and runs it with the routed task.
+
+Every model loads lazily (`use_task`) and frees itself (`close`), so the runner holds one model at a time.
+The scoring functions call `logits` / `generate` with, per row, the adapter task that runs it (`assign`).
+"""
+from __future__ import annotations
+
+import gc
+import json
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from pipeline.evaluate.errors import EvalError
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _free():
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _check_hf_folder(path: Path, what: str) -> None:
+    if not (path / "config.json").is_file():
+        raise EvalError(f"{what}: {path} is not a model folder (no config.json)")
+
+
+def _hf_generate(model, ids, mask, max_new_tokens, pad_id, eos_id, **kw) -> torch.Tensor:
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                         num_beams=1, pad_token_id=pad_id, eos_token_id=eos_id, **kw)
+    return out[:, ids.shape[1]:].cpu()
+
+
+class EvalModel:
+    """Interface the runner uses. Subclasses set `kind` and implement loading and the two forward calls."""
+
+    kind = "model"
+    routes = False  # True when `assign` predicts the task (zero-shot routing) instead of using the given one
+
+    def identity(self) -> dict:
+        raise NotImplementedError
+
+    def use_task(self, task: str) -> dict:
+        """Make `task` runnable (load what it needs); returns the identity of what scores it."""
+        return self.identity()
+
+    def assign(self, task: str, prompts: Sequence[list[int]], batch_size: int = 16, pad_id: int = 0) -> list[str]:
+        """The adapter task each prompt runs with (the evaluated task itself unless the model routes)."""
+        return [task] * len(prompts)
+
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, tasks: Sequence[str]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def generate(self, input_ids, attention_mask, tasks: Sequence[str], max_new_tokens: int, pad_id: int,
+                 eos_id: Optional[int]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release the weights (the runner calls this before loading the next model)."""
+
+
+class HFModel(EvalModel):
+    """A plain transformers causal LM folder, used for every task."""
+
+    kind = "hf"
+
+    def __init__(self, path, device: Optional[str] = None, dtype: str = "auto", label: str = "model"):
+        self.path = Path(path)
+        _check_hf_folder(self.path, label)
+        self.device = device or default_device()
+        self.dtype = dtype
+        self._model = None
+
+    def identity(self) -> dict:
+        cfg = json.loads((self.path / "config.json").read_text())
+        return dict(kind=self.kind, path=str(self.path), model_type=cfg.get("model_type"),
+                    dtype=self.dtype if self.dtype != "auto" else cfg.get("dtype", cfg.get("torch_dtype")))
+
+    @property
+    def model(self):
+        if self._model is None:
+            from transformers import AutoModelForCausalLM
+            dt = "auto" if self.dtype == "auto" else _DTYPES[self.dtype]
+            self._model = AutoModelForCausalLM.from_pretrained(str(self.path), dtype=dt).to(self.device).eval()
+        return self._model
+
+    def use_task(self, task: str) -> dict:
+        self.model  # noqa: B018 - load now, so the task's wall time does not hide a load error later
+        return self.identity()
+
+    def logits(self, input_ids, attention_mask, tasks):
+        d = self.device
+        return self.model(input_ids=input_ids.to(d), attention_mask=attention_mask.to(d), use_cache=False).logits
+
+    def generate(self, input_ids, attention_mask, tasks, max_new_tokens, pad_id, eos_id):
+        return _hf_generate(self.model, input_ids.to(self.device), attention_mask.to(self.device), max_new_tokens,
+                            pad_id, eos_id)
+
+    def close(self) -> None:
+        self._model = None
+        _free()
+
+
+class MergedModels(EvalModel):
+    """`root/<task>/` holds the merged checkpoint of each task; the current task's one is loaded."""
+
+    kind = "merged"
+
+    def __init__(self, root, device: Optional[str] = None, dtype: str = "auto"):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise EvalError(f"--model: folder not found: {self.root}")
+        self.device, self.dtype = device or default_device(), dtype
+        self._task: Optional[str] = None
+        self._current: Optional[HFModel] = None
+
+    def available(self) -> list[str]:
+        return sorted(p.name for p in self.root.iterdir() if (p / "config.json").is_file())
+
+    def folder(self, task: str) -> Path:
+        path = self.root / task
+        if not (path / "config.json").is_file():
+            raise EvalError(f"no merged model for task {task!r}: {path} is missing or has no config.json "
+                            f"(merged tasks in {self.root}: {', '.join(self.available()) or 'none'})")
+        return path
+
+    def identity(self) -> dict:
+        return dict(kind=self.kind, root=str(self.root), tasks=self.available())
+
+    def use_task(self, task: str) -> dict:
+        if task != self._task:
+            self.close()
+            self._current = HFModel(self.folder(task), self.device, self.dtype)
+            self._task = task
+        return dict(self._current.use_task(task), kind=self.kind)
+
+    def _model(self) -> HFModel:
+        if self._current is None:
+            raise RuntimeError("MergedModels: call use_task(task) first")
+        return self._current
+
+    def logits(self, input_ids, attention_mask, tasks):
+        return self._model().logits(input_ids, attention_mask, tasks)
+
+    def generate(self, *args, **kw):
+        return self._model().generate(*args, **kw)
+
+    def close(self) -> None:
+        if self._current is not None:
+            self._current.close()
+        self._current, self._task = None, None
+
+
+class AdapterModel(EvalModel):
+    """Base + MoRE adapter. Each prompt runs with one task's adapter (given, or routed when `routing`)."""
+
+    kind = "adapter"
+
+    def __init__(self, base, adapter_dir, device: Optional[str] = None, dtype: Optional[str] = None,
+                 routing: bool = False, routing_rank: Optional[int] = None):
+        self.base, self.adapter_dir = Path(base), Path(adapter_dir)
+        _check_hf_folder(self.base, "--base")
+        cfg_file = self.adapter_dir / "more_config.json"
+        if not cfg_file.is_file():
+            raise EvalError(f"--adapter: {self.adapter_dir} is not a MoRE adapter folder (no more_config.json)")
+        self.meta = json.loads(cfg_file.read_text())
+        self.task_names: list[str] = list(self.meta["task_names"])
+        self.device = device or default_device()
+        self.dtype = dtype or self.meta["base_model"].get("dtype", "fp32")
+        self.quantization = "nf4" if self.meta["base_model"].get("quantized_nf4") else "none"
+        self.routes, self.routing_rank = routing, routing_rank
+        self.kind = "adapter+routing" if routing else "adapter"
+        self._model = None
+
+    def identity(self) -> dict:
+        return dict(kind=self.kind, base=str(self.base), adapter=str(self.adapter_dir), dtype=self.dtype,
+                    quantization=self.quantization, adapter_tasks=self.task_names)
+
+    @property
+    def model(self):
+        if self._model is None:
+            from pipeline.models import load_base_model
+            from pipeline.more import load_adapter
+            base = load_base_model(str(self.base), self.quantization, self.dtype)
+            if self.quantization != "nf4":
+                base = base.to(self.device)
+            self._model = load_adapter(base, self.adapter_dir, freeze_selection=True).eval()
+        return self._model
+
+    def task_id(self, task: str) -> int:
+        if task not in self.task_names:
+            raise EvalError(f"task {task!r} is not in the adapter {self.adapter_dir} "
+                            f"(its tasks: {', '.join(self.task_names)}); use --routing to route it zero-shot")
+        return self.task_names.index(task)
+
+    def use_task(self, task: str) -> dict:
+        if not self.routes:
+            self.task_id(task)
+        self.model  # noqa: B018
+        return self.identity()
+
+    def _device(self):
+        return next(self.model.parameters()).device
+
+    def assign(self, task, prompts, batch_size=16, pad_id=0):
+        if not self.routes:
+            return [task] * len(prompts)
+        from pipeline.more.routing import route
+        from pipeline.evaluate.scoring import pad_batch
+        names: list[str] = []
+        d = self._device()
+        for i in range(0, len(prompts), batch_size):
+            ids, mask = pad_batch([list(p) for p in prompts[i:i + batch_size]], pad_id, left=False)
+            pred = route(self.model, ids.to(d), mask.to(d), default_rank=self.routing_rank)
+            names += [self.task_names[int(p)] if int(p) >= 0 else self.task_names[0] for p in pred.tolist()]
+        return names
+
+    def logits(self, input_ids, attention_mask, tasks):
+        d = self._device()
+        ids, mask = input_ids.to(d), attention_mask.to(d)
+        if len(set(tasks)) == 1:  # an int task id: every token runs that task (forward resets task_context)
+            return self.model(input_ids=ids, attention_mask=mask, task_ids=self.task_id(tasks[0])).logits
+        per_row = torch.tensor([self.task_id(t) for t in tasks], device=d)  # a mixed-task batch, one pass
+        return self.model(input_ids=ids, attention_mask=mask, task_ids=per_row[:, None].expand_as(ids)).logits
+
+    def generate(self, input_ids, attention_mask, tasks, max_new_tokens, pad_id, eos_id):
+        d = self._device()
+        out = torch.full((len(tasks), max_new_tokens), pad_id if eos_id is None else eos_id, dtype=torch.long)
+        for t in dict.fromkeys(tasks):  # rows of one task generate together (the task context is per call)
+            rows = [i for i, x in enumerate(tasks) if x == t]
+            new = self.model.generate(input_ids=input_ids[rows].to(d), attention_mask=attention_mask[rows].to(d),
+                                      max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                                      pad_token_id=pad_id, eos_token_id=eos_id, task=self.task_id(t))
+            new = new[:, input_ids.shape[1]:].cpu()
+            out[rows, :new.shape[1]] = new
+        return out
+
+    def close(self) -> None:
+        self._model = None
+        _free()
+
+
+def open_model(path, device: Optional[str] = None, dtype: str = "auto") -> EvalModel:
+    """`path` with a config.json: one model for every task; otherwise a folder of per-task merged models."""
+    p = Path(path)
+    if not p.exists():
+        raise EvalError(f"--model: folder not found: {p}")
+    return HFModel(p, device, dtype) if (p / "config.json").is_file() else MergedModels(p, device, dtype)
