@@ -13,11 +13,12 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Dict, Iterator, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
 
+from pipeline.export.shards import DEFAULT_MAX_SHARD, ShardWriter, parse_size
 from pipeline.more.io import read_adapter
 from pipeline.more.layer import base_weight_fp32, is_linear4bit
 from pipeline.more.selector import column_scale
@@ -25,7 +26,7 @@ from pipeline.more.selector import column_scale
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
 _TOKENIZER_FILES = ["tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-                    "generation_config.json", "chat_template.jinja"]
+                    "added_tokens.json", "vocab.json", "merges.txt", "generation_config.json", "chat_template.jinja"]
 
 
 class AdapterDeltas:
@@ -85,35 +86,47 @@ def iter_merged_tensors(base_model: nn.Module, deltas: AdapterDeltas, task: str,
         raise ValueError(f"adapter targets not found in the base model: {sorted(missing)[:3]}")
 
 
-def write_hf_folder(base_model: nn.Module, tensors: Iterator[Tuple[str, torch.Tensor]], out_dir, dtype: torch.dtype,
-                    copy_from: Optional[str] = None) -> Path:
-    from safetensors.torch import save_file
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    state: Dict[str, torch.Tensor] = {}
-    ptrs = {}
-    for name, t in tensors:
-        # tied weights (e.g. tie_word_embeddings): keep one copy as save_pretrained does
-        key = (t.data_ptr(), tuple(t.shape)) if t.numel() else None
-        if key in ptrs:
-            continue
-        if key is not None:
-            ptrs[key] = name
-        state[name] = t
-    cfg = base_model.config.to_dict()
+def write_config(config, out_dir, dtype: torch.dtype) -> None:
+    """config.json of a plain (unquantized) model in `dtype`."""
+    cfg = config.to_dict()
     cfg.pop("quantization_config", None)
     cfg.pop("_pre_quantization_dtype", None)
     cfg["dtype"] = str(dtype).replace("torch.", "")
-    tied = getattr(base_model.config, "tie_word_embeddings", False)
-    if tied:
-        state.pop("lm_head.weight", None)
-    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str))
-    if copy_from and Path(copy_from).is_dir():
-        for f in _TOKENIZER_FILES:
-            if (Path(copy_from) / f).is_file():
-                shutil.copy(Path(copy_from) / f, out / f)
+    (Path(out_dir) / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str))
+
+
+def copy_tokenizer(src, out_dir) -> List[str]:
+    """Copy the tokenizer / generation files that exist in folder `src`; returns the names copied."""
+    src = Path(src) if src else None
+    if src is None or not src.is_dir():
+        return []
+    copied = [f for f in _TOKENIZER_FILES if (src / f).is_file()]
+    for f in copied:
+        shutil.copy(src / f, Path(out_dir) / f)
+    return copied
+
+
+def tied_copies(model: nn.Module) -> set:
+    """State-dict keys save_pretrained drops because they are tied to another tensor (e.g. lm_head.weight)."""
+    keys = set((getattr(model, "all_tied_weights_keys", None) or {}).keys())
+    if getattr(model.config, "tie_word_embeddings", False):
+        keys.add("lm_head.weight")
+    return keys
+
+
+def write_hf_folder(base_model: nn.Module, tensors: Iterator[Tuple[str, torch.Tensor]], out_dir, dtype: torch.dtype,
+                    copy_from: Optional[str] = None, max_shard_size=DEFAULT_MAX_SHARD) -> Path:
+    """Write tensors as an HF folder (shards above `max_shard_size`); tied copies are left out, as save_pretrained
+    does (by name: pointer identity is unreliable once flushed shards free their memory)."""
+    out = Path(out_dir)
+    writer = ShardWriter(out, parse_size(max_shard_size))
+    drop = tied_copies(base_model)
+    for name, t in tensors:
+        if name not in drop:
+            writer.add(name, t)
+    writer.close()
+    write_config(base_model.config, out, dtype)
+    copy_tokenizer(copy_from, out)
     return out
 
 

@@ -1,0 +1,169 @@
+"""After-merge check: the exported model (plain transformers, or base + peft) must give the adapter model's logits.
+
+The reference is the adapter model itself: the base loaded as the merge target describes (`base_spec`) plus
+`load_adapter(..., freeze_selection=True)` with the task id, so a wrong rank, a missed layer, a wrong scale or a
+corrupted tensor shows up as a logit error. Inputs are a few prepared eval samples of the task (prep output) or,
+without data, random token prompts.
+
+Tolerance (`tolerance`): max |logit error| <= rel * max(1, max |reference logit|), with rel set by the lowest
+precision on either side (output dtype, reference compute dtype):
+- fp32 on both sides: rel 1e-5. The two sides compute x (W + BA) vs x W + (x A) B: the same maths in another
+  summation order, so only fp32 round-off (unit 6e-8, grown over a few thousand-term dot products and the
+  layers) separates them: ~1e-6 relative measured; a wrong rank or a corrupted tensor is orders above 1e-5.
+- fp16 anywhere: rel 1e-2; bf16 anywhere: rel 3e-2. Each 16-bit matmul input/output and the merged weight itself
+  is rounded (unit 4.9e-4 fp16, 3.9e-3 bf16); the roundings differ between the two sides and grow through the
+  residual stream, measured up to ~1% of the logit range for bf16 on random tiny Llamas. The bound still catches
+  a missing rank component or a corrupted tensor (tests/test_merge_cli.py corrupts one and expects failure).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+REL_TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 3e-2}
+_ORDER = [torch.float32, torch.float16, torch.bfloat16]  # increasing round-off
+
+
+class CheckError(RuntimeError):
+    """The exported model does not reproduce the adapter model (message names the task and the error)."""
+
+
+class SampleError(ValueError):
+    """The --check-samples data cannot provide prompts for a task (missing split/task, other tokenizer)."""
+
+
+@dataclass
+class BaseSpec:
+    """How to load the base for a reference / a PEFT check: `quantization` none|nf4 and the load dtype."""
+    quantization: str
+    dtype: str
+
+    def load(self, base_dir):
+        from pipeline.models.loading import load_base_model
+        return load_base_model(str(base_dir), self.quantization, self.dtype).eval()
+
+
+def base_spec(meta: dict, target: str) -> BaseSpec:
+    """The base the adapter model is compared against for a merge `target` (see stream.py)."""
+    bm = meta["base_model"]
+    trained = BaseSpec("nf4" if bm.get("quantized_nf4") else "none", bm.get("dtype", "fp32"))
+    if target == "trained":
+        return trained
+    if target == "nf4":
+        return BaseSpec("nf4", trained.dtype)
+    if target == "original":
+        return BaseSpec("none", "fp32")
+    raise ValueError(f"unknown target {target!r}")
+
+
+def tolerance(out_dtype: torch.dtype, ref_dtype: torch.dtype) -> Tuple[float, str]:
+    """(rel, rule text) for comparing a model in `out_dtype` with a reference computed in `ref_dtype`."""
+    worst = max(out_dtype, ref_dtype, key=_ORDER.index)
+    rel = REL_TOL[worst]
+    short = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[worst]
+    return rel, f"max|err| <= {rel:g} * max(1, max|ref logit|) ({short} round-off)"
+
+
+def random_prompts(vocab_size: int, n: int = 4, length: int = 32, seed: int = 0) -> List[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    low = 3 if vocab_size > 8 else 0  # skip pad/bos/eos ids of the usual layouts
+    return list(torch.randint(low, vocab_size, (n, length), generator=g))
+
+
+def sample_prompts(data_dir, task: str, vocab_size: int, n: int = 4, max_len: int = 64) -> List[torch.Tensor]:
+    """Up to `n` whole eval samples (prompt + answer tokens) of `task` from a prep output's eval split."""
+    from pipeline.data.loader import PackedDataset
+
+    try:
+        ds = PackedDataset(data_dir, "eval")
+    except FileNotFoundError as e:
+        raise SampleError(f"--check-samples: {e}") from None
+    tasks = ds.manifest["tasks"]
+    if task not in tasks:
+        raise SampleError(f"--check-samples: task {task!r} is not in {data_dir} (tasks: {sorted(tasks)})")
+    tid = int(tasks[task]["id"])
+    out: List[torch.Tensor] = []
+    for i in range(len(ds)):
+        row = ds[i]
+        start = 0
+        for length in row["seq_lens"].tolist():
+            if int(row["task_ids"][start]) == tid:
+                out.append(row["input_ids"][start:start + min(length, max_len)].clone())
+                if len(out) == n:
+                    break
+            start += length
+        if len(out) == n:
+            break
+    if not out:
+        raise SampleError(f"--check-samples: no eval samples of task {task!r} in {data_dir}")
+    top = max(int(p.max()) for p in out)
+    if top >= vocab_size:
+        raise SampleError(f"--check-samples: token id {top} >= the model's vocab size {vocab_size}: {data_dir} was "
+                         f"prepared with another tokenizer")
+    return out
+
+
+@torch.no_grad()
+def logits(model, prompts: List[torch.Tensor], task: Optional[int] = None) -> List[torch.Tensor]:
+    """fp32 logits per prompt; equal-length prompts run as one batch. `task` = MoRE task id (adapter model)."""
+    kw = {} if task is None else {"task_ids": int(task)}
+    if len({len(p) for p in prompts}) == 1:
+        return list(model(input_ids=torch.stack(prompts), **kw).logits.float())
+    return [model(input_ids=p[None], **kw).logits.float()[0] for p in prompts]
+
+
+def reference_logits(base_dir, adapter_dir, spec: BaseSpec, task_prompts: Dict[str, List[torch.Tensor]],
+                     task_names: List[str]) -> Dict[str, List[torch.Tensor]]:
+    """The adapter model's logits for each task's prompts (one model load for all tasks)."""
+    from pipeline.more.io import load_adapter
+
+    model = load_adapter(spec.load(base_dir), adapter_dir, freeze_selection=True).eval()
+    out = {t: logits(model, p, task_names.index(t)) for t, p in task_prompts.items()}
+    del model
+    return out
+
+
+def max_abs_err(got: List[torch.Tensor], ref: List[torch.Tensor]) -> float:
+    return max(float((g - r).abs().max()) for g, r in zip(got, ref))
+
+
+@dataclass
+class CheckResult:
+    task: str
+    tolerance: float
+    rule: str
+    max_abs_err: float
+    ref_max_abs_logit: float
+    passed: bool
+    vs_trained_max_abs_err: Optional[float] = None  # target original/nf4: error against the adapter as trained
+
+    def as_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None and k != "task"}
+
+
+def judge(task: str, got: List[torch.Tensor], ref: List[torch.Tensor], out_dtype: torch.dtype,
+          ref_dtype: torch.dtype) -> CheckResult:
+    rel, rule = tolerance(out_dtype, ref_dtype)
+    scale = max(float(r.abs().max()) for r in ref)
+    err = max_abs_err(got, ref)
+    tol = rel * max(1.0, scale)
+    return CheckResult(task, tol, rule, err, scale, bool(err <= tol))  # NaN fails
+
+
+def load_merged(folder) -> torch.nn.Module:
+    """The merged folder through plain transformers, in its saved dtype."""
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(str(folder), dtype="auto").eval()
+
+
+def load_peft(base_dir, folder, spec: BaseSpec) -> torch.nn.Module:
+    """The exported PEFT adapter on the base (loaded per `spec`) through plain peft."""
+    from peft import PeftModel
+    return PeftModel.from_pretrained(spec.load(base_dir), str(folder)).eval()
+
+
+def describe_prompts(prompts: Dict[str, List[torch.Tensor]], source: str) -> dict:
+    return {"source": source, "per_task": {t: len(p) for t, p in prompts.items()},
+            "tokens": {t: [len(x) for x in p] for t, p in prompts.items()}}

@@ -1,0 +1,230 @@
+"""The merge stage behind `launch/merge.py`: per task, write (streaming merge or PEFT export) into a temp folder,
+check it against the adapter model, then rename it into place; record everything in `<out>/merge_report.json`.
+
+Inputs are validated before anything is written, so bad input leaves no output folder. A task whose check fails
+raises `CheckError` after its numbers went into the report; its temp folder is removed and nothing is renamed
+into `<out>/<task>` (a previous good result there stays).
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+
+from pipeline.export.check import (CheckError, CheckResult, SampleError, base_spec, describe_prompts, judge, load_merged,
+                                   load_peft, logits, random_prompts, reference_logits, sample_prompts)
+from pipeline.export.merge import DTYPES, AdapterDeltas, copy_tokenizer
+from pipeline.export.shards import DEFAULT_MAX_SHARD, parse_size
+from pipeline.export.stream import TARGETS, BasePlan, stream_merge
+from pipeline.more.io import ADAPTER_FILE, CONFIG_FILE, RANK_MAP_FILE
+
+REPORT_FILE = "merge_report.json"
+FORMATS = ("full", "peft")
+
+
+class MergeInputError(ValueError):
+    """Bad merge input (adapter folder, task, base, option), named in the message; nothing was written."""
+
+
+@dataclass
+class MergeOptions:
+    adapter: Path
+    out: Path
+    base: Optional[str] = None  # default: the base recorded in more_config.json
+    tasks: Optional[List[str]] = None  # default: all tasks of the adapter
+    dtype: str = "bf16"
+    format: str = "full"
+    target: str = "trained"
+    check_samples: Optional[Path] = None  # prep output dir; None -> random prompts
+    check: bool = True
+    check_n: int = 4
+    max_shard_size: str = DEFAULT_MAX_SHARD
+    log: bool = True
+
+
+def _log(opts: MergeOptions, msg: str) -> None:
+    if opts.log:
+        print(f"[merge] {msg}", file=sys.stderr, flush=True)
+
+
+def resolve_base(base: Optional[str], meta: dict, adapter: Path) -> Path:
+    """A local HF folder: --base, else the base recorded at training (a path, or a hub id already in the cache)."""
+    name = base or meta["base_model"].get("id")
+    if not name:
+        raise MergeInputError(f"{adapter / CONFIG_FILE} records no base model: pass --base")
+    if Path(name).is_dir():
+        return Path(name)
+    try:
+        from huggingface_hub import snapshot_download
+        return Path(snapshot_download(name, local_files_only=True))
+    except Exception:
+        how = "--base" if base else f"the base recorded in {adapter / CONFIG_FILE}"
+        raise MergeInputError(f"base model {name!r} ({how}) is not a local folder nor in the HF cache "
+                              f"(no network here): pass --base PATH") from None
+
+
+def validate(opts: MergeOptions) -> tuple:
+    """(meta, tasks, base_dir) or MergeInputError; reads only small files."""
+    ad = Path(opts.adapter)
+    if not ad.is_dir():
+        raise MergeInputError(f"adapter folder {ad} does not exist")
+    missing = [f for f in (CONFIG_FILE, RANK_MAP_FILE, ADAPTER_FILE) if not (ad / f).is_file()]
+    if missing:
+        raise MergeInputError(f"{ad} is not a MoRE adapter folder: missing {', '.join(missing)}")
+    meta = json.loads((ad / CONFIG_FILE).read_text())
+    known = list(meta["task_names"])
+    tasks = opts.tasks or known
+    unknown = [t for t in tasks if t not in known]
+    if unknown:
+        raise MergeInputError(f"unknown task(s) {unknown}: the adapter has {known}")
+    if len(set(tasks)) != len(tasks):
+        raise MergeInputError(f"--tasks lists a task twice: {tasks}")
+    if opts.dtype not in ("bf16", "fp16", "fp32"):
+        raise MergeInputError(f"--dtype must be bf16, fp16 or fp32, got {opts.dtype!r}")
+    if opts.format not in FORMATS:
+        raise MergeInputError(f"--format must be one of {FORMATS}, got {opts.format!r}")
+    if opts.target not in TARGETS:
+        raise MergeInputError(f"--target must be one of {TARGETS}, got {opts.target!r}")
+    try:
+        parse_size(opts.max_shard_size)
+    except ValueError as e:
+        raise MergeInputError(f"--max-shard-size: {e}") from None
+    if opts.check_samples is not None and not (Path(opts.check_samples) / "manifest.json").is_file():
+        raise MergeInputError(f"--check-samples {opts.check_samples} is not a prep output (no manifest.json)")
+    if Path(opts.out).exists() and not Path(opts.out).is_dir():
+        raise MergeInputError(f"--out {opts.out} exists and is not a folder")
+    base = resolve_base(opts.base, meta, ad)
+    return meta, tasks, base
+
+
+def _prompts(opts: MergeOptions, tasks: List[str], vocab: int) -> tuple:
+    if opts.check_samples is None:
+        p = random_prompts(vocab, n=opts.check_n)
+        return {t: p for t in tasks}, "random token prompts (seed 0)"
+    try:
+        return ({t: sample_prompts(opts.check_samples, t, vocab, n=opts.check_n) for t in tasks},
+                f"{opts.check_samples}/eval")
+    except SampleError as e:
+        raise MergeInputError(str(e)) from None
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """Move `tmp` to `final`; an existing `final` is moved aside first and removed after."""
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_report(out: Path, report: dict) -> None:
+    path = out / REPORT_FILE
+    prev = json.loads(path.read_text()) if path.is_file() else {}
+    tasks = {**prev.get("tasks", {}), **report["tasks"]}
+    report = {**report, "tasks": tasks}
+    tmp = out / f".{REPORT_FILE}.tmp"
+    tmp.write_text(json.dumps(report, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size so far (Linux ru_maxrss is in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_merge(opts: MergeOptions) -> dict:
+    """Merge/export every requested task; returns the report dict. Raises MergeInputError / CheckError."""
+    meta, tasks, base = validate(opts)
+    out = Path(opts.out)
+    out_dt = DTYPES[opts.dtype]
+    spec = base_spec(meta, opts.target)
+    trained = base_spec(meta, "trained")
+    report = dict(adapter=str(opts.adapter), base=str(base), format=opts.format, dtype=opts.dtype,
+                  target=opts.target, base_trained=dict(quantization=trained.quantization, dtype=trained.dtype),
+                  max_shard_size=opts.max_shard_size, check=None, tasks={})
+    refs: Dict[str, list] = {}
+    vs_trained: Dict[str, list] = {}
+    prompts: Dict[str, list] = {}
+    if opts.check:
+        from transformers import AutoConfig
+        vocab = AutoConfig.from_pretrained(str(base)).vocab_size
+        prompts, source = _prompts(opts, tasks, vocab)
+        report["check"] = describe_prompts(prompts, source)
+        t0 = time.perf_counter()
+        _log(opts, f"reference logits: adapter on the base as {spec.quantization}/{spec.dtype}")
+        refs = reference_logits(base, opts.adapter, spec, prompts, meta["task_names"])
+        if spec != trained:  # also measure what the target costs against the adapter as trained
+            vs_trained = reference_logits(base, opts.adapter, trained, prompts, meta["task_names"])
+        report["check"]["reference_seconds"] = round(time.perf_counter() - t0, 3)
+    deltas = AdapterDeltas(opts.adapter)
+    plan = None
+    if opts.format == "full":
+        try:
+            plan = BasePlan(base, deltas, opts.target)
+        except (ValueError, FileNotFoundError, OSError) as e:
+            raise MergeInputError(f"base {base}: {e}") from None
+    out.mkdir(parents=True, exist_ok=True)
+    tok_src = base if any((base / f).is_file() for f in ("tokenizer.json", "tokenizer.model")) else (
+        Path(opts.check_samples) / "tokenizer" if opts.check_samples else None)
+    for task in tasks:
+        entry = dict(format=opts.format, dtype=opts.dtype, target=opts.target)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{task}.tmp-", dir=out))
+        try:
+            t0 = time.perf_counter()
+            if opts.format == "full":
+                st = stream_merge(base, opts.adapter, task, tmp, opts.dtype, opts.target, opts.max_shard_size,
+                                  deltas=deltas, plan=plan, tokenizer_from=tok_src)
+                entry.update(files=st.files, shards=len(st.files), tensors=st.tensors, bytes=st.bytes)
+            else:
+                from pipeline.export.peft_export import export_peft
+                export_peft(opts.adapter, task, tmp, dtype=opts.dtype, base_model_name_or_path=str(base))
+                if tok_src:
+                    copy_tokenizer(tok_src, tmp)
+                entry.update(files=sorted(p.name for p in tmp.iterdir()))
+            entry["merge_seconds"] = round(time.perf_counter() - t0, 3)
+            _log(opts, f"{task}: wrote {opts.format} in {entry['merge_seconds']:.1f}s")
+            if opts.check:
+                t0 = time.perf_counter()
+                res = _check_task(opts, task, tmp, base, spec, prompts[task], refs[task],
+                                  vs_trained.get(task), out_dt)
+                entry["check_seconds"] = round(time.perf_counter() - t0, 3)
+                entry["check"] = res.as_dict()
+                _log(opts, f"{task}: max |logit err| {res.max_abs_err:.3g} (tolerance {res.tolerance:.3g}) "
+                           f"{'ok' if res.passed else 'FAILED'}")
+                if not res.passed:
+                    report["tasks"][task] = entry
+                    _write_report(out, report)
+                    raise CheckError(f"task {task!r}: the {opts.format} export does not reproduce the adapter "
+                                     f"model: max |logit error| {res.max_abs_err:.4g} > tolerance "
+                                     f"{res.tolerance:.4g} ({res.rule}); nothing written to {out / task}")
+            _replace_dir(tmp, out / task)
+            entry["path"] = str(out / task)
+            report["tasks"][task] = entry
+            report["peak_rss_mb"] = round(peak_rss_mb(), 1)
+            _write_report(out, report)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return report
+
+
+def _check_task(opts, task, folder, base, spec, prompts, ref, ref_trained, out_dt) -> CheckResult:
+    """Logits of the written export (no task id: it carries one task) against the adapter model's."""
+    ref_dt = DTYPES[spec.dtype]
+    model = load_merged(folder) if opts.format == "full" else load_peft(base, folder, spec)
+    got = logits(model, prompts)
+    del model
+    res = judge(task, got, ref, out_dt, ref_dt)
+    if ref_trained is not None:
+        res.vs_trained_max_abs_err = max(float((g - r).abs().max()) for g, r in zip(got, ref_trained))
+    return res

@@ -1,0 +1,212 @@
+"""launch/merge.py end to end on tiny Llamas: the after-merge check passes for fp32 and NF4 bases (full and PEFT),
+fails on a corrupted merge, streaming equals the in-memory merge tensor for tensor, shards load in transformers,
+the NF4 round trip equals what the adapter saw, and bad input writes nothing."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from more_fixtures import TASKS, VOCAB, save_tiny_llama
+from pipeline.config.more import MoreConfig
+from pipeline.models.loading import load_base_model
+from pipeline.more.io import save_adapter
+from test_more_io import trained_like
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cli():
+    spec = importlib.util.spec_from_file_location("_launch_merge", ROOT / "launch" / "merge.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def merge_cli(*args) -> int:
+    return _cli().main([str(a) for a in args] + ["--quiet"])
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny") / "base", seed=0)
+
+
+@pytest.fixture(scope="module")
+def adapters(base_dir, tmp_path_factory):
+    """{"fp32": adapter on an fp32 base, "nf4": adapter on an NF4 base with bf16 compute (QLoRA)}."""
+    root = tmp_path_factory.mktemp("adapters")
+    out = {}
+    for name, quant, dt in [("fp32", "none", "fp32"), ("nf4", "nf4", "bf16")]:
+        m = trained_like(cfg=MoreConfig(gate_init="random", rank_scaling="linear"),
+                         base=load_base_model(str(base_dir), quant, dt))
+        out[name] = save_adapter(m, root / name)
+    return out
+
+
+def _report(out: Path) -> dict:
+    return json.loads((out / "merge_report.json").read_text())
+
+
+def _folder_tensors(folder: Path) -> dict:
+    tensors = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        tensors.update(load_file(str(f)))
+    return tensors
+
+
+def test_fp32_base_full_merge_check_passes(tmp_path, base_dir, adapters):
+    out = tmp_path / "merged"
+    assert merge_cli("--adapter", adapters["fp32"], "--out", out, "--base", base_dir, "--dtype", "fp32") == 0
+    rep = _report(out)
+    assert set(rep["tasks"]) == set(TASKS) and rep["dtype"] == "fp32" and rep["target"] == "trained"
+    for task in TASKS:
+        e = rep["tasks"][task]
+        assert e["check"]["passed"] and e["check"]["tolerance"] <= 1e-4
+        assert e["check"]["max_abs_err"] <= e["check"]["tolerance"] and e["shards"] == 1
+        assert (out / task / "model.safetensors").is_file() and (out / task / "config.json").is_file()
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp folders left
+
+
+def test_nf4_base_full_and_original_targets(tmp_path, base_dir, adapters):
+    """NF4/bf16: the trained target passes its stated tolerance; the original target is exact against the adapter
+    on the 16-bit W, and the report measures its distance from the adapter as trained."""
+    out = tmp_path / "merged"
+    assert merge_cli("--adapter", adapters["nf4"], "--out", out, "--base", base_dir, "--tasks", "beta") == 0
+    e = _report(out)["tasks"]["beta"]
+    assert e["check"]["passed"] and 0 < e["check"]["max_abs_err"] <= e["check"]["tolerance"]
+    assert "bf16" in e["check"]["rule"]
+    out_o = tmp_path / "orig"
+    assert merge_cli("--adapter", adapters["nf4"], "--out", out_o, "--base", base_dir, "--tasks", "beta",
+                     "--target", "original", "--dtype", "fp32") == 0
+    o = _report(out_o)["tasks"]["beta"]["check"]
+    assert o["passed"] and o["max_abs_err"] <= 1e-4
+    assert o["vs_trained_max_abs_err"] > e["check"]["max_abs_err"]  # W - dequant(NF4(W)) costs more than bf16
+
+
+def test_peft_export_loads_in_peft(tmp_path, base_dir, adapters):
+    out = tmp_path / "peft"
+    assert merge_cli("--adapter", adapters["nf4"], "--out", out, "--base", base_dir, "--format", "peft",
+                     "--tasks", "alpha,gamma", "--dtype", "fp32") == 0
+    rep = _report(out)
+    assert set(rep["tasks"]) == {"alpha", "gamma"}
+    for task in ("alpha", "gamma"):
+        assert rep["tasks"][task]["check"]["passed"]
+        cfg = json.loads((out / task / "adapter_config.json").read_text())
+        assert cfg["peft_type"] == "LORA" and cfg["rank_pattern"]
+        assert (out / task / "adapter_model.safetensors").is_file()
+
+
+def test_streaming_equals_in_memory_merge_and_shards_load(tmp_path, base_dir, adapters):
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.export import merge_task
+    for name, dtype in [("fp32", "fp32"), ("nf4", "bf16")]:
+        ref = merge_task(str(base_dir), adapters[name], "gamma", tmp_path / f"ref_{name}", dtype=dtype)
+        out = tmp_path / f"stream_{name}"
+        assert merge_cli("--adapter", adapters[name], "--out", out, "--base", base_dir, "--tasks", "gamma",
+                         "--dtype", dtype, "--max-shard-size", "40KB", "--no-check") == 0
+        folder = out / "gamma"
+        index = json.loads((folder / "model.safetensors.index.json").read_text())
+        shards = sorted(folder.glob("model-*-of-*.safetensors"))
+        assert len(shards) > 2 and set(index["weight_map"].values()) == {p.name for p in shards}
+        for p in shards:  # each shard within the limit unless it holds one larger tensor
+            t = load_file(str(p))
+            assert len(t) == 1 or sum(x.numel() * x.element_size() for x in t.values()) <= 40_000
+        got, want = _folder_tensors(folder), _folder_tensors(ref)
+        assert got.keys() == want.keys()
+        for k in want:
+            assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k
+        assert _report(out)["tasks"]["gamma"]["shards"] == len(shards)
+    merged = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)  # the sharded folder loads
+    ids = torch.randint(3, VOCAB, (1, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.isfinite(merged(input_ids=ids).logits).all()
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_nf4_roundtrip_equals_the_loaded_nf4_weights(base_dir, dtype):
+    """The streaming merge's per-tensor quantize/dequantize is bitwise the weight the NF4-loaded model uses, and
+    it picks the same linears transformers quantizes (lm_head stays unquantized)."""
+    from pipeline.export.merge import DTYPES
+    from pipeline.export.stream import _meta_model, nf4_roundtrip, quantized_linears
+    from pipeline.more.layer import base_weight_fp32, is_linear4bit
+
+    model = load_base_model(str(base_dir), "nf4", dtype)
+    loaded = {n: m for n, m in model.named_modules() if is_linear4bit(m)}
+    assert set(loaded) == quantized_linears(_meta_model(model.config)) and "lm_head" not in loaded
+    stored = load_file(str(base_dir / "model.safetensors"))
+    for name, mod in loaded.items():
+        assert torch.equal(nf4_roundtrip(stored[f"{name}.weight"], DTYPES[dtype]), base_weight_fp32(mod)), name
+
+
+@pytest.mark.parametrize("corruption", ["drop_one_delta", "scale_one_tensor"])
+def test_check_fails_on_corrupted_merge(tmp_path, base_dir, adapters, monkeypatch, capsys, corruption):
+    from pipeline.export import stream
+
+    victim = "model.layers.1.mlp.down_proj"
+    real = stream.BasePlan.merged
+
+    def corrupted(self, name, deltas, task, dtype):
+        t = real(self, name, deltas, task, dtype)
+        if name == f"{victim}.weight":
+            if corruption == "drop_one_delta":  # a merge that forgot one layer's delta
+                return (t.float() - deltas.delta(task, victim)).to(dtype)
+            return (t.float() * 1.001).to(dtype)  # a 0.1 % error in one tensor
+        return t
+
+    monkeypatch.setattr(stream.BasePlan, "merged", corrupted)
+    out = tmp_path / "merged"
+    assert merge_cli("--adapter", adapters["fp32"], "--out", out, "--base", base_dir, "--dtype", "fp32",
+                     "--tasks", "alpha") == 1
+    err = capsys.readouterr().err
+    assert "merge check failed" in err and "'alpha'" in err and "tolerance" in err
+    e = _report(out)["tasks"]["alpha"]
+    assert e["check"]["passed"] is False and e["check"]["max_abs_err"] > e["check"]["tolerance"]
+    assert not (out / "alpha").exists() and not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_check_uses_prepared_eval_samples(tmp_path, base_dir, adapters):
+    """--check-samples: whole eval samples of each task from a prep output (only this task's samples)."""
+    import datasets
+
+    data = tmp_path / "prep"
+    rows = {"input_ids": [list(range(3, 23)), list(range(40, 52))], "seq_lens": [[8, 12], [12]],
+            "task_ids": [[1] * 8 + [0] * 12, [1] * 12]}
+    for k in ("labels", "position_ids", "prompt_mask"):
+        rows[k] = [[0] * len(r) for r in rows["input_ids"]]
+    datasets.Dataset.from_dict(rows).save_to_disk(str(data / "eval"))
+    (data / "manifest.json").write_text(json.dumps({"tasks": {"alpha": {"id": 0}, "beta": {"id": 1}},
+                                                   "splits": {"eval": {}}, "tokenizer": {"path": "tokenizer"}}))
+    out = tmp_path / "merged"
+    assert merge_cli("--adapter", adapters["fp32"], "--out", out, "--base", base_dir, "--dtype", "fp32",
+                     "--tasks", "beta", "--check-samples", data) == 0
+    rep = _report(out)
+    assert rep["check"]["tokens"] == {"beta": [8, 12]} and rep["tasks"]["beta"]["check"]["passed"]
+    assert merge_cli("--adapter", adapters["fp32"], "--out", tmp_path / "x", "--base", base_dir,
+                     "--tasks", "gamma", "--check-samples", data) == 2  # task not in the data
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("case", ["missing_adapter", "not_an_adapter", "unknown_task", "missing_base"])
+def test_bad_input_is_a_clear_error_and_writes_nothing(tmp_path, base_dir, adapters, capsys, case):
+    adapter, extra = adapters["fp32"], []
+    if case == "missing_adapter":
+        adapter = tmp_path / "nope"
+    elif case == "not_an_adapter":
+        adapter = tmp_path / "empty"
+        adapter.mkdir()
+    elif case == "unknown_task":
+        extra = ["--tasks", "alpha,zeta"]
+    base = tmp_path / "no_base" if case == "missing_base" else base_dir
+    out = tmp_path / "merged"
+    assert merge_cli("--adapter", adapter, "--out", out, "--base", base, *extra) == 2
+    err = capsys.readouterr().err
+    want = {"missing_adapter": "does not exist", "not_an_adapter": "not a MoRE adapter folder",
+            "unknown_task": "unknown task(s) ['zeta']", "missing_base": "not a local folder"}[case]
+    assert err.startswith("error: ") and want in err
+    assert not out.exists()
