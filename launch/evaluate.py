@@ -1,6 +1,6 @@
-"""Evaluate trained models on each task's eval split and write RUN/eval/results.json + report.md.
+"""Evaluate trained models on each task's eval split and write OUT/results.json + OUT/report.md.
 
-  python launch/evaluate.py --model RUN/merged --config configs/prep/glue.yaml --tasks cola,mrpc --out RUN/eval \
+  python launch/evaluate.py --model RUN/merged --config configs/prep/glue.yaml --tasks cola,mrpc --out RUN/eval \\
       [--max-examples N] [--baseline BASE_DIR]
   python launch/evaluate.py --adapter RUN/adapter --base BASE_DIR [--routing] --data data/built/glue --out RUN/eval
 
@@ -16,10 +16,12 @@ import sys
 from pathlib import Path
 
 from pipeline.config import ConfigError
-from pipeline.evaluate import AdapterModel, EvalError, HFModel, from_config, from_data, open_model, run_evaluation
+from pipeline.evaluate import EvalError
+from pipeline.evaluate.api import evaluate
+from pipeline.evaluate.report import render_report
 
 
-def _parse_splits(items: list[str]) -> dict[str, str]:
+def _splits(items: list[str]) -> dict[str, str]:
     out = {}
     for item in items:
         task, sep, split = item.partition("=")
@@ -27,27 +29,6 @@ def _parse_splits(items: list[str]) -> dict[str, str]:
             raise EvalError(f"--eval-split {item!r}: expected TASK=SPLIT")
         out[task] = split
     return out
-
-
-def _tokenizer(args, taskset):
-    from pipeline.data.errors import PrepError
-    from pipeline.data.tokenizer import load_tokenizer
-
-    if args.tokenizer:
-        path = args.tokenizer
-    elif taskset.tokenizer_path:
-        path = taskset.tokenizer_path
-    else:  # the model folder itself (merged folders carry the base's tokenizer)
-        root = Path(args.base or args.model)
-        cands = [root] + sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else [root]
-        found = [p for p in cands if (p / "tokenizer_config.json").is_file() or (p / "tokenizer.json").is_file()]
-        if not found:
-            raise EvalError(f"no tokenizer found in {root}; pass --tokenizer DIR or --data DIR")
-        path = found[0]
-    try:
-        return load_tokenizer(path)
-    except PrepError as e:
-        raise EvalError(str(e)) from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,42 +47,28 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, help="output folder for results.json and report.md")
     ap.add_argument("--max-examples", type=int, default=None, help="score at most N examples per task (seeded)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the --max-examples subsample")
-    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
     ap.add_argument("--baseline", help="untrained/base model folder: adds the baseline row")
     ap.add_argument("--tokenizer", help="tokenizer folder (default: --data's, else the model's)")
     ap.add_argument("--eval-split", action="append", default=[], metavar="TASK=SPLIT",
                     help="score TASK on SPLIT instead of its configured eval_split (repeatable)")
     ap.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
     ap.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                    help="dtype of --model/--baseline (auto: as saved); adapters use their base's training dtype")
-    ap.add_argument("--no-progress", action="store_true")
+                    help="dtype of --model/--baseline (auto: as saved); an adapter's base defaults to its "
+                         "training dtype")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = ap.parse_args(argv)
     try:
-        if args.adapter and not args.base:
-            raise EvalError("--adapter needs --base (the base model folder it was trained on)")
-        if (args.base or args.routing) and not args.adapter:
-            raise EvalError("--base/--routing go with --adapter")
-        if args.max_examples is not None and args.max_examples <= 0:
-            raise EvalError("--max-examples must be positive")
-        taskset = from_data(args.data) if args.data else from_config(args.config, args.overrides)
-        tasks = taskset.select([t.strip() for t in args.tasks.split(",") if t.strip()])
-        splits = _parse_splits(args.eval_split)
-        tokenizer = _tokenizer(args, taskset)
-        runs = {}
-        if args.baseline:
-            runs["baseline"] = HFModel(args.baseline, args.device, args.dtype, label="--baseline")
-        if args.adapter:
-            runs["trained"] = AdapterModel(args.base, args.adapter, args.device, None if args.dtype == "auto"
-                                           else args.dtype, routing=args.routing)
-        else:
-            runs["trained"] = open_model(args.model, args.device, args.dtype)
-        results = run_evaluation(runs, tasks, taskset, tokenizer, args.out, args.max_examples, args.seed,
-                                 args.batch_size, splits, progress=not args.no_progress)
+        results = evaluate(
+            args.out, model=args.model, adapter=args.adapter, base=args.base, routing=args.routing,
+            config=args.config, data=args.data, overrides=args.overrides,
+            tasks=[t.strip() for t in args.tasks.split(",") if t.strip()], max_examples=args.max_examples,
+            seed=args.seed, batch_size=args.batch_size, baseline=args.baseline, tokenizer=args.tokenizer,
+            eval_splits=_splits(args.eval_split), device=args.device, dtype=args.dtype,
+            progress=not args.no_progress)
     except (EvalError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
-    from pipeline.evaluate.report import render_report
-
     print(render_report(results))
     print(f"wrote {Path(args.out) / 'results.json'} and {Path(args.out) / 'report.md'}")
     return 0

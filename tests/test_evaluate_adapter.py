@@ -101,3 +101,27 @@ def test_task_not_in_adapter_is_named(adapter_setup, tmp_path):
                         REPO / "configs/prep/glue.yaml", "--tokenizer", data / "tokenizer", "--tasks", "rte",
                         "--out", tmp_path / "e", "--max-examples", 2)
     assert code == 2 and "task 'rte' is not in the adapter" in err and "sentiment" in err
+
+
+def test_nf4_adapter(adapter_setup, tmp_path):
+    """An adapter trained on an NF4 base is evaluated on the base loaded as NF4 again (per more_config.json) and
+    reproduces the trained model's logits."""
+    root, data, base, tasks = adapter_setup
+    m = inject(load_base_model(str(base), "nf4", "bf16"), MoreConfig(max_rank=4, gate_init="random"), tasks)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for layer in m.layers.values():
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.5)
+    save_adapter(m.eval(), tmp_path / "nf4_adapter")
+    ids = torch.randint(3, 300, (1, 12), generator=torch.Generator().manual_seed(0))
+    model = AdapterModel(base, tmp_path / "nf4_adapter", device="cpu")
+    with torch.no_grad():
+        want = m(input_ids=ids, task_ids=2).logits
+        got = model.logits(ids, torch.ones_like(ids), [tasks[2]])
+    assert model.identity()["quantization"] == "nf4" and model.identity()["dtype"] == "bf16"
+    torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=1e-3)
+    model.close()
+    code, err = run_cli("--adapter", tmp_path / "nf4_adapter", "--base", base, "--data", data, "--tasks", "sentiment",
+                        "--out", tmp_path / "e", "--max-examples", 4)
+    assert code == 0, err
+    assert results(tmp_path / "e")["runs"]["trained"]["model"]["quantization"] == "nf4"

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import math
 import shutil
-from pathlib import Path
 
 import pytest
 
 from evaluate_fixtures import REPO, one_torch_thread, results, run_cli, tiny_with_tokenizer  # noqa: F401
+from pipeline.evaluate import EvalError, evaluate
 
 GLUE = REPO.parent / "shared" / "data" / "glue"
 CONFIG = REPO / "configs" / "prep" / "glue.yaml"
@@ -91,6 +91,11 @@ def test_clear_errors(glue_run, tmp_path):
     assert code == 2 and "--adapter needs --base" in err
     code, err = run_cli("--model", root / "m", "--config", tmp_path / "missing.yaml", "--out", tmp_path / "e")
     assert code == 2 and "missing.yaml" in err
+    with pytest.raises(EvalError, match="exactly one of a model folder"):
+        evaluate(tmp_path / "e", config=CONFIG)
+    with pytest.raises(EvalError, match="exactly one of a prep config"):
+        evaluate(tmp_path / "e", model=root / "m")
+    assert not (tmp_path / "e").exists()
 
 
 def test_eval_split_override(glue_run, tmp_path):

@@ -21,9 +21,9 @@ class Bigram(EvalModel):
         self.W = W
         self.seen_tasks = []
 
-    def logits(self, input_ids, attention_mask, tasks):
+    def logits(self, input_ids, attention_mask, tasks, position_ids=None, keep=None):
         self.seen_tasks += list(tasks)
-        return self.W[input_ids]
+        return self.W[input_ids][:, -keep:] if keep else self.W[input_ids]
 
 
 def _hand_model():
@@ -74,6 +74,13 @@ def test_batched_scores_equal_one_at_a_time(tiny):
     one = label_logprobs(tiny, prompts, cands, ["t"] * 4, batch_size=1)
     many = label_logprobs(tiny, prompts, cands, ["t"] * 4, batch_size=12)
     torch.testing.assert_close(many, one, rtol=0, atol=1e-4)
+    # and both equal the log-probs read off one unpadded forward of prompt + label
+    p, c = prompts[1], cands[1][2]
+    ids = torch.tensor([p + c])
+    with torch.no_grad():
+        lp = torch.log_softmax(tiny.model(input_ids=ids).logits[0].float(), -1)
+    want = sum(float(lp[len(p) - 1 + j, tok]) for j, tok in enumerate(c))
+    assert float(many[1, 2]) == pytest.approx(want, abs=1e-4)
 
 
 def test_batched_greedy_equals_one_at_a_time(tiny):

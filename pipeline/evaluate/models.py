@@ -61,7 +61,9 @@ class EvalModel:
         """The adapter task each prompt runs with (the evaluated task itself unless the model routes)."""
         return [task] * len(prompts)
 
-    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, tasks: Sequence[str]) -> torch.Tensor:
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, tasks: Sequence[str],
+               position_ids: Optional[torch.Tensor] = None, keep: Optional[int] = None) -> torch.Tensor:
+        """Next-token logits of the last `keep` positions (all when None), (B, keep or L, V)."""
         raise NotImplementedError
 
     def generate(self, input_ids, attention_mask, tasks: Sequence[str], max_new_tokens: int, pad_id: int,
@@ -101,9 +103,11 @@ class HFModel(EvalModel):
         self.model  # noqa: B018 - load now, so the task's wall time does not hide a load error later
         return self.identity()
 
-    def logits(self, input_ids, attention_mask, tasks):
+    def logits(self, input_ids, attention_mask, tasks, position_ids=None, keep=None):
         d = self.device
-        return self.model(input_ids=input_ids.to(d), attention_mask=attention_mask.to(d), use_cache=False).logits
+        pos = position_ids.to(d) if position_ids is not None else None
+        return self.model(input_ids=input_ids.to(d), attention_mask=attention_mask.to(d), position_ids=pos,
+                          use_cache=False, logits_to_keep=keep or 0).logits
 
     def generate(self, input_ids, attention_mask, tasks, max_new_tokens, pad_id, eos_id):
         return _hf_generate(self.model, input_ids.to(self.device), attention_mask.to(self.device), max_new_tokens,
@@ -152,8 +156,8 @@ class MergedModels(EvalModel):
             raise RuntimeError("MergedModels: call use_task(task) first")
         return self._current
 
-    def logits(self, input_ids, attention_mask, tasks):
-        return self._model().logits(input_ids, attention_mask, tasks)
+    def logits(self, *args, **kw):
+        return self._model().logits(*args, **kw)
 
     def generate(self, *args, **kw):
         return self._model().generate(*args, **kw)
@@ -194,7 +198,8 @@ class AdapterModel(EvalModel):
         if self._model is None:
             from pipeline.models import load_base_model
             from pipeline.more import load_adapter
-            base = load_base_model(str(self.base), self.quantization, self.dtype)
+            base = load_base_model(str(self.base), self.quantization, self.dtype,
+                                   device_map=self.device if self.quantization == "nf4" else None)
             if self.quantization != "nf4":
                 base = base.to(self.device)
             self._model = load_adapter(base, self.adapter_dir, freeze_selection=True).eval()
@@ -228,13 +233,16 @@ class AdapterModel(EvalModel):
             names += [self.task_names[int(p)] if int(p) >= 0 else self.task_names[0] for p in pred.tolist()]
         return names
 
-    def logits(self, input_ids, attention_mask, tasks):
+    def logits(self, input_ids, attention_mask, tasks, position_ids=None, keep=None):
         d = self._device()
         ids, mask = input_ids.to(d), attention_mask.to(d)
+        pos = position_ids.to(d) if position_ids is not None else None
         if len(set(tasks)) == 1:  # an int task id: every token runs that task (forward resets task_context)
-            return self.model(input_ids=ids, attention_mask=mask, task_ids=self.task_id(tasks[0])).logits
-        per_row = torch.tensor([self.task_id(t) for t in tasks], device=d)  # a mixed-task batch, one pass
-        return self.model(input_ids=ids, attention_mask=mask, task_ids=per_row[:, None].expand_as(ids)).logits
+            task_ids = self.task_id(tasks[0])
+        else:  # a mixed-task batch, one pass with per-token task ids
+            task_ids = torch.tensor([self.task_id(t) for t in tasks], device=d)[:, None].expand_as(ids)
+        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, task_ids=task_ids).logits
+        return logits[:, -keep:] if keep else logits
 
     def generate(self, input_ids, attention_mask, tasks, max_new_tokens, pad_id, eos_id):
         d = self._device()

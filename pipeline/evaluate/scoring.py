@@ -1,13 +1,17 @@
 """Batched scoring primitives, independent of where the model comes from (see models.py).
 
 - `label_logprobs`: classification by log-likelihood. For every (example, label) pair the model reads
-  prompt + label tokens once (right padding, no sampling) and the label's score is the SUM of the log-probs of
-  its tokens after the prompt, so multi-token labels are scored exactly; the prediction is the argmax.
+  prompt + label tokens once (no sampling) and the label's score is the SUM of the log-probs of its tokens after
+  the prompt, so multi-token labels are scored exactly; the prediction is the argmax. Sequences are LEFT padded
+  (position ids from the mask), so every label ends at the last position and the model only has to return the
+  logits of the last `max label length + 1` positions (`keep`): (B, k, V) instead of (B, L, V), which matters
+  with 128k-token vocabularies.
 - `greedy_generate`: greedy decoding of a batch of prompts (left padding, so every row's next token comes from
   its last prompt token), cut at EOS.
 - `parse_number`: the first number in a generated answer (regression).
 
-A model is anything with `logits(input_ids, attention_mask, tasks)` and
+A model is anything with `logits(input_ids, attention_mask, tasks, position_ids=None, keep=None)` (logits of the
+last `keep` positions, all when None) and
 `generate(input_ids, attention_mask, tasks, max_new_tokens, pad_id, eos_id)`; `tasks` lists, per row, which
 adapter task runs it (ignored by single models). Pairs are sorted by length so batches carry little padding.
 """
@@ -39,6 +43,11 @@ def pad_batch(seqs: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Ten
     return ids, mask
 
 
+def position_ids(mask: torch.Tensor) -> torch.Tensor:
+    """0, 1, ... over each row's real tokens (left padding shifts them; padding positions get 0)."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
 @torch.no_grad()
 def label_logprobs(model, prompts: Sequence[list[int]], candidates: Sequence[Sequence[list[int]]],
                    tasks: Sequence[str], batch_size: int = 16, pad_id: int = 0, progress=None) -> torch.Tensor:
@@ -60,13 +69,16 @@ def label_logprobs(model, prompts: Sequence[list[int]], candidates: Sequence[Seq
     order = sorted(range(len(pairs)), key=lambda p: -len(seqs[p]))
     scores = torch.zeros(n, k, dtype=torch.float64)
     for idx in _batches(order, batch_size):
-        ids, mask = pad_batch([seqs[p] for p in idx], pad_id, left=False)
-        logits = model.logits(ids, mask, [tasks[pairs[p][0]] for p in idx])
+        ids, mask = pad_batch([seqs[p] for p in idx], pad_id, left=True)
+        keep = max(len(candidates[pairs[p][0]][pairs[p][1]]) for p in idx) + 1
+        logits = model.logits(ids, mask, [tasks[pairs[p][0]] for p in idx], position_ids=position_ids(mask),
+                              keep=keep)[:, -keep:]
         for row, p in enumerate(idx):
             i, j = pairs[p]
-            start, cand = len(prompts[i]), candidates[i][j]
-            # logits at position t predict token t+1: the label's tokens are predicted by start-1 .. start+len-2
-            lp = torch.log_softmax(logits[row, start - 1:start - 1 + len(cand)].float(), dim=-1)
+            cand = candidates[i][j]
+            # logits at position t predict token t+1; the label fills the last len(cand) positions, so it is
+            # predicted by kept positions keep-len-1 .. keep-2
+            lp = torch.log_softmax(logits[row, keep - len(cand) - 1:keep - 1].float(), dim=-1)
             target = torch.tensor(cand, dtype=torch.long, device=lp.device)
             scores[i, j] = lp.gather(-1, target[:, None]).double().sum().cpu()
         if progress is not None:
