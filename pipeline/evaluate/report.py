@@ -51,7 +51,7 @@ def _delta(a: Optional[float], b: Optional[float]) -> str:
 
 def render_report(results: dict) -> str:
     """One table: a row per task metric and the average, a column per run (baseline first), then Δ of the last
-    run over the first; below it the details (examples, wall time, unparseable answers, routing accuracy)."""
+    run over the first; below it the details (examples, load and scoring time, unparseable answers, routing accuracy)."""
     runs = results["runs"]
     labels = list(runs)
     s = results["settings"]
@@ -77,12 +77,13 @@ def render_report(results: dict) -> str:
         run = runs[l]
         ident = ", ".join(f"{k}={v}" for k, v in run["model"].items() if not isinstance(v, (list, dict)))
         lines += [f"**{l}**: {ident}; {run['wall_s']:.1f} s", "",
-                  "| task | split | n | wall s | unparseable | routing acc. |", "|---|---|---|---|---|---|"]
+                  "| task | split | n | load s | wall s | unparseable | routing acc. |", "|---|---|---|---|---|---|---|"]
         for task, info in run["tasks"].items():
             routing = info.get("routing")
             racc = _fmt(routing["accuracy"]) if routing else "–"
             unp = str(info["unparseable"]) if "unparseable" in info else "–"
-            lines.append(f"| {task} | {info['split']} | {info['n']} | {info['wall_s']:.1f} | {unp} | {racc} |")
+            lines.append(f"| {task} | {info['split']} | {info['n']} | {info.get('load_s', 0.0):.1f} | "
+                         f"{info['wall_s']:.1f} | {unp} | {racc} |")
         lines.append("")
     return "\n".join(lines)
 

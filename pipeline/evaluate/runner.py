@@ -30,6 +30,13 @@ def check_metrics(task: TaskConfig) -> None:
     bad = [m for m in task.metrics if m in M.LABEL_METRICS and task.kind != "classification"]
     if bad:
         raise EvalError(f"task {task.name!r}: metric(s) {bad} need kind classification (kind is {task.kind!r})")
+    numeric = [m for m in task.metrics if m in M.NUMERIC_METRICS]
+    if numeric and task.kind == "classification":
+        try:
+            [float(k) for k in task.template.verbalizer]
+        except ValueError:
+            raise EvalError(f"task {task.name!r}: metric(s) {numeric} on a classification task need numeric "
+                            f"verbalizer keys, got {list(task.template.verbalizer)}") from None
 
 
 def fill_numbers(texts: Sequence[str]) -> tuple[list[float], int, float]:
@@ -63,9 +70,12 @@ def _task_metrics(task: TaskConfig, enc: Encoded, preds: list, texts: list[str],
 
 def score_task(model: EvalModel, task: TaskConfig, enc: Encoded, tokenizer, batch_size: int = 16,
                label: str = "", progress: bool = True) -> dict:
-    """Score one task with one model: predictions, metric values, timings (and routing, for routed models)."""
+    """Score one task with one model: predictions, metric values, timings (and routing, for routed models).
+    `load_s` is the time to make the task's model ready (a merged folder's load), `wall_s` the scoring after it."""
     t0 = time.perf_counter()
     ident = model.use_task(task.name)
+    load_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     n = len(enc.prompts)
     assigned = model.assign(task.name, enc.prompts, batch_size, pad_id)
@@ -92,6 +102,7 @@ def score_task(model: EvalModel, task: TaskConfig, enc: Encoded, tokenizer, batc
     info["score"] = float(np.mean(list(info["metrics"].values()))) if info["metrics"] else None
     info["samples"] = [dict(prediction=texts[i], reference=enc.ref_texts[i]) for i in range(min(N_SAMPLES, n))]
     info["wall_s"] = round(time.perf_counter() - t0, 3)
+    info["load_s"] = round(load_s, 3)
     return info
 
 

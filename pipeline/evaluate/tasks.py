@@ -10,7 +10,7 @@ that is a prefix of another cannot win by being short).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -107,7 +107,6 @@ class Encoded:
     ref_texts: list[str]
     labels: Optional[list[str]] = None
     candidates: Optional[list[list[list[int]]]] = None
-    extra: dict = field(default_factory=dict)
 
 
 def _label_key(task: TaskConfig, row: dict) -> str:
