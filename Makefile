@@ -10,7 +10,7 @@ endif
 PYTEST_ARGS ?=
 DEEPSPEED  := $(PYTHON) -m deepspeed.launcher.runner
 
-.PHONY: env test test-fast prep base train clean
+.PHONY: env test test-fast prep base train merge evaluate demo clean
 
 env: $(ENV_READY)
 
@@ -27,15 +27,40 @@ test: $(ENV_READY)
 test-fast: $(ENV_READY)
 	$(PYTHON) -m pytest -q -ra -m "not slow" $(PYTEST_ARGS)
 
+# The default run. Every path and extra flag is a variable, so tests run the same targets at a smaller size.
+DATA_DIR   ?= data/built/default
+RUN_DIR    ?= runs/default
+NPROC      ?= 2
+PREP_ARGS  ?=
+BASE_ARGS  ?=
+TRAIN_ARGS ?=
+MERGE_ARGS ?=
+EVAL_ARGS  ?= --max-examples 200
+
 prep: $(ENV_READY)
-	$(PYTHON) -m data_prep --config configs/prep/default.yaml
+	$(PYTHON) -m data_prep --config configs/prep/default.yaml --set output_dir=$(DATA_DIR) $(PREP_ARGS)
 
 base: prep
-	$(PYTHON) launch/base.py --config configs/base/default.yaml
+	$(PYTHON) launch/base.py --config configs/base/default.yaml --set data_dir=$(DATA_DIR) \
+		--set output_dir=$(RUN_DIR)/base $(BASE_ARGS)
 
-# The built-in default on CPU: 2 ranks under ZeRO-3 (gloo). On GPUs drop --num_gpus to use them all.
+# CPU: $(NPROC) ranks under ZeRO-3 (gloo). On GPUs, drop --num_gpus to use every GPU.
 train: base
-	$(DEEPSPEED) --num_gpus 2 launch/train.py --deepspeed ds_configs/zero3.json --config configs/train/default.yaml
+	$(DEEPSPEED) --num_gpus $(NPROC) launch/train.py --deepspeed ds_configs/zero3.json \
+		--config configs/train/default.yaml --set data.dir=$(DATA_DIR) --set model.path=$(RUN_DIR)/base \
+		--set output_dir=$(RUN_DIR)/train $(TRAIN_ARGS)
+
+merge: train
+	$(PYTHON) launch/merge.py --adapter $(RUN_DIR)/train/adapter --out $(RUN_DIR)/merged --dtype fp32 \
+		--check-samples $(DATA_DIR) $(MERGE_ARGS)
+
+evaluate: merge
+	$(PYTHON) launch/evaluate.py --model $(RUN_DIR)/merged --data $(DATA_DIR) --baseline $(RUN_DIR)/base \
+		--out $(RUN_DIR)/eval --no-progress $(EVAL_ARGS)
+
+# prep -> base -> train -> merge -> evaluate, then the report table.
+demo: evaluate
+	@cat $(RUN_DIR)/eval/report.md
 
 clean:
 	rm -rf runs outputs data/built

@@ -1,8 +1,10 @@
 """Schema of the `base` stage: the small Llama-shaped base the built-in default trains MoRE on.
 
 A frozen RANDOM base gives an adapter nothing to build on, so the default first pretrains a tiny base as a plain
-language model on the PROMPT text of the prepared data (never the responses): it learns the vocabulary and the
-shape of the inputs, not the answers, and the untrained-baseline row of the report stays at chance.
+language model on the prepared training samples with every response MISMATCHED: sample i's prompt followed by the
+response of another random sample j of the same task. The base learns the vocabulary and what prompts and answers
+look like, but not which answer goes with which prompt, so the untrained-baseline row of the report stays at
+chance and the adapter has the input -> answer mapping to learn.
 """
 from __future__ import annotations
 

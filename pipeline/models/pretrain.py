@@ -1,4 +1,4 @@
-"""Build the small default base and pretrain it on prompt tokens only (see pipeline/config/base_model.py)."""
+"""Build the small default base and pretrain it on mismatched prompt/response pairs (pipeline/config/base_model.py)."""
 from __future__ import annotations
 
 import json
@@ -12,19 +12,31 @@ import torch
 from tqdm.auto import tqdm
 
 from pipeline.config.base_model import BaseModelConfig
-from pipeline.data.loader import PackedCollator, PackedDataset
-from pipeline.data.sampler import TaskSampler
+from pipeline.data.loader import PackedDataset
 from pipeline.models.tiny import tiny_llama_config
 
 STAMP = "base_stage.json"
 
 
-def _prompt_only(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Next-token targets on prompt tokens only, never across packed samples."""
-    labels = batch["input_ids"].masked_fill(~batch["prompt_mask"], -100)
-    targets = labels[:, 1:].clone()
-    targets[batch["position_ids"][:, 1:] == 0] = -100
-    return targets
+def mismatched_samples(data: PackedDataset, seed: int) -> list[torch.Tensor]:
+    """Every training sample as prompt_i + response_j, j a random other sample of the same task."""
+    prompts, responses, tasks = [], [], []
+    for row in range(len(data)):
+        r = data[row]
+        for ids, pm, task in zip(*(torch.split(r[k], r["seq_lens"].tolist())
+                                   for k in ("input_ids", "prompt_mask", "task_ids"))):
+            prompts.append(ids[pm])
+            responses.append(ids[~pm])
+            tasks.append(int(task[0]))
+    g = torch.Generator().manual_seed(seed)
+    tasks_t = torch.tensor(tasks)
+    out = [None] * len(prompts)
+    for t in tasks_t.unique():
+        idx = (tasks_t == t).nonzero().squeeze(1)
+        perm = idx[torch.randperm(len(idx), generator=g)]
+        for i, j in zip(idx.tolist(), perm.tolist()):
+            out[i] = torch.cat([prompts[i], responses[j]])
+    return out
 
 
 def build_base(cfg: BaseModelConfig, force: bool = False) -> Path:
@@ -60,20 +72,22 @@ def build_base(cfg: BaseModelConfig, force: bool = False) -> Path:
 
 
 def _pretrain(model, data: PackedDataset, cfg: BaseModelConfig) -> None:
-    sampler = iter(TaskSampler.from_dataset(data, seed=cfg.seed))
-    collate = PackedCollator(dtype=torch.float32)
+    samples = mismatched_samples(data, cfg.seed)
+    g = torch.Generator().manual_seed(cfg.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
     warmup = max(1, cfg.pretrain_steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warmup, 0.5 * (
         1 + math.cos(math.pi * min(1.0, s / cfg.pretrain_steps)))))
     model.train()
-    bar = tqdm(range(cfg.pretrain_steps), desc="pretrain base (prompts only)", unit="step")
+    bar = tqdm(range(cfg.pretrain_steps), desc="pretrain base (mismatched responses)", unit="step")
     for _ in bar:
-        batch = collate([data[next(sampler)] for _ in range(cfg.batch_size)])
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       position_ids=batch["position_ids"]).logits
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), _prompt_only(batch).flatten(),
-                                                 ignore_index=-100)
+        batch = [samples[i] for i in torch.randint(len(samples), (cfg.batch_size,), generator=g).tolist()]
+        ids = torch.nn.utils.rnn.pad_sequence(batch, batch_first=True, padding_value=0)
+        lengths = torch.tensor([len(b) for b in batch])
+        valid = torch.arange(ids.shape[1])[None] < lengths[:, None]
+        logits = model(input_ids=ids, attention_mask=valid.long()).logits
+        targets = ids[:, 1:].masked_fill(~valid[:, 1:], -100)
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), targets.flatten(), ignore_index=-100)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()

@@ -180,6 +180,10 @@ class Trainer:
     def run(self) -> int:
         cfg = self.cfg
         self.maybe_resume()
+        if self.step >= cfg.optim.max_steps and (self.out / "train_summary.json").is_file():
+            if self.dist.is_main:
+                print(f"{self.out} already trained to step {self.step} (optim.max_steps); nothing to do", flush=True)
+            return 0
         monitor = Monitor(self.out, cfg.optim.max_steps, self.step, self.dist.is_main)
         self.engine.train()
         t_start, tokens_start = time.time(), self.tokens_seen
