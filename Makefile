@@ -31,6 +31,7 @@ test-fast: $(ENV_READY)
 DATA_DIR   ?= data/built/default
 RUN_DIR    ?= runs/default
 NPROC      ?= 2
+MASTER_PORT ?= 29500
 PREP_ARGS  ?=
 BASE_ARGS  ?=
 TRAIN_ARGS ?=
@@ -46,7 +47,7 @@ base: prep
 
 # CPU: $(NPROC) ranks under ZeRO-3 (gloo). On GPUs, drop --num_gpus to use every GPU.
 train: base
-	$(DEEPSPEED) --num_gpus $(NPROC) launch/train.py --deepspeed ds_configs/zero3.json \
+	$(DEEPSPEED) --num_gpus $(NPROC) --master_port $(MASTER_PORT) launch/train.py --deepspeed ds_configs/zero3.json \
 		--config configs/train/default.yaml --set data.dir=$(DATA_DIR) --set model.path=$(RUN_DIR)/base \
 		--set output_dir=$(RUN_DIR)/train $(TRAIN_ARGS)
 

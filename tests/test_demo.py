@@ -5,6 +5,7 @@ The same Makefile targets the README names, with the sizes turned down through t
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +26,10 @@ def test_make_demo_small_end_to_end(tmp_path):
         path = task["source"]["path"].replace("data/built/builtin", str(builtin))
         prep_args.append(f"--set tasks.{i}.source.path={path}")
     data, run = tmp_path / "data", tmp_path / "run"
-    make = ["make", "demo", f"PYTHON={sys.executable}", f"DATA_DIR={data}", f"RUN_DIR={run}",
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    make = ["make", "demo", f"PYTHON={sys.executable}", f"DATA_DIR={data}", f"RUN_DIR={run}", f"MASTER_PORT={port}",
             "PREP_ARGS=" + " ".join(prep_args),
             "BASE_ARGS=--set hidden_size=64 --set intermediate_size=128 --set pretrain_steps=20",
             "TRAIN_ARGS=--set optim.max_steps=4 --set checkpoint.every=2 --set eval.every=2 --set eval.max_batches=2",

@@ -127,7 +127,7 @@ def test_zero3_two_ranks_nf4_learns_and_adapter_reproduces_eval_loss(tiny_train_
     """The README's main entry: `deepspeed launch/train.py --deepspeed ds_configs/zero3.json --config ...`."""
     run = tmp_path / "run"
     deepspeed = Path(sys.executable).parent / "deepspeed"
-    cmd = [str(deepspeed), "--num_gpus", "2", str(TRAIN), "--deepspeed", str(ZERO3),
+    cmd = [str(deepspeed), "--num_gpus", "2", "--master_port", str(_free_port()), str(TRAIN), "--deepspeed", str(ZERO3),
            "--config", str(tiny_train_setup["config"]), "--set", f"output_dir={run}", "--set", "model.dtype=bf16",
            "--set", "optim.max_steps=12", "--set", "eval.max_batches=null"]
     proc = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=900)
