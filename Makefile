@@ -10,7 +10,7 @@ endif
 PYTEST_ARGS ?=
 DEEPSPEED  := $(PYTHON) -m deepspeed.launcher.runner
 
-.PHONY: env test test-fast prep base train merge evaluate demo clean
+.PHONY: env test test-fast prep base train merge evaluate demo bench clean
 
 env: $(ENV_READY)
 
@@ -62,6 +62,15 @@ evaluate: merge
 # prep -> base -> train -> merge -> evaluate, then the report table.
 demo: evaluate
 	@cat $(RUN_DIR)/eval/report.md
+
+# Every benchmark side by side on this machine, then bench/RESULTS.md regenerated from bench/results/*.json.
+bench: $(ENV_READY)
+	$(PYTHON) bench/prep.py
+	$(PYTHON) bench/adapter_step.py --repeats 3
+	$(PYTHON) bench/train_throughput.py
+	$(PYTHON) bench/merge.py
+	$(PYTHON) bench/fidelity.py
+	$(PYTHON) bench/report.py
 
 clean:
 	rm -rf runs outputs data/built
