@@ -153,6 +153,13 @@ def run_merge(opts: MergeOptions) -> dict:
     report = dict(adapter=str(opts.adapter), base=str(base), format=opts.format, dtype=opts.dtype,
                   target=opts.target, base_trained=dict(quantization=trained.quantization, dtype=trained.dtype),
                   max_shard_size=opts.max_shard_size, check=None, tasks={})
+    deltas = AdapterDeltas(opts.adapter)
+    plan = None
+    if opts.format == "full":
+        try:
+            plan = BasePlan(base, deltas, opts.target)
+        except (ValueError, FileNotFoundError, OSError) as e:
+            raise MergeInputError(f"base {base}: {e}") from None
     refs: Dict[str, list] = {}
     vs_trained: Dict[str, list] = {}
     prompts: Dict[str, list] = {}
@@ -167,13 +174,6 @@ def run_merge(opts: MergeOptions) -> dict:
         if spec != trained:  # also measure what the target costs against the adapter as trained
             vs_trained = reference_logits(base, opts.adapter, trained, prompts, meta["task_names"])
         report["check"]["reference_seconds"] = round(time.perf_counter() - t0, 3)
-    deltas = AdapterDeltas(opts.adapter)
-    plan = None
-    if opts.format == "full":
-        try:
-            plan = BasePlan(base, deltas, opts.target)
-        except (ValueError, FileNotFoundError, OSError) as e:
-            raise MergeInputError(f"base {base}: {e}") from None
     out.mkdir(parents=True, exist_ok=True)
     tok_src = base if any((base / f).is_file() for f in ("tokenizer.json", "tokenizer.model")) else (
         Path(opts.check_samples) / "tokenizer" if opts.check_samples else None)
@@ -207,7 +207,7 @@ def run_merge(opts: MergeOptions) -> dict:
                     _write_report(out, report)
                     raise CheckError(f"task {task!r}: the {opts.format} export does not reproduce the adapter "
                                      f"model: max |logit error| {res.max_abs_err:.4g} > tolerance "
-                                     f"{res.tolerance:.4g} ({res.rule}); nothing written to {out / task}")
+                                     f"{res.tolerance:.4g} ({res.rule}); the result was not moved to {out / task}")
             _replace_dir(tmp, out / task)
             entry["path"] = str(out / task)
             report["tasks"][task] = entry

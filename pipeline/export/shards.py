@@ -6,6 +6,7 @@ shard (`max_shard_bytes`) and flushes it to disk, so memory is bounded by the sh
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import re
@@ -35,6 +36,16 @@ def parse_size(size) -> int:
     return n
 
 
+def trim_heap() -> None:
+    """Hand freed heap pages back to the OS (glibc malloc_trim). glibc serves mid-size tensors from its heap once
+    its adaptive mmap threshold has grown, and keeps their pages after free: without this RSS creeps up shard after
+    shard (measured: +150 MB over a 100 MB-shard merge). No-op off glibc."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class ShardWriter:
     """add(name, tensor) in order; close() names the shards and writes the index. Use on a fresh (temp) folder."""
 
@@ -49,12 +60,17 @@ class ShardWriter:
         self.total_bytes = 0
         self.names: List[str] = []
 
+    def make_room(self, nbytes: int) -> None:
+        """Flush the buffered shard now if a tensor of `nbytes` will not fit: called before the tensor is
+        computed, the full shard and the new tensor's temporaries are never in memory together."""
+        if self._buf and self._buf_bytes + nbytes > self.max_bytes:
+            self._flush()
+
     def add(self, name: str, tensor: torch.Tensor) -> None:
         if name in self._buf or name in self.names:
             raise ValueError(f"tensor {name!r} written twice")
         nbytes = tensor.numel() * tensor.element_size()
-        if self._buf and self._buf_bytes + nbytes > self.max_bytes:
-            self._flush()
+        self.make_room(nbytes)
         self._buf[name] = tensor.detach().contiguous()
         self._buf_bytes += nbytes
         self.total_bytes += nbytes
@@ -69,6 +85,7 @@ class ShardWriter:
         save_file(self._buf, str(self._tmp_name(len(self._shards))), metadata=self.metadata)
         self._shards.append(list(self._buf))
         self._buf, self._buf_bytes = {}, 0
+        trim_heap()
 
     def close(self) -> List[str]:
         """Write the last shard, give the files their final names; returns the shard file names."""

@@ -14,22 +14,26 @@ What "the precision the adapter was trained against" means (`target`):
 - `original`: the stored 16/32-bit values; for an NF4-trained adapter this adds W - dequant(NF4(W)), which the
   adapter never saw (docs/pitfalls.md), so the merge report measures it against the adapter model too.
 
-Peak memory: about one largest base tensor in fp32 (plus its NF4 round-trip temporaries and the output-dtype copy)
-+ one buffered output shard (`max_shard_size`, default 2 GB) + the adapter's own tensors (r * (in + out) per
-adapted layer) - independent of the model size. A 70B Llama (largest tensor: the 128256 x 8192 embedding, 4.2 GB
-in fp32) merges in roughly 10-12 GB with 2 GB shards. bench/merge.py measures it.
+Peak memory, independent of the model size: at most one buffered output shard (`max_shard_size`, default 2 GB;
+flushed *before* the next tensor is computed if that tensor would not fit) + one tensor in fp32 with its
+output-dtype copy (and, for NF4, its round-trip temporaries) + the adapter's own tensors (r * (in + out) per adapted
+layer), on top of the libraries. Bound: ~ one output shard + 1.5-2x the largest tensor in fp32. Measured
+(bench/merge.py, Llama d=1024, 8 layers, 673 MB fp32, largest tensor 131 MB fp32, 100 MB shards): ~0.2 GB above
+the libraries, vs ~1.1 GB for the in-memory `merge_task`. For a 70B Llama (largest tensors: the 128256 x 8192
+embedding / lm_head, 4.2 GB in fp32) with 2 GB shards that bound is ~10 GB, whatever the layer count.
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, List, Optional, Set, Tuple
+from typing import List, Optional, Set
 
 import torch
 
 from pipeline.export.merge import DTYPES, AdapterDeltas, copy_tokenizer, tied_copies, write_config
-from pipeline.export.shards import DEFAULT_MAX_SHARD, ShardWriter, checkpoint_files, parse_size
+from pipeline.export.shards import DEFAULT_MAX_SHARD, ShardWriter, checkpoint_files, parse_size, trim_heap
 
 TARGETS = ("trained", "nf4", "original")
 NF4_BLOCKSIZE = 64  # bitsandbytes' Params4bit default, what transformers' 4-bit loading uses
@@ -73,6 +77,23 @@ def quantized_linears(model) -> Set[str]:
     return {n for n, m in model.named_modules() if type(m) is nn.Linear and should_convert_module(n, skip)}
 
 
+_FLOAT_TYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+_ITEMSIZE = {"I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def _shapes(base_dir: Path, files) -> dict:
+    """{tensor name: (shape, safetensors dtype string)} from the checkpoint headers (no tensor data read)."""
+    from safetensors import safe_open
+
+    out = {}
+    for f in sorted(files):
+        with safe_open(str(base_dir / f), "pt") as h:
+            for k in h.keys():
+                sl = h.get_slice(k)
+                out[k] = (tuple(sl.get_shape()), sl.get_dtype())
+    return out
+
+
 class BasePlan:
     """How each tensor of a base checkpoint becomes a merged tensor; reads only config and headers."""
 
@@ -87,6 +108,7 @@ class BasePlan:
             raise ValueError(f"{self.base_dir} is a pre-quantized checkpoint; merge needs the 16/32-bit base it was "
                              f"quantized from")
         self.files = checkpoint_files(self.base_dir)
+        self.shapes = _shapes(self.base_dir, set(self.files.values()))
         bm = deltas.meta["base_model"]
         trained_nf4 = bool(bm.get("quantized_nf4"))
         self.quantize = target == "nf4" or (target == "trained" and trained_nf4)
@@ -108,10 +130,16 @@ class BasePlan:
         """Output tensor names, grouped by base file so each file is read front to back."""
         return [n for n in sorted(self.files, key=lambda k: (self.files[k], k)) if n not in self.dropped]
 
+    def out_bytes(self, name: str, dtype: torch.dtype) -> int:
+        """Size of the merged tensor in `dtype` (float tensors) or as stored, from the header alone."""
+        shape, stored = self.shapes[name]
+        size = dtype.itemsize if stored in _FLOAT_TYPES else _ITEMSIZE.get(stored, 8)
+        return math.prod(shape) * size
+
     def read(self, name: str) -> torch.Tensor:
         from safetensors import safe_open
 
-        # reopened per tensor: an open safe_open keeps every page it touched mapped (resident) until closed
+        # reopened per tensor, so no mapping of a whole base shard stays open during the merge
         with safe_open(str(self.base_dir / self.files[name]), "pt") as f:
             return f.get_tensor(name)
 
@@ -130,16 +158,6 @@ class BasePlan:
         return t.to(dtype).contiguous()
 
 
-def iter_stream_merged(plan: BasePlan, deltas: AdapterDeltas, task: str,
-                       dtype: torch.dtype) -> Iterator[Tuple[str, torch.Tensor]]:
-    """(name, merged tensor) one at a time, in plan order."""
-    if task not in deltas.rank_map:
-        raise KeyError(f"task {task!r} not in the adapter (tasks: {deltas.task_names})")
-    with torch.no_grad():
-        for name in plan.names():
-            yield name, plan.merged(name, deltas, task, dtype)
-
-
 def stream_merge(base_dir, adapter_dir, task: str, out_dir, dtype: str = "bf16", target: str = "trained",
                  max_shard_size=DEFAULT_MAX_SHARD, deltas: Optional[AdapterDeltas] = None,
                  plan: Optional[BasePlan] = None, tokenizer_from=None) -> MergeStats:
@@ -151,11 +169,17 @@ def stream_merge(base_dir, adapter_dir, task: str, out_dir, dtype: str = "bf16",
     deltas = deltas or AdapterDeltas(adapter_dir)
     plan = plan or BasePlan(base_dir, deltas, target)
     dt = DTYPES[dtype]
+    if task not in deltas.rank_map:
+        raise KeyError(f"task {task!r} not in the adapter (tasks: {deltas.task_names})")
     writer = ShardWriter(out_dir, parse_size(max_shard_size), metadata={"more_task": task, "more_target": target})
     stats = MergeStats(task, Path(out_dir))
-    for name, tensor in iter_stream_merged(plan, deltas, task, dt):
-        writer.add(name, tensor)
-        stats.tensors += 1
+    with torch.no_grad():
+        for name in plan.names():
+            writer.make_room(plan.out_bytes(name, dt))  # flush before computing, not after
+            writer.add(name, plan.merged(name, deltas, task, dt))
+            if name.rpartition(".")[0] in plan.quantized:
+                trim_heap()  # bitsandbytes' round-trip temporaries: measured +15-90 MB creep between flushes
+            stats.tensors += 1
     stats.files = writer.close()
     stats.bytes = writer.total_bytes
     write_config(plan.config, out_dir, dt)
