@@ -29,6 +29,9 @@ def parse_args(argv):
     ap.add_argument("--check-samples", default=None, type=Path, metavar="DATA_DIR",
                     help="prep output whose eval split gives the check prompts (default: random token prompts)")
     ap.add_argument("--check-n", default=4, type=int, help="prompts per task for the check")
+    ap.add_argument("--check-rtol", default=None, type=float,
+                    help="check tolerance relative to max(1, max |logit|) (default by precision: fp32 1e-5, "
+                         "fp16 1e-2, bf16 3e-2; see pipeline/export/check.py)")
     ap.add_argument("--no-check", action="store_true", help="skip the logits check")
     ap.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard (e.g. 2GB, 500MB)")
     ap.add_argument("--quiet", action="store_true")
@@ -43,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
     opts = MergeOptions(adapter=args.adapter, out=args.out, base=args.base, tasks=tasks, dtype=args.dtype,
                         format=args.format, target=args.target, check_samples=args.check_samples,
-                        check=not args.no_check, check_n=args.check_n, max_shard_size=args.max_shard_size,
+                        check=not args.no_check, check_n=args.check_n, check_rtol=args.check_rtol,
+                        max_shard_size=args.max_shard_size,
                         log=not args.quiet)
     try:
         report = run_merge(opts)

@@ -86,6 +86,11 @@ def test_nf4_base_full_and_original_targets(tmp_path, base_dir, adapters):
     o = _report(out_o)["tasks"]["beta"]["check"]
     assert o["passed"] and o["max_abs_err"] <= 1e-4
     assert o["vs_trained_max_abs_err"] > e["check"]["max_abs_err"]  # W - dequant(NF4(W)) costs more than bf16
+    out_t = tmp_path / "tight"  # a tolerance below bf16 round-off fails: the bf16 check is not vacuous
+    assert merge_cli("--adapter", adapters["nf4"], "--out", out_t, "--base", base_dir, "--tasks", "beta",
+                     "--check-rtol", "1e-5") == 1
+    t = _report(out_t)["tasks"]["beta"]["check"]
+    assert not t["passed"] and "--check-rtol" in t["rule"] and not (out_t / "beta").exists()
 
 
 def test_peft_export_loads_in_peft(tmp_path, base_dir, adapters):

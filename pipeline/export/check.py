@@ -12,8 +12,9 @@ precision on either side (output dtype, reference compute dtype):
   layers) separates them: ~1e-6 relative measured; a wrong rank or a corrupted tensor is orders above 1e-5.
 - fp16 anywhere: rel 1e-2; bf16 anywhere: rel 3e-2. Each 16-bit matmul input/output and the merged weight itself
   is rounded (unit 4.9e-4 fp16, 3.9e-3 bf16); the roundings differ between the two sides and grow through the
-  residual stream, measured up to ~1% of the logit range for bf16 on random tiny Llamas. The bound still catches
-  a missing rank component or a corrupted tensor (tests/test_merge_cli.py corrupts one and expects failure).
+  residual stream: measured 0.5% of the max logit on the 2-layer test Llamas and 1.7% on a d=1024, 8-layer one
+  (NF4 bf16 base, bf16 output). Deeper models may need more: `--check-rtol` overrides rel (recorded in the
+  report). The bound still catches a missing delta or a corrupted tensor (tests/test_merge_cli.py).
 """
 from __future__ import annotations
 
@@ -58,12 +59,14 @@ def base_spec(meta: dict, target: str) -> BaseSpec:
     raise ValueError(f"unknown target {target!r}")
 
 
-def tolerance(out_dtype: torch.dtype, ref_dtype: torch.dtype) -> Tuple[float, str]:
-    """(rel, rule text) for comparing a model in `out_dtype` with a reference computed in `ref_dtype`."""
+def tolerance(out_dtype: torch.dtype, ref_dtype: torch.dtype, rel: Optional[float] = None) -> Tuple[float, str]:
+    """(rel, rule text) for comparing a model in `out_dtype` with a reference computed in `ref_dtype`; `rel`
+    overrides the default for that precision."""
     worst = max(out_dtype, ref_dtype, key=_ORDER.index)
-    rel = REL_TOL[worst]
     short = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[worst]
-    return rel, f"max|err| <= {rel:g} * max(1, max|ref logit|) ({short} round-off)"
+    why = f"{short} round-off" if rel is None else "set by --check-rtol"
+    rel = REL_TOL[worst] if rel is None else float(rel)
+    return rel, f"max|err| <= {rel:g} * max(1, max|ref logit|) ({why})"
 
 
 def random_prompts(vocab_size: int, n: int = 4, length: int = 32, seed: int = 0) -> List[torch.Tensor]:
@@ -135,6 +138,7 @@ class CheckResult:
     tolerance: float
     rule: str
     max_abs_err: float
+    mean_abs_err: float
     ref_max_abs_logit: float
     passed: bool
     vs_trained_max_abs_err: Optional[float] = None  # target original/nf4: error against the adapter as trained
@@ -144,12 +148,13 @@ class CheckResult:
 
 
 def judge(task: str, got: List[torch.Tensor], ref: List[torch.Tensor], out_dtype: torch.dtype,
-          ref_dtype: torch.dtype) -> CheckResult:
-    rel, rule = tolerance(out_dtype, ref_dtype)
+          ref_dtype: torch.dtype, rel: Optional[float] = None) -> CheckResult:
+    rel, rule = tolerance(out_dtype, ref_dtype, rel)
     scale = max(float(r.abs().max()) for r in ref)
     err = max_abs_err(got, ref)
+    mean = float(torch.cat([(g - r).abs().flatten() for g, r in zip(got, ref)]).mean())
     tol = rel * max(1.0, scale)
-    return CheckResult(task, tol, rule, err, scale, bool(err <= tol))  # NaN fails
+    return CheckResult(task, tol, rule, err, mean, scale, bool(err <= tol))  # NaN fails
 
 
 def load_merged(folder) -> torch.nn.Module:

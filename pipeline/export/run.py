@@ -47,6 +47,7 @@ class MergeOptions:
     check_samples: Optional[Path] = None  # prep output dir; None -> random prompts
     check: bool = True
     check_n: int = 4
+    check_rtol: Optional[float] = None  # overrides the per-precision default (check.py)
     max_shard_size: str = DEFAULT_MAX_SHARD
     log: bool = True
 
@@ -98,6 +99,8 @@ def validate(opts: MergeOptions) -> tuple:
         parse_size(opts.max_shard_size)
     except ValueError as e:
         raise MergeInputError(f"--max-shard-size: {e}") from None
+    if opts.check_rtol is not None and not opts.check_rtol > 0:
+        raise MergeInputError(f"--check-rtol must be positive, got {opts.check_rtol}")
     if opts.check_samples is not None and not (Path(opts.check_samples) / "manifest.json").is_file():
         raise MergeInputError(f"--check-samples {opts.check_samples} is not a prep output (no manifest.json)")
     if Path(opts.out).exists() and not Path(opts.out).is_dir():
@@ -224,7 +227,7 @@ def _check_task(opts, task, folder, base, spec, prompts, ref, ref_trained, out_d
     model = load_merged(folder) if opts.format == "full" else load_peft(base, folder, spec)
     got = logits(model, prompts)
     del model
-    res = judge(task, got, ref, out_dt, ref_dt)
+    res = judge(task, got, ref, out_dt, ref_dt, opts.check_rtol)
     if ref_trained is not None:
         res.vs_trained_max_abs_err = max(float((g - r).abs().max()) for g, r in zip(got, ref_trained))
     return res
