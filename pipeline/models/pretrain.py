@@ -1,4 +1,5 @@
-"""Build the small default base and pretrain it on mismatched prompt/response pairs (pipeline/config/base_model.py)."""
+"""Build the small default base and pretrain it on prompts and responses as separate texts (see
+pipeline/config/base_model.py)."""
 from __future__ import annotations
 
 import json
@@ -18,25 +19,15 @@ from pipeline.models.tiny import tiny_llama_config
 STAMP = "base_stage.json"
 
 
-def mismatched_samples(data: PackedDataset, seed: int) -> list[torch.Tensor]:
-    """Every training sample as prompt_i + response_j, j a random other sample of the same task."""
-    prompts, responses, tasks = [], [], []
+def unpaired_texts(data: PackedDataset) -> list[torch.Tensor]:
+    """Every training sample's prompt and its response as two separate texts: never one after the other."""
+    texts = []
     for row in range(len(data)):
         r = data[row]
-        for ids, pm, task in zip(*(torch.split(r[k], r["seq_lens"].tolist())
-                                   for k in ("input_ids", "prompt_mask", "task_ids"))):
-            prompts.append(ids[pm])
-            responses.append(ids[~pm])
-            tasks.append(int(task[0]))
-    g = torch.Generator().manual_seed(seed)
-    tasks_t = torch.tensor(tasks)
-    out = [None] * len(prompts)
-    for t in tasks_t.unique():
-        idx = (tasks_t == t).nonzero().squeeze(1)
-        perm = idx[torch.randperm(len(idx), generator=g)]
-        for i, j in zip(idx.tolist(), perm.tolist()):
-            out[i] = torch.cat([prompts[i], responses[j]])
-    return out
+        for ids, pm in zip(*(torch.split(r[k], r["seq_lens"].tolist()) for k in ("input_ids", "prompt_mask"))):
+            texts.append(ids[pm])
+            texts.append(torch.cat([ids[:1], ids[~pm]]))  # the sample's first token (BOS) + the response
+    return texts
 
 
 def build_base(cfg: BaseModelConfig, force: bool = False) -> Path:
@@ -72,14 +63,14 @@ def build_base(cfg: BaseModelConfig, force: bool = False) -> Path:
 
 
 def _pretrain(model, data: PackedDataset, cfg: BaseModelConfig) -> None:
-    samples = mismatched_samples(data, cfg.seed)
+    samples = unpaired_texts(data)
     g = torch.Generator().manual_seed(cfg.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
     warmup = max(1, cfg.pretrain_steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warmup, 0.5 * (
         1 + math.cos(math.pi * min(1.0, s / cfg.pretrain_steps)))))
     model.train()
-    bar = tqdm(range(cfg.pretrain_steps), desc="pretrain base (mismatched responses)", unit="step")
+    bar = tqdm(range(cfg.pretrain_steps), desc="pretrain base (unpaired prompts, responses)", unit="step")
     for _ in bar:
         batch = [samples[i] for i in torch.randint(len(samples), (cfg.batch_size,), generator=g).tolist()]
         ids = torch.nn.utils.rnn.pad_sequence(batch, batch_first=True, padding_value=0)
