@@ -65,10 +65,11 @@ def run_variant(work: Path, data: Path, base: Path, ranks: int, quant: str, dtyp
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"variant {ranks} ranks {quant}/{dtype} failed:\n{proc.stderr[-3000:]}")
-    per_step = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    tok_s = [r["train/tokens_per_s"] for r in per_step if "train/tokens_per_s" in r][2:]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if "train/tokens_per_s" in r]
     return {"ranks": ranks, "quantization": quant, "dtype": dtype, "steps": steps,
-            "tokens_per_s": statistics.median(tok_s), "tokens_per_step": per_step[-1]["train/tokens"]}
+            "tokens_per_s": statistics.median(r["train/tokens_per_s"] for r in train[2:]),
+            "tokens_per_step": statistics.median(r["train/tokens"] for r in train)}
 
 
 def main() -> int:
