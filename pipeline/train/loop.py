@@ -121,9 +121,10 @@ class Trainer:
         _injected_fault(self.dist.rank, self.step + 1)
         micro_batches = [self.data.next_train_batch() for _ in range(self.cfg.optim.grad_accum)]
         dev = self.dist.device
+        samples = [_contrastive_samples(b) for b in micro_batches]
         counts = torch.tensor([float(sum(_supervised(b) for b in micro_batches)),
                                float(sum(int((b["segment_ids"] >= 0).sum()) for b in micro_batches)),
-                               float(sum(_contrastive_samples(b) for b in micro_batches))], device=dev)
+                               float(sum(samples))], device=dev)
         global_tokens, global_real, global_samples = all_reduce_sum(counts).tolist()
         if global_tokens == 0:
             raise RuntimeError(f"step {self.step + 1}: no supervised tokens in the global batch")
@@ -135,13 +136,13 @@ class Trainer:
         stats = torch.zeros(2 + 2 * n_tasks, device=dev)  # ce_sum, contrastive_sum, per-task sums, per-task tokens
         weight = self.cfg.more.contrastive.weight
         self.engine.module.set_training_step(self.step)  # the selector's warm-up counts optimizer steps
-        for batch in micro_batches:
+        for batch, n_samples in zip(micro_batches, samples):
             batch = {k: v.to(dev) for k, v in batch.items()}
             out = self.engine(**batch)
             sums = lm_loss_sums(out.logits, batch["labels"], batch["task_ids"], n_tasks, batch["position_ids"])
             loss = sums.total * scale
             if out.contrastive_loss is not None and weight > 0:
-                cl_sum = out.contrastive_loss * _contrastive_samples(batch)  # the model returns a per-sample mean
+                cl_sum = out.contrastive_loss * n_samples  # the model returns a per-sample mean
                 loss = loss + weight * cl_sum * layout / max(global_samples, 1.0)
                 stats[1] += cl_sum.detach().float()
             self.engine.backward(loss)
