@@ -56,6 +56,21 @@ def sbatch_log(out: Path) -> str:
     return "\n".join(p.read_text() for p in out.glob("sbatch-*.out"))
 
 
+def preempt_and_release(slurm, job: str, out: Path, timeout: float) -> None:
+    """TERM to the batch shell (what --signal=B:TERM@120 does), wait for the requeue, and skip SLURM's ~2 min hold
+    of a requeued job (Reason=BeginTime)."""
+    slurm.run(["scancel", "--batch", "--signal=TERM", job])
+    deadline = time.time() + timeout
+    while slurm.job_field(job, "Restarts") != "1":
+        assert time.time() < deadline, sbatch_log(out)
+        time.sleep(0.3)
+    if slurm.job_field(job, "JobState") == "PENDING":
+        # slurmd refuses a credential created in the same second as its job's revocation ("Job credential
+        # revoked": the check compares whole seconds), so a release right after the requeue can kill the job.
+        time.sleep(2)
+        slurm.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=False)
+
+
 def ranks(out: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(out.glob("rank*.json"))]
 
@@ -91,13 +106,7 @@ def test_preemption_requeues_and_resumes(slurm, tmp_path):
     while not all((tmp_path / f"started-rank{r}").exists() for r in (0, 1)):
         assert time.time() < deadline, sbatch_log(tmp_path)
         time.sleep(0.3)
-    slurm.run(["scancel", "--batch", "--signal=TERM", job])
-    deadline = time.time() + 60
-    while slurm.job_field(job, "Restarts") != "1":
-        assert time.time() < deadline, sbatch_log(tmp_path)
-        time.sleep(0.3)
-    if slurm.job_field(job, "JobState") == "PENDING":  # SLURM holds requeued jobs ~2 min (BeginTime): skip it
-        slurm.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=False)
+    preempt_and_release(slurm, job, tmp_path, timeout=60)
     assert slurm.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED"}, 180) == "COMPLETED", sbatch_log(tmp_path)
     log = sbatch_log(tmp_path)
     assert "ranks finished with exit code 75" in log and "requeueing job" in log
@@ -140,13 +149,7 @@ def test_real_trainer_under_slurm(slurm, tiny_train_setup, tmp_path):
         assert time.time() < deadline and slurm.job_field(job, "JobState") in ("PENDING", "RUNNING"), \
             sbatch_log(tmp_path) + "\n".join(p.read_text()[-2000:] for p in tmp_path.glob("logs/*/*"))
         time.sleep(0.5)
-    slurm.run(["scancel", "--batch", "--signal=TERM", job])
-    deadline = time.time() + 300
-    while slurm.job_field(job, "Restarts") != "1":
-        assert time.time() < deadline, sbatch_log(tmp_path)
-        time.sleep(0.5)
-    if slurm.job_field(job, "JobState") == "PENDING":  # skip SLURM's ~2 min hold of a requeued job
-        slurm.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=False)
+    preempt_and_release(slurm, job, tmp_path, timeout=300)
     state = slurm.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED"}, 600)
     logs = sbatch_log(tmp_path) + "\n".join(p.read_text()[-2000:] for p in tmp_path.glob("logs/*/*"))
     assert state == "COMPLETED", logs
