@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -21,14 +20,10 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.train.distributed import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def prepare(work: Path, hidden: int, layers: int) -> tuple[Path, Path]:
@@ -60,7 +55,7 @@ def run_variant(work: Path, data: Path, base: Path, ranks: int, quant: str, dtyp
         cmd = [sys.executable, str(ROOT / "launch/train.py"), *args, "--set", "optim.grad_accum=2"]
     else:
         cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
-               "--master_port", str(_port()), str(ROOT / "launch/train.py"), *args]
+               "--master_port", str(free_port()), str(ROOT / "launch/train.py"), *args]
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // ranks)))
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode != 0:

@@ -5,13 +5,14 @@ The same Makefile targets the README names, with the sizes turned down through t
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+
+from pipeline.train.distributed import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,9 +27,7 @@ def test_make_demo_small_end_to_end(tmp_path):
         path = task["source"]["path"].replace("data/built/builtin", str(builtin))
         prep_args.append(f"--set tasks.{i}.source.path={path}")
     data, run = tmp_path / "data", tmp_path / "run"
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     make = ["make", "demo", f"PYTHON={sys.executable}", f"DATA_DIR={data}", f"RUN_DIR={run}", f"MASTER_PORT={port}",
             "PREP_ARGS=" + " ".join(prep_args),
             "BASE_ARGS=--set hidden_size=64 --set intermediate_size=128 --set pretrain_steps=20",

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,15 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipeline.train.distributed import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "launch" / "train.py"
 ZERO3 = ROOT / "ds_configs" / "zero3.json"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env() -> dict:
@@ -36,7 +31,7 @@ def _env() -> dict:
 
 def spawn_ranks(world: int, args: list[str], log_dir: Path) -> list[subprocess.Popen]:
     """One process per rank, as srun starts them (RANK / LOCAL_RANK / WORLD_SIZE / MASTER_*)."""
-    port = str(_free_port())
+    port = str(free_port())
     procs = []
     for rank in range(world):
         env = _env()
@@ -127,7 +122,7 @@ def test_zero3_two_ranks_nf4_learns_and_adapter_reproduces_eval_loss(tiny_train_
     """The README's main entry: `deepspeed launch/train.py --deepspeed ds_configs/zero3.json --config ...`."""
     run = tmp_path / "run"
     deepspeed = Path(sys.executable).parent / "deepspeed"
-    cmd = [str(deepspeed), "--num_gpus", "2", "--master_port", str(_free_port()), str(TRAIN), "--deepspeed", str(ZERO3),
+    cmd = [str(deepspeed), "--num_gpus", "2", "--master_port", str(free_port()), str(TRAIN), "--deepspeed", str(ZERO3),
            "--config", str(tiny_train_setup["config"]), "--set", f"output_dir={run}", "--set", "model.dtype=bf16",
            "--set", "optim.max_steps=12", "--set", "eval.max_batches=null"]
     proc = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=900)

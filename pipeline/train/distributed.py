@@ -31,7 +31,8 @@ class DistInfo:
         return self.rank == 0
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on this host now (for a rendezvous on 127.0.0.1)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -50,7 +51,7 @@ def init_distributed(timeout_s: int = 600, local_rank_arg: int | None = None) ->
     _env_from_slurm()
     if "WORLD_SIZE" not in os.environ:  # plain `python launch/train.py`: a world of one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
+                          MASTER_PORT=str(free_port()))
     if local_rank_arg is not None and local_rank_arg >= 0:
         os.environ.setdefault("LOCAL_RANK", str(local_rank_arg))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
