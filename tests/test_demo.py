@@ -30,7 +30,8 @@ def test_make_demo_small_end_to_end(tmp_path):
     port = free_port()
     make = ["make", "demo", f"PYTHON={sys.executable}", f"DATA_DIR={data}", f"RUN_DIR={run}", f"MASTER_PORT={port}",
             "PREP_ARGS=" + " ".join(prep_args),
-            "BASE_ARGS=--set hidden_size=64 --set intermediate_size=128 --set pretrain_steps=20",
+            "BASE_ARGS=--set hidden_size=64 --set intermediate_size=128 --set pretrain_steps=20 "
+            "--set skill_examples_per_task=50",
             "TRAIN_ARGS=--set optim.max_steps=4 --set checkpoint.every=2 --set eval.every=2 --set eval.max_batches=2",
             "EVAL_ARGS=--max-examples 6"]
     proc = subprocess.run(make, cwd=ROOT, capture_output=True, text=True, timeout=1500)

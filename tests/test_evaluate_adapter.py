@@ -16,7 +16,7 @@ from pipeline.more import inject, save_adapter
 
 N = 8
 WANT = {"sentiment": {"accuracy"}, "reverse": {"exact_match"}, "sort": {"exact_match"},
-        "arithmetic": {"exact_match"}, "overlap": {"pearson", "spearman"}}
+        "arithmetic": {"exact_match"}, "rating": {"pearson", "spearman"}}
 
 
 @pytest.fixture(scope="module")
@@ -84,11 +84,11 @@ def test_adapter_eval_with_baseline_and_merged_agreement(adapter_setup):
 def test_adapter_zero_shot_routing(adapter_setup):
     root, data, base, tasks = adapter_setup
     code, err = run_cli("--adapter", root / "adapter", "--base", base, "--data", data, "--routing",
-                        "--tasks", "sentiment,overlap", "--out", root / "eval_routed", "--max-examples", N)
+                        "--tasks", "sentiment,rating", "--out", root / "eval_routed", "--max-examples", N)
     assert code == 0, err
     run = results(root / "eval_routed")["runs"]["trained"]
     assert run["model"]["kind"] == "adapter+routing"
-    for task in ("sentiment", "overlap"):
+    for task in ("sentiment", "rating"):
         r = run["tasks"][task]["routing"]
         assert r["task_in_adapter"] and 0.0 <= r["accuracy"] <= 1.0
         assert sum(r["routed_to"].values()) == N and set(r["routed_to"]) <= set(tasks)

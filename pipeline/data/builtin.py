@@ -1,15 +1,20 @@
 """The built-in multi-task set: generated here (no download), written as JSONL so the default config reads it
-exactly like user data. Five tasks of increasing difficulty, each with answers a metric can check:
+exactly like user data. Five small tasks a 2-layer model can learn, each with answers a metric can check:
 
-| task       | format   | kind           | example                                             | metric        |
-|------------|----------|----------------|-----------------------------------------------------|---------------|
-| sentiment  | template | classification | "a truly wonderful film" -> positive (negations flip)| accuracy      |
-| reverse    | chat     | generation     | "Reverse: red cat sun" -> "sun cat red"             | exact_match   |
-| sort       | alpaca   | generation     | "7 2 9" -> "2 7 9"                                   | exact_match   |
-| arithmetic | template | generation     | "23 + 58 =" -> "81"                                  | exact_match   |
-| overlap    | template | regression     | letters two words share in place: "plant"/"plane" -> 4| pearson, spearman |
+| task       | format   | kind           | example                                                | metric            |
+|------------|----------|----------------|--------------------------------------------------------|-------------------|
+| sentiment  | template | classification | "the film was not really boring" -> positive           | accuracy          |
+| reverse    | chat     | generation     | "Reverse the words: red cat sun" -> "sun cat red"      | exact_match       |
+| sort       | alpaca   | generation     | "7 2 9" -> "2 7 9"                                     | exact_match       |
+| arithmetic | template | generation     | "Compute: 7 - 9 =" -> "-2"                             | exact_match       |
+| rating     | template | regression     | "the show was very dull" -> 1 ... "truly superb" -> 5  | pearson, spearman |
 
 Task sizes differ on purpose (temperature sampling matters). Each task gets `train.jsonl` and `test.jsonl`.
+
+`skill_texts` is the default base's pretraining corpus: the same five skills in OTHER words (other prompts, and
+other answer words where the task allows: good/bad, one..five), drawn with another seed. A base pretrained on it
+can do the skills but not the tasks' formats, which is the situation of a real pretrained LLM: the adapter has to
+learn each task's prompt and answer format and tie it to a skill the base has.
 """
 from __future__ import annotations
 
@@ -20,13 +25,15 @@ from pathlib import Path
 
 POSITIVE = ["wonderful", "great", "delightful", "moving", "brilliant", "charming", "superb", "fun", "touching"]
 NEGATIVE = ["boring", "awful", "dull", "clumsy", "tedious", "weak", "messy", "bland", "painful"]
+NEUTRAL = ["okay", "average", "fine", "ordinary", "passable"]
 SUBJECTS = ["film", "movie", "story", "show", "book", "play", "album", "game"]
 INTENS = ["", "truly ", "really ", "quite ", "very "]
+STRONG, MILD = ["very ", "truly ", "really "], ["quite ", "fairly ", "somewhat "]
 WORDS = ["red", "cat", "sun", "tree", "blue", "dog", "moon", "fish", "star", "rock", "bird", "rain", "lamp", "door",
          "milk", "ship", "gold", "snow", "leaf", "wind"]
-LETTERS = "abcdefghij"
+NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five"]
 
-SIZES = {"sentiment": 2000, "reverse": 1200, "sort": 800, "arithmetic": 3000, "overlap": 1500}
+SIZES = {"sentiment": 2000, "reverse": 1200, "sort": 800, "arithmetic": 3000, "rating": 1500}
 TEST_SIZE = 200
 
 
@@ -39,31 +46,55 @@ def _sentiment(rng: random.Random) -> dict:
 
 
 def _reverse(rng: random.Random) -> dict:
-    words = [rng.choice(WORDS) for _ in range(rng.randint(2, 6))]
+    words = [rng.choice(WORDS) for _ in range(rng.randint(2, 5))]
     return {"messages": [{"role": "user", "content": "Reverse the words: " + " ".join(words)},
                          {"role": "assistant", "content": " ".join(reversed(words))}]}
 
 
 def _sort(rng: random.Random) -> dict:
-    nums = [rng.randint(0, 99) for _ in range(rng.randint(3, 7))]
+    nums = [rng.randint(0, 9) for _ in range(rng.randint(3, 6))]
     return {"instruction": "Sort the numbers in ascending order.", "input": " ".join(map(str, nums)),
             "output": " ".join(map(str, sorted(nums)))}
 
 
 def _arithmetic(rng: random.Random) -> dict:
-    a, b = rng.randint(0, 99), rng.randint(0, 99)
+    a, b = rng.randint(0, 9), rng.randint(0, 9)
     op = rng.choice("+-")
     return {"a": a, "b": b, "op": op, "answer": str(a + b if op == "+" else a - b)}
 
 
-def _overlap(rng: random.Random) -> dict:
-    w1 = "".join(rng.choice(LETTERS) for _ in range(5))
-    w2 = "".join(c if rng.random() < 0.5 else rng.choice(LETTERS) for c in w1)
-    return {"word1": w1, "word2": w2, "score": sum(x == y for x, y in zip(w1, w2))}
+def _rating(rng: random.Random) -> dict:
+    """1-5 stars: neutral words 3; positive words 4 (mild or no intensifier) or 5 (strong); negative 2 or 1."""
+    polarity = rng.choice([-1, 0, 1])
+    if polarity == 0:
+        return {"text": f"the {rng.choice(SUBJECTS)} was {rng.choice(NEUTRAL)}", "stars": 3}
+    strong = rng.random() < 0.5
+    intens = rng.choice(STRONG) if strong else rng.choice(MILD + [""])
+    word = rng.choice(POSITIVE if polarity > 0 else NEGATIVE)
+    return {"text": f"the {rng.choice(SUBJECTS)} was {intens}{word}", "stars": 3 + polarity * (2 if strong else 1)}
 
 
 GENERATORS = {"sentiment": _sentiment, "reverse": _reverse, "sort": _sort, "arithmetic": _arithmetic,
-              "overlap": _overlap}
+              "rating": _rating}
+
+# The same skills in other words, for the base's pretraining: (prompt, response) from a generated row.
+SKILL_WORDINGS = {
+    "sentiment": lambda r: (f"is this review good or bad? {r['text']} answer:", " good" if r["label"] else " bad"),
+    "reverse": lambda r: (f"backwards: {r['messages'][0]['content'].split(': ', 1)[1]} =>",
+                          " " + r["messages"][1]["content"]),
+    "sort": lambda r: (f"order from small to large: {r['input']} ->", " " + r["output"]),
+    "arithmetic": lambda r: (f"{r['a']} {r['op']} {r['b']} equals", " " + r["answer"]),
+    "rating": lambda r: (f"how many stars for: {r['text']} ->", " " + NUMBER_WORDS[r["stars"]]),
+}
+
+
+def skill_texts(n_per_task: int, seed: int = 0) -> list[str]:
+    """Pretraining texts for the default base (see the module docstring), from a seed unrelated to the task data's."""
+    rng = random.Random(f"skills:{seed}")
+    texts = []
+    for name, gen in GENERATORS.items():
+        texts += ["".join(SKILL_WORDINGS[name](gen(rng))) for _ in range(n_per_task)]
+    return texts
 
 
 def _write_if_changed(path: Path, text: str) -> None:

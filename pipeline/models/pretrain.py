@@ -1,5 +1,5 @@
-"""Build the small default base and pretrain it on prompts and responses as separate texts (see
-pipeline/config/base_model.py)."""
+"""Build the small default base and pretrain it as a plain language model on a skills corpus or on unpaired
+prompts and responses (why: pipeline/config/base_model.py)."""
 from __future__ import annotations
 
 import json
@@ -30,6 +30,15 @@ def unpaired_texts(data: PackedDataset) -> list[torch.Tensor]:
     return texts
 
 
+def skill_corpus(tokenizer, n_per_task: int, seed: int) -> list[torch.Tensor]:
+    """The built-in skills in other words, each text as BOS + tokens + EOS."""
+    from pipeline.data.builtin import skill_texts
+
+    bos, eos = [tokenizer.bos_token_id], [tokenizer.eos_token_id]
+    return [torch.tensor(bos + ids + eos) for ids in
+            tokenizer(skill_texts(n_per_task, seed), add_special_tokens=False)["input_ids"]]
+
+
 def build_base(cfg: BaseModelConfig, force: bool = False) -> Path:
     """Write the base to `cfg.output_dir` (atomically); reuse it when it was built from the same config."""
     from transformers import AutoTokenizer, LlamaForCausalLM
@@ -47,7 +56,9 @@ def build_base(cfg: BaseModelConfig, force: bool = False) -> Path:
         len(tok), hidden_size=cfg.hidden_size, num_layers=cfg.num_layers, num_heads=cfg.num_heads,
         num_kv_heads=cfg.num_kv_heads, intermediate_size=cfg.intermediate_size))
     if cfg.pretrain_steps:
-        _pretrain(model, data, cfg)
+        texts = (skill_corpus(tok, cfg.skill_examples_per_task, cfg.seed) if cfg.corpus == "skills"
+                 else unpaired_texts(data))
+        _pretrain(model, texts, cfg)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -62,15 +73,14 @@ def build_base(cfg: BaseModelConfig, force: bool = False) -> Path:
     return out
 
 
-def _pretrain(model, data: PackedDataset, cfg: BaseModelConfig) -> None:
-    samples = unpaired_texts(data)
+def _pretrain(model, samples: list[torch.Tensor], cfg: BaseModelConfig) -> None:
     g = torch.Generator().manual_seed(cfg.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
     warmup = max(1, cfg.pretrain_steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warmup, 0.5 * (
         1 + math.cos(math.pi * min(1.0, s / cfg.pretrain_steps)))))
     model.train()
-    bar = tqdm(range(cfg.pretrain_steps), desc="pretrain base (unpaired prompts, responses)", unit="step")
+    bar = tqdm(range(cfg.pretrain_steps), desc=f"pretrain base ({cfg.corpus})", unit="step")
     for _ in bar:
         batch = [samples[i] for i in torch.randint(len(samples), (cfg.batch_size,), generator=g).tolist()]
         ids = torch.nn.utils.rnn.pad_sequence(batch, batch_first=True, padding_value=0)
