@@ -161,6 +161,25 @@ def test_frozen_selection_is_the_same_computation():
     assert torch.equal(before, after)
 
 
+def test_selector_frozen_config_keeps_the_initial_random_choice():
+    """The reference-code ablation: ranks fixed at the random initial gate, whatever training does to the gates."""
+    free = _model(MoreConfig(gate_init="random", selector_warmup_steps=0)).train()
+    frozen = _model(MoreConfig(gate_init="random", selector_warmup_steps=0, selector_frozen=True)).train()
+    initial = rank_map(free)
+    assert rank_map(frozen) == initial and len({r for t in initial.values() for r in t.values()}) > 1
+    b = mixed_batch()
+    for m in (free, frozen):
+        opt = torch.optim.SGD(m.param_groups(1.0), lr=1.0)
+        for _ in range(3):
+            out = m(**b)
+            (out.logits.square().mean() + out.aux_loss).backward()
+            opt.step()
+            opt.zero_grad()
+    assert rank_map(frozen) == initial
+    assert rank_map(free) != initial  # the same steps move a learning selector (negative control)
+    assert all(l.gate.weight.grad is None for l in frozen.layers.values())
+
+
 def _task_prompts(task, n, g):
     """Task t's prompts start with its own 2-token template (like "cola sentence:"), then tokens from its own
     vocabulary band; responses are random."""

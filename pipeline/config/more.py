@@ -61,6 +61,10 @@ class MoreConfig(StrictModel):
     selector_warmup_steps: int = Field(100, ge=0)
     contrastive: ContrastiveConfig = Field(default_factory=ContrastiveConfig)
     init_seed: int = 0
+    # Ablation, not for use: every task's rank in every layer is fixed at the initial gate's choice and never
+    # trained, which is what the reference code does (its selector never learns; shared/docs/more-reference.md).
+    # With gate_init: random this is the reference's random start.
+    selector_frozen: bool = False
 
     @model_validator(mode="after")
     def _check(self):

@@ -109,6 +109,8 @@ class MoreCausalLM(nn.Module):
         self.report = parameter_report(self)
         self._training_step: Optional[int] = None
         self._train_forwards = 0
+        if config.selector_frozen:  # ablation: the reference's behaviour, ranks fixed at the initial choice
+            self.freeze_selection()
 
     # ------------------------------------------------------------------ parameters
     def adapter_parameters(self) -> List[nn.Parameter]:
