@@ -66,6 +66,7 @@ demo: evaluate
 # Every benchmark side by side on this machine, then bench/RESULTS.md regenerated from bench/results/*.json.
 bench: $(ENV_READY)
 	$(PYTHON) bench/prep.py
+	$(PYTHON) bench/packing.py
 	$(PYTHON) bench/adapter_step.py --repeats 3
 	$(PYTHON) bench/train_throughput.py
 	$(PYTHON) bench/merge.py
