@@ -71,6 +71,7 @@ bench: $(ENV_READY)
 	$(PYTHON) bench/train_throughput.py
 	$(PYTHON) bench/merge.py
 	$(PYTHON) bench/fidelity.py
+	$(PYTHON) bench/glue_variants.py --quick
 	$(PYTHON) bench/report.py
 
 clean:
