@@ -83,7 +83,9 @@ def train_throughput(r) -> list[str]:
     dtype = r["rows"][0]["dtype"]
     lines = ["## Training throughput, ZeRO-3 on CPU (`" + r["command"].strip() + "`)",
              f"Global batch of {r['rows'][0]['tokens_per_step']:.0f} tokens per step, {dtype}; "
-             "median tokens/s over steps after the first two.", "",
+             "median tokens/s over steps after the first two. The unquantized base runs in fp32, not bf16: "
+             "bf16 matmuls are ~10× slower on this AVX2-only CPU (measured), which would time the CPU, not the "
+             "pipeline; GPU rows need a GPU (none was lent).", "",
              "| base | 1 rank tok/s | 2 ranks tok/s | scaling efficiency |", "|---|---|---|---|"]
     for q in ("nf4", "none"):
         lines.append(f"| {q} | {rows[(1, q)]['tokens_per_s']:,.0f} | {rows[(2, q)]['tokens_per_s']:,.0f} | "
