@@ -2,10 +2,11 @@
 on the best base this project can train itself on CPU, every stage through the project's own commands.
 
     1. more           MoRE, max rank 8, learning selector (library defaults)
-    2. shared_lora    one rank-8 LoRA for every task (`more.expert_ranks=[8]`: a single expert, task id unused)
-    3. per_task_lora  one rank-8 LoRA per task (`data.tasks=[t]`), T x the adapter parameters; task t gets
-                      round(steps x p_t) steps, p_t its share of the joint runs' temperature sampling, so every
-                      variant sees the same number of steps and the same data
+    2. shared_lora    one rank-8 LoRA for every task (`more.expert_ranks=[8]`: a single expert; no contrastive
+                      loss, so the task id is unused: plain LoRA)
+    3. per_task_lora  one rank-8 LoRA per task (`data.tasks=[t]`, no contrastive loss), T x the adapter
+                      parameters; task t gets round(steps x p_t) steps, p_t its share of the joint runs' temperature
+                      sampling, so every variant sees (up to rounding) the same number of steps and the same data
     4. more_frozen    MoRE with each task's ranks fixed at the random initial gate (`more.selector_frozen`,
                       `more.gate_init=random`): what the reference code does
 
@@ -15,7 +16,7 @@ GLUE's own ~2M tokens of English; expect near-chance scores. Paper-scale numbers
 bench/RESULTS.md for the command). Evaluation: `launch/evaluate.py --adapter` on up to --max-examples validation
 examples per task (mnli: validation_mismatched), beside the base alone.
 
-    .venv/bin/python bench/glue_variants.py            # ~25 min on 2 CPU cores -> results/glue_variants.json
+    .venv/bin/python bench/glue_variants.py            # ~30 min on 2 CPU cores -> results/glue_variants.json
     .venv/bin/python bench/glue_variants.py --quick    # smaller base, 40 steps (make bench) -> ..._quick.json
 """
 from __future__ import annotations
@@ -33,8 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 VARIANTS = {
     "more": [],
-    "shared_lora": ["more.expert_ranks=[8]"],
-    "per_task_lora": ["more.expert_ranks=[8]"],
+    "shared_lora": ["more.expert_ranks=[8]", "more.contrastive.weight=0"],
+    "per_task_lora": ["more.expert_ranks=[8]", "more.contrastive.weight=0"],
     "more_frozen": ["more.selector_frozen=true", "more.gate_init=random"],
 }
 
@@ -76,11 +77,14 @@ def evaluate(adapter: Path, base: Path, data: Path, out: Path, tasks: list[str],
     return json.loads((out / "results.json").read_text())["runs"]
 
 
-def adapter_numel(adapter: Path) -> int:
+def adapter_numel(adapter: Path) -> dict[str, int]:
+    """Saved trainable parameters: the LoRA pairs alone, and everything (+ gates, task embeddings, contrastive
+    head, which the LoRA variants carry but do not use)."""
     from safetensors import safe_open
 
     with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as f:
-        return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+        sizes = {k: math.prod(f.get_slice(k).get_shape()) for k in f.keys()}
+    return {"lora": sum(v for k, v in sizes.items() if "lora_" in k), "all": sum(sizes.values())}
 
 
 def scores(run_result: dict) -> dict:
@@ -132,7 +136,8 @@ def main() -> int:
             if baseline is None:
                 baseline = scores(runs["baseline"])
             results[variant].update(scores(runs["trained"]))
-            params[variant] = params.get(variant, 0) + adapter_numel(run_dir / "adapter")
+            n = adapter_numel(run_dir / "adapter")
+            params[variant] = {k: params.get(variant, {}).get(k, 0) + v for k, v in n.items()}
     out = {
         "command": "python bench/glue_variants.py" + (" --quick" if a.quick else ""),
         "settings": {"steps": steps, "per_task_steps": per_task, "max_examples": max_examples,

@@ -143,15 +143,16 @@ def glue_variants(r) -> list[str]:
     lines = ["## Real data: the four variants on GLUE (`" + r["command"] + "`)",
              f"Base: tiny Llama d={s['base']['hidden_size']}, {s['base']['num_layers']} layers, pretrained "
              f"{s['base']['pretrain_steps']} steps ({s['base']['pretrain_seconds']:.0f} s) on the prepared GLUE "
-             f"training text (`corpus: unpaired`). {s['steps']} training steps per variant ({s['train_config']}); "
+             f"training text (`corpus: {s['base']['corpus']}`). {s['steps']} training steps per variant ({s['train_config']}); "
              f"per-task LoRA: {', '.join(f'{t} {n}' for t, n in s['per_task_steps'].items())} steps. "
              f"Validation: up to {s['max_examples']} examples per task (mnli: validation_mismatched).", "",
              "| task | metric | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
     lines += [f"| {t} | {metric_names[t]} | " + " | ".join(cell(rows[c], t) for c in cols) + " |" for t in names]
     lines += ["| **mean task score** | | " + " | ".join(
         f"**{sum(rows[c][t]['score'] for t in names) / len(names):.3f}**" for c in cols) + " |", "",
-        "| variant | trainable params | train seconds |", "|---|---|---|"]
-    lines += [f"| {v} | {r['trainable_params'][v]:,} | {r['train_seconds'][v]:.0f} |" for v in r["variants"]]
+        "| variant | LoRA A/B params | all saved params | train seconds (incl. start-up) |", "|---|---|---|---|"]
+    lines += [f"| {v} | {p['lora']:,} | {p['all']:,} | {r['train_seconds'][v]:.0f} |"
+              for v, p in ((v, r["trainable_params"][v]) for v in r["variants"])]
     return lines
 
 

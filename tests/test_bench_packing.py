@@ -27,5 +27,4 @@ def test_packing_quick(tmp_path):
     assert packed["efficiency"] > padded["efficiency"]
     assert packed["efficiency"] >= 0.98 and r["prep_packing_efficiency"] >= 0.98
     assert r["loss_check"]["rel_diff"] < 1e-4
-    assert r["ratio_packed_over_padded"] == pytest.approx(packed["tokens_per_s"] / padded["tokens_per_s"], rel=1e-2)
     assert r["command"].startswith("python bench/packing.py")

@@ -27,7 +27,7 @@ class BaseModelConfig(StrictModel):
     num_heads: int = Field(default=4, gt=0)
     num_kv_heads: int = Field(default=2, gt=0)
     intermediate_size: int = Field(default=256, gt=0)
-    corpus: Literal["skills", "unpaired"] = "skills"
+    corpus: Literal["skills", "unpaired"] = "unpaired"  # configs/base/default.yaml: skills
     skill_examples_per_task: int = Field(default=3000, gt=0)  # corpus=skills: texts generated per skill
     pretrain_steps: int = Field(default=1500, ge=0)  # 0: a random base
     batch_size: int = Field(default=32, gt=0)

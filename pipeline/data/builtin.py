@@ -9,15 +9,19 @@ exactly like user data. Five small tasks a 2-layer model can learn, each with an
 | arithmetic | template | generation     | "Compute: 7 - 9 =" -> "-2"                             | exact_match       |
 | rating     | template | regression     | "the show was very dull" -> 1 ... "truly superb" -> 5  | pearson, spearman |
 
-Task sizes differ on purpose (temperature sampling matters). Each task gets `train.jsonl` and `test.jsonl`.
+Task sizes differ on purpose (temperature sampling matters). Each task gets `train.jsonl` and `test.jsonl`, whose
+inputs never occur in train (`is_test_input`).
 
 `skill_texts` is the default base's pretraining corpus: the same five skills in OTHER words (other prompts, and
 other answer words where the task allows: good/bad, one..five), drawn with another seed. A base pretrained on it
 can do the skills but not the tasks' formats, which is the situation of a real pretrained LLM: the adapter has to
-learn each task's prompt and answer format and tie it to a skill the base has.
+learn each task's prompt and answer format and tie it to a skill the base has. The corpus covers the whole input
+space, test inputs included (as an LLM knows that 7 - 9 = -2 before it is fine-tuned): what a test row checks is
+that the adapter's format carries over to inputs it never saw in the task's format.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -106,13 +110,26 @@ def _write_if_changed(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
+def is_test_input(row: dict) -> bool:
+    """A fixed fifth of every task's inputs (by hash; each row's answer is a function of its input) is test-only,
+    so no test input ever appears in a task's training data. Small input spaces (one-digit arithmetic has 200
+    problems) would otherwise put most test rows in train too."""
+    return hashlib.sha256(json.dumps(row, sort_keys=True).encode()).digest()[0] % 5 == 0
+
+
 def write_builtin(out_dir: str | Path, scale: float = 1.0, seed: int = 0) -> Path:
     """Generate `<out_dir>/<task>/{train,test}.jsonl` deterministically from (scale, seed)."""
     out = Path(out_dir)
-    for t, (name, gen) in enumerate(GENERATORS.items()):
+    for name, gen in GENERATORS.items():
         rng = random.Random(f"{seed}:{name}")
+        want = {"train": max(1, int(SIZES[name] * scale)), "test": TEST_SIZE}
+        rows = {"train": [], "test": []}
+        while any(len(rows[k]) < want[k] for k in rows):
+            row = gen(rng)
+            split = "test" if is_test_input(row) else "train"
+            if len(rows[split]) < want[split]:
+                rows[split].append(row)
         (out / name).mkdir(parents=True, exist_ok=True)
-        for split, n in (("train", max(1, int(SIZES[name] * scale))), ("test", TEST_SIZE)):
-            rows = [gen(rng) for _ in range(n)]
-            _write_if_changed(out / name / f"{split}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+        for split, r in rows.items():
+            _write_if_changed(out / name / f"{split}.jsonl", "".join(json.dumps(x) + "\n" for x in r))
     return out

@@ -2,6 +2,7 @@
 prompts and responses (why: pipeline/config/base_model.py)."""
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -12,6 +13,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from pipeline.config import ConfigError
 from pipeline.config.base_model import BaseModelConfig
 from pipeline.data.loader import PackedDataset
 from pipeline.models.tiny import tiny_llama_config
@@ -30,13 +32,20 @@ def unpaired_texts(data: PackedDataset) -> list[torch.Tensor]:
     return texts
 
 
-def skill_corpus(tokenizer, n_per_task: int, seed: int) -> list[torch.Tensor]:
-    """The built-in skills in other words, each text as BOS + tokens + EOS."""
-    from pipeline.data.builtin import skill_texts
-
+def skill_corpus(tokenizer, texts: list[str]) -> list[torch.Tensor]:
+    """BOS + tokens + EOS: each skill text is a whole document, like a pretraining sample."""
     bos, eos = [tokenizer.bos_token_id], [tokenizer.eos_token_id]
-    return [torch.tensor(bos + ids + eos) for ids in
-            tokenizer(skill_texts(n_per_task, seed), add_special_tokens=False)["input_ids"]]
+    return [torch.tensor(bos + ids + eos) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
+def _skill_texts_for(cfg: BaseModelConfig, manifest: dict) -> list[str]:
+    """The skills corpus, refused for data that is not the built-in tasks (it would teach unrelated skills)."""
+    from pipeline.data.builtin import GENERATORS, skill_texts
+
+    if set(manifest["tasks"]) != set(GENERATORS):
+        raise ConfigError(f"{cfg.data_dir}: corpus=skills is the built-in tasks' corpus ({', '.join(GENERATORS)}), "
+                          f"but this data has tasks {sorted(manifest['tasks'])}: use corpus=unpaired")
+    return skill_texts(cfg.skill_examples_per_task, cfg.seed)
 
 
 def build_base(cfg: BaseModelConfig, force: bool = False) -> Path:
@@ -44,8 +53,10 @@ def build_base(cfg: BaseModelConfig, force: bool = False) -> Path:
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     out = Path(cfg.output_dir)
-    stamp = {"config_hash": cfg.config_hash(),
-             "data": json.loads((Path(cfg.data_dir) / "manifest.json").read_text())["cache_key"]}
+    manifest = json.loads((Path(cfg.data_dir) / "manifest.json").read_text())
+    skills = _skill_texts_for(cfg, manifest) if cfg.corpus == "skills" else None
+    stamp = {"config_hash": cfg.config_hash(), "data": manifest["cache_key"],  # + the corpus, which code defines
+             "corpus": hashlib.sha256("\n".join(skills).encode()).hexdigest() if skills else cfg.corpus}
     if not force and (out / STAMP).is_file() and json.loads((out / STAMP).read_text()) == stamp:
         print(f"base model up to date: {out}")
         return out
@@ -56,8 +67,7 @@ def build_base(cfg: BaseModelConfig, force: bool = False) -> Path:
         len(tok), hidden_size=cfg.hidden_size, num_layers=cfg.num_layers, num_heads=cfg.num_heads,
         num_kv_heads=cfg.num_kv_heads, intermediate_size=cfg.intermediate_size))
     if cfg.pretrain_steps:
-        texts = (skill_corpus(tok, cfg.skill_examples_per_task, cfg.seed) if cfg.corpus == "skills"
-                 else unpaired_texts(data))
+        texts = skill_corpus(tok, skills) if skills else unpaired_texts(data)
         _pretrain(model, texts, cfg)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
