@@ -12,9 +12,9 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-# The smallest gain each task must show over the untrained base: about half of what this test measured here
-# (sentiment +0.37, reverse +0.17, sort +0.30, arithmetic +0.91, rating +1.04; the demo gains 0.52-1.09).
-MIN_GAIN = {"sentiment": 0.2, "reverse": 0.08, "sort": 0.15, "arithmetic": 0.4, "rating": 0.5}
+# The smallest gain each task must show over the untrained base on held-out test inputs: about half of what this
+# test measured here (sentiment 0.85 -> 1.00, reverse +0.25, sort +0.22, arithmetic +0.34, rating +1.29).
+MIN_GAIN = {"sentiment": 0.07, "reverse": 0.12, "sort": 0.1, "arithmetic": 0.15, "rating": 0.6}
 
 
 def _run(args: list, cwd: Path = ROOT) -> None:

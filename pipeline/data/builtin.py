@@ -13,7 +13,7 @@ Task sizes differ on purpose (temperature sampling matters). Each task gets `tra
 inputs never occur in train (`is_test_input`).
 
 `skill_texts` is the default base's pretraining corpus: the same five skills in OTHER words (other prompts, and
-other answer words where the task allows: good/bad, one..five), drawn with another seed. A base pretrained on it
+for the rating other answer words: one..five), drawn with another seed. A base pretrained on it
 can do the skills but not the tasks' formats, which is the situation of a real pretrained LLM: the adapter has to
 learn each task's prompt and answer format and tie it to a skill the base has. The corpus covers the whole input
 space, test inputs included (as an LLM knows that 7 - 9 = -2 before it is fine-tuned): what a test row checks is
@@ -83,7 +83,8 @@ GENERATORS = {"sentiment": _sentiment, "reverse": _reverse, "sort": _sort, "arit
 
 # The same skills in other words, for the base's pretraining: (prompt, response) from a generated row.
 SKILL_WORDINGS = {
-    "sentiment": lambda r: (f"is this review good or bad? {r['text']} answer:", " good" if r["label"] else " bad"),
+    "sentiment": lambda r: (f"is this review good or bad? {r['text']} answer:",
+                            " positive" if r["label"] else " negative"),
     "reverse": lambda r: (f"backwards: {r['messages'][0]['content'].split(': ', 1)[1]} =>",
                           " " + r["messages"][1]["content"]),
     "sort": lambda r: (f"order from small to large: {r['input']} ->", " " + r["output"]),
