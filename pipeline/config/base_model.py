@@ -3,9 +3,9 @@
 A frozen RANDOM base gives an adapter little to build on (measured: MoRE on a random 128x2 base learns sentiment
 and rating partly and reverse/sort not at all in 600 steps), so the default first pretrains a tiny base, like a
 real LLM, on skills rather than on the tasks themselves. Two corpora:
-- `skills` (default, built-in tasks only): the five built-in skills in OTHER words (`pipeline.data.builtin.
-  skill_texts`). The base can do the skills but not the tasks' prompts and answer words, so the untrained row of
-  the report stays near zero and the adapter learns each task's format (600 steps: every task above 0.68 exact).
+- `skills` (configs/base/default.yaml; built-in tasks only): the five built-in skills in OTHER words
+  (`pipeline.data.builtin.skill_texts`). The base can do the skills but not the tasks' prompts, so the untrained
+  row of the report stays low and the adapter learns each task's format (README: the demo's table).
 - `unpaired` (any prepared data, e.g. GLUE): the prepared samples' prompts and responses as SEPARATE texts, never
   one after the other: the vocabulary and how prompts read, but not which answer goes with which prompt. (A base
   pretrained on prompts followed by MISMATCHED responses learns to ignore the prompt: measured.)
