@@ -151,8 +151,11 @@ def glue_variants(r) -> list[str]:
     lines += ["| **mean task score** | | " + " | ".join(
         f"**{sum(rows[c][t]['score'] for t in names) / len(names):.3f}**" for c in cols) + " |", "",
         "| variant | LoRA A/B params | all saved params | train seconds (incl. start-up) |", "|---|---|---|---|"]
-    lines += [f"| {v} | {p['lora']:,} | {p['all']:,} | {r['train_seconds'][v]:.0f} |"
-              for v, p in ((v, r["trainable_params"][v]) for v in r["variants"])]
+    for v in r["variants"]:
+        p = r["trainable_params"][v]
+        p = p if isinstance(p, dict) else {"lora": None, "all": p}  # runs before the A/B split (bench/NOTES.md)
+        lora = "–" if p["lora"] is None else f"{p['lora']:,}"
+        lines.append(f"| {v} | {lora} | {p['all']:,} | {r['train_seconds'][v]:.0f} |")
     return lines
 
 
