@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 from pipeline.config.base import load_config  # noqa: E402
 from pipeline.config.more import MoreConfig  # noqa: E402
 from pipeline.config.prep import PrepConfig  # noqa: E402
-from pipeline.data.loader import PackedCollator, PackedDataset  # noqa: E402
+from pipeline.data.loader import PackedCollator, PackedDataset, split_samples  # noqa: E402
 from pipeline.data.prep import run_prep  # noqa: E402
 from pipeline.models.tiny import tiny_llama_config  # noqa: E402
 from pipeline.more import inject  # noqa: E402
@@ -53,13 +53,6 @@ def prepared_glue(data_dir: Path) -> PackedDataset:
     with contextlib.chdir(ROOT):  # the config's source paths (and so its cache key) are relative to the repo root
         cfg = load_config(PrepConfig, "configs/prep/glue.yaml", [f"output_dir={data_dir}"])
         return PackedDataset(run_prep(cfg), "train")
-
-
-def split_samples(row: dict) -> list[dict]:
-    """One packed row -> its samples, each a one-sample row (as pipeline/models/pretrain.py: unpaired_texts splits)."""
-    lens = row["seq_lens"].tolist()
-    parts = {k: torch.split(row[k], lens) for k in ("input_ids", "labels", "position_ids", "task_ids", "prompt_mask")}
-    return [{**{k: v[i] for k, v in parts.items()}, "seq_lens": torch.tensor([n])} for i, n in enumerate(lens)]
 
 
 def padded_batches(samples: list[dict], slots: int, collate: PackedCollator) -> list[dict]:

@@ -66,6 +66,13 @@ class PackedDataset(torch.utils.data.Dataset):
         return counts.argmax(axis=1)
 
 
+def split_samples(row: dict) -> list[dict]:
+    """One packed row -> its samples, each a one-sample row in the same format (rows are cut at `seq_lens`)."""
+    lens = row["seq_lens"].tolist()
+    parts = {k: torch.split(row[k], lens) for k in COLUMNS if k != "seq_lens"}
+    return [{**{k: v[i] for k, v in parts.items()}, "seq_lens": torch.tensor([n])} for i, n in enumerate(lens)]
+
+
 def block_causal_mask(segment_ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """(B, L) segment ids (-1 = padding) -> (B, 1, L, L) additive mask: 0 where allowed, finfo(dtype).min elsewhere."""
     B, L = segment_ids.shape

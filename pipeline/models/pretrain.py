@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from pipeline.config import ConfigError
 from pipeline.config.base_model import BaseModelConfig
-from pipeline.data.loader import PackedDataset
+from pipeline.data.loader import PackedDataset, split_samples
 from pipeline.models.tiny import tiny_llama_config
 
 STAMP = "base_stage.json"
@@ -25,8 +25,8 @@ def unpaired_texts(data: PackedDataset) -> list[torch.Tensor]:
     """Every training sample's prompt and its response as two separate texts: never one after the other."""
     texts = []
     for row in range(len(data)):
-        r = data[row]
-        for ids, pm in zip(*(torch.split(r[k], r["seq_lens"].tolist()) for k in ("input_ids", "prompt_mask"))):
+        for sample in split_samples(data[row]):
+            ids, pm = sample["input_ids"], sample["prompt_mask"]
             texts.append(ids[pm])
             texts.append(torch.cat([ids[:1], ids[~pm]]))  # the sample's first token (BOS) + the response
     return texts
