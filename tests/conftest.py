@@ -1,9 +1,30 @@
 """Shared pytest fixtures. Keep each fixture small and named for what it provides."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+BNB_HOOK_DIR = Path(__file__).parent / "bnb_cpu_path"
+
+
+def force_bnb_cpu_path(monkeypatch, avx512bf16: bool) -> None:
+    """Make bitsandbytes take its AVX512-BF16 CPU branch (in-place weight repack in eval) or its plain one, in this
+    process and in every subprocess it starts, whatever this host's CPU is."""
+    import bitsandbytes.nn.modules as bnb_modules
+
+    monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: avx512bf16)
+    monkeypatch.setenv("BNB_FORCE_AVX512BF16", "1" if avx512bf16 else "0")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(BNB_HOOK_DIR), os.environ.get("PYTHONPATH"))
+                                                     if p))
+
+
+@pytest.fixture(params=["avx512bf16", "plain"])
+def bnb_cpu_path(request, monkeypatch):
+    """Runs the test once on each bitsandbytes CPU branch (see `force_bnb_cpu_path`)."""
+    force_bnb_cpu_path(monkeypatch, request.param == "avx512bf16")
+    return request.param
 
 
 def _small_builtin_config(root: Path, **overrides):

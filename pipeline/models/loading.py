@@ -2,6 +2,12 @@
 
 NF4 follows the QLoRA recipe that ZeRO-3 can shard: 4-bit NF4 weights stored in a bf16 container
 (`bnb_4bit_quant_storage`), bf16 compute. Under ZeRO-3 no `device_map` is passed (DeepSpeed places the shards).
+
+bitsandbytes' CPU fast path is kept off for every NF4 layer loaded here (`keep_nf4_layout`): on a CPU with
+AVX512-BF16, `Linear4bit.forward` in eval mode repacks the weight IN PLACE into a kernel layout with bf16 absmax.
+That layout breaks ZeRO-3 partitions (reshape of an empty shard), `state_dict()` (asserts uint8 storage, so the
+first checkpoint after an in-training eval dies) and exact merges (logits move by ~2e-3). Off, every CPU computes
+the same dequantize-then-matmul as an AVX2-only one.
 """
 from __future__ import annotations
 
@@ -36,4 +42,17 @@ def load_base_model(path: str, quantization: Literal["nf4", "none"] = "none", dt
     elif device_map:
         kwargs["device_map"] = device_map
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if quantization == "nf4":
+        keep_nf4_layout(model)
+    return model
+
+
+def keep_nf4_layout(model) -> int:
+    """Switch off bitsandbytes' in-place CPU repack on every Linear4bit of `model`; returns how many layers."""
+    import bitsandbytes as bnb
+
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    for m in layers:
+        m.support_avx512bf16_for_cpu = False
+    return len(layers)
