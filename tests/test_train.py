@@ -118,13 +118,16 @@ def test_ds_config_auto_values_filled_and_conflicts_named(tiny_train_setup, tmp_
 
 
 @pytest.mark.slow
-def test_zero3_two_ranks_nf4_learns_and_adapter_reproduces_eval_loss(tiny_train_setup, tmp_path):
-    """The README's main entry: `deepspeed launch/train.py --deepspeed ds_configs/zero3.json --config ...`."""
+def test_zero3_two_ranks_nf4_learns_and_adapter_reproduces_eval_loss(tiny_train_setup, tmp_path, bnb_cpu_path):
+    """The README's main entry: `deepspeed launch/train.py --deepspeed ds_configs/zero3.json --config ...`, on both
+    bitsandbytes CPU branches, with an in-training eval followed by a checkpoint (where the AVX512-BF16 repack
+    killed runs)."""
     run = tmp_path / "run"
     deepspeed = Path(sys.executable).parent / "deepspeed"
     cmd = [str(deepspeed), "--num_gpus", "2", "--master_port", str(free_port()), str(TRAIN), "--deepspeed", str(ZERO3),
            "--config", str(tiny_train_setup["config"]), "--set", f"output_dir={run}", "--set", "model.dtype=bf16",
-           "--set", "optim.max_steps=12", "--set", "eval.max_batches=null"]
+           "--set", "optim.max_steps=12", "--set", "eval.max_batches=null", "--set", "eval.every=6",
+           "--set", "checkpoint.every=6"]
     proc = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
 
