@@ -29,7 +29,9 @@ class TemplateConfig(StrictModel):
     """`prompt` and `response` are `str.format` templates over the row's columns.
 
     `verbalizer` maps a label value (as written in YAML, compared as a string) to the word the model must produce,
-    e.g. {0: unacceptable, 1: acceptable}; the response template sees it as `{label_text}`.
+    e.g. {0: unacceptable, 1: acceptable}; the response template sees it as `{label_text}`. A value must be text
+    (numbers are taken as written): YAML reads an unquoted `yes`/`no`/`on`/`off`/`true`/`false` as a boolean, and
+    `{0: yes, 1: no}` used to become the words "True"/"False", so a boolean value is an error that says to quote it.
     """
 
     prompt: str
@@ -40,9 +42,12 @@ class TemplateConfig(StrictModel):
     @model_validator(mode="before")
     @classmethod
     def _stringify_verbalizer_keys(cls, data):
+        """Keys are label values compared as text (`str(label)`, so a `true:` key matches a boolean label); number
+        values become text; anything else (booleans, null, lists) is left for the `str` check to reject."""
         if isinstance(data, dict) and isinstance(data.get("verbalizer"), dict):
             data = dict(data)
-            data["verbalizer"] = {str(k): str(v) for k, v in data["verbalizer"].items()}
+            data["verbalizer"] = {str(k): str(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+                                  for k, v in data["verbalizer"].items()}
         return data
 
 
