@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -29,7 +30,7 @@ def assert_clean(tmp: Path):
     """No output folder, no temporary or scratch folder: only the inputs the test wrote."""
     left = sorted(p.name for p in tmp.iterdir())
     assert not (tmp / "out").exists() and not (tmp / "out.shards").exists()
-    assert all(name in ("src.jsonl", "good.jsonl", "empty.jsonl", "cfg.yaml") for name in left), left
+    assert all(name in ("src.jsonl", "good.jsonl", "empty.jsonl", "long.jsonl", "cfg.yaml") for name in left), left
 
 
 def run(cfg: dict):
@@ -135,9 +136,87 @@ def test_json_list_source_and_malformed_json_file(tmp_path):
     cfg["tasks"][0]["source"] = {"type": "json", "path": str(good)}
     out = run(cfg)
     assert json.loads((out / "manifest.json").read_text())["tasks"]["plus"]["examples"] == len(ROWS)
-    import shutil
     shutil.rmtree(out)
     good.write_text('[\n {"q": "a", "a": "b"},\n {"q": }\n]')
     with pytest.raises(PrepError, match=r"good\.jsonl:3: malformed JSON"):
+        run(cfg)
+    assert_clean(tmp_path)
+
+
+@pytest.mark.parametrize("bad_row", ['{"a": "13"}', '{"q": null, "a": "13"}'])
+def test_one_row_missing_a_template_field_names_file_line_and_field(tmp_path, bad_row):
+    """The other rows have the column, so the column check passes; the row used to render as "Q: None"."""
+    lines = [json.dumps(r) for r in ROWS]
+    lines[12] = bad_row
+    with pytest.raises(PrepError, match=r"task 'plus': .*src\.jsonl:13: field 'q' is missing or null \(1 such row"):
+        run(make_cfg(tmp_path, lines))
+    assert_clean(tmp_path)
+    out = run(make_cfg(tmp_path, lines, skip_invalid=True))
+    task = json.loads((out / "manifest.json").read_text())["tasks"]["plus"]
+    assert task["invalid"] == 1 and task["examples"] == len(ROWS) - 1
+
+
+def test_task_emptied_by_overflow_drop_is_named_and_nothing_written(tmp_path):
+    out = run(make_cfg(tmp_path, overflow="drop"))
+    before = (out / "manifest.json").read_bytes()
+    long_src = tmp_path / "long.jsonl"
+    long_src.write_text("".join(json.dumps({"q": " ".join(["seven hundred"] * 60), "a": str(i)}) + "\n"
+                                for i in range(10)))
+    cfg = make_cfg(tmp_path, overflow="drop")
+    cfg["tasks"].append({"name": "long", "source": {"type": "jsonl", "path": str(long_src)},
+                         "template": {"prompt": "Q: {q}\nA:", "response": "{a}"}})
+    with pytest.raises(PrepError, match=r"task 'long': no training examples left: overflow: drop removed 10 of its "
+                                        r"10 samples \(longer than max_seq_len 64\)"):
+        run(cfg)
+    assert (out / "manifest.json").read_bytes() == before
+    shutil.rmtree(out)
+    with pytest.raises(PrepError, match="task 'long': no training examples left"):
+        run(cfg)
+    assert_clean(tmp_path)
+
+
+def test_merge_with_a_shard_missing_names_it_and_writes_nothing(tmp_path, capsys):
+    import yaml
+    from data_prep.__main__ import main
+
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text(yaml.safe_dump(make_cfg(tmp_path)))
+    shards = tmp_path / "out.shards"
+    assert main(["--config", str(cfg_file), "--shard", "0/3"]) == 0
+    assert main(["--config", str(cfg_file), "--shard", "2/3"]) == 0
+    assert main(["--config", str(cfg_file), "--set", "seed=1", "--shard", "1/3"]) == 0  # another config
+    capsys.readouterr()
+    assert main(["--config", str(cfg_file), "--merge-shards"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: --merge-shards: shard(s) missing: {shards / '1-of-3'} (was prepared from another config/data)" \
+        in err, err
+    assert not (tmp_path / "out").exists()
+
+    shutil.rmtree(shards / "1-of-3")
+    assert main(["--config", str(cfg_file), "--merge-shards"]) == 2
+    assert f"{shards / '1-of-3'} (not found)" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    assert sorted(p.name for p in shards.iterdir()) == ["0-of-3", "2-of-3"]
+
+
+def test_merge_with_an_unreadable_shard_record_names_the_file(tmp_path):
+    cfg = load_config(PrepConfig, data=make_cfg(tmp_path))
+    for i in range(2):
+        run_prep(cfg, shard=(i, 2))
+    record = tmp_path / "out.shards" / "1-of-2" / "shard.json"
+    record.write_text('{"cache_key": ')
+    with pytest.raises(PrepError, match=rf"--merge-shards: {record} is not a readable shard record"):
+        run_prep(cfg, merge_shards=True)
+    assert not (tmp_path / "out").exists()
+
+
+def test_unquoted_yes_no_verbalizer_keys_hint_at_quoting(tmp_path):
+    """Keys stay label values compared as text (`true:` matches a boolean label), so `{yes: positive}` is the key
+    'True'; a text label 'yes' then has no entry, and the error says why."""
+    lines = [json.dumps({"q": r["q"], "label": "yes" if i % 2 else "no"}) for i, r in enumerate(ROWS)]
+    cfg = make_cfg(tmp_path, lines)
+    cfg["tasks"][0]["template"] = {"prompt": "Q: {q}\nA:", "verbalizer": {True: "positive", False: "negative"}}
+    with pytest.raises(PrepError, match=r"label 'no' .*keys: \['False', 'True'\]; YAML reads an unquoted "
+                                        r"yes/no/on/off/true/false key as a boolean"):
         run(cfg)
     assert_clean(tmp_path)

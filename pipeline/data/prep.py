@@ -24,7 +24,7 @@ from pipeline.config.tasks import TaskConfig
 from pipeline.data import builtin
 from pipeline.data.errors import PrepError
 from pipeline.data.pack import pack
-from pipeline.data.render import check_columns, render
+from pipeline.data.render import check_columns, check_rows, render
 from pipeline.data.sampler import task_probabilities
 from pipeline.data.sources import fingerprint_source, load_task
 from pipeline.data.tokenize import Samples, tokenize_dataset
@@ -81,6 +81,7 @@ def _training_texts(cfg: PrepConfig):
     for task in cfg.tasks:
         ds, _ = load_task(task, task.source.split, cfg.skip_invalid)
         check_columns(task, ds.column_names, f"{task.source.path} (split {task.source.split})")
+        ds, _ = check_rows(task, ds, task.source.split, cfg.skip_invalid)
         for row in ds.select(range(min(per_task, len(ds)))):
             prompt, response = render(task, row)
             yield prompt + " " + response
@@ -104,6 +105,8 @@ def make_tokenizer(cfg: PrepConfig, out_dir: Path):
 def _tokenize_split(cfg, task, tid, tok, split, max_examples, shard, work: Path, key: str):
     ds, invalid = load_task(task, split, cfg.skip_invalid, shard, max_examples=max_examples)
     check_columns(task, ds.column_names, f"{task.source.path} (split {split})")
+    ds, skipped = check_rows(task, ds, split, cfg.skip_invalid)
+    invalid += skipped
     if len(ds) == 0:  # an empty slice of a small source under --shard
         return None, invalid, 0
     tokd = tokenize_dataset(
@@ -162,8 +165,26 @@ def _canonical(s: Samples) -> Samples:
     return s.select(np.lexsort((s.example_id, s.is_eval, s.task_id)))
 
 
+def check_every_task_has_training_data(cfg: PrepConfig, samples: Samples, stats: dict[str, dict]) -> None:
+    """A task with no training sample left would be written as a task the sampler can never draw (and training
+    would report it as trained); refuse, naming the task and why its samples went."""
+    n_train = np.bincount(samples.task_id[~samples.is_eval], minlength=len(cfg.tasks))
+    for tid, task in enumerate(cfg.tasks):
+        if n_train[tid]:
+            continue
+        st, n_eval = stats[task.name], int((samples.task_id == tid).sum())
+        held = f", the other {n_eval} are held out for eval" if n_eval else ""
+        if st["dropped"]:
+            why = (f"overflow: drop removed {st['dropped']} of its {st['read']} samples (longer than max_seq_len "
+                   f"{cfg.max_seq_len}){held}; raise max_seq_len or set overflow: truncate")
+        else:
+            why = f"all {n_eval} of its samples are held out for eval"
+        raise PrepError(f"task {task.name!r}: no training examples left: {why}")
+
+
 def write_packed(cfg: PrepConfig, samples: Samples, stats: dict[str, dict], tok, out: Path, key: str) -> dict:
     """Pack train and eval samples, save both splits and `manifest.json` into `out`; returns the manifest."""
+    check_every_task_has_training_data(cfg, samples, stats)
     samples = _canonical(samples)
     L = cfg.max_seq_len
     tasks = {t.name: {"id": i, **stats[t.name]} for i, t in enumerate(cfg.tasks)}
@@ -208,6 +229,8 @@ def write_packed(cfg: PrepConfig, samples: Samples, stats: dict[str, dict], tok,
         "train_on_prompt": cfg.train_on_prompt,
         "pack_per_task": cfg.pack_per_task,
         "seed": cfg.seed,
+        # Largest token id in either split: training checks it against the model's vocab_size before starting.
+        "max_token_id": int(samples.ids.max()),
         "tokenizer": {
             "path": "tokenizer",
             "source": cfg.tokenizer.path or "sentencepiece (trained on the task data)",
@@ -276,19 +299,51 @@ def _prepare_shard(cfg: PrepConfig, key: str, shard: tuple[int, int], force: boo
     return out
 
 
+def _read_shard_meta(path: Path) -> dict:
+    try:
+        meta = json.loads(path.read_text())
+        if not all(k in meta for k in ("cache_key", "index", "num_shards", "stats", "tokenizer_hash")):
+            raise ValueError("keys missing")
+        return meta
+    except (ValueError, OSError) as e:
+        raise PrepError(f"--merge-shards: {path} is not a readable shard record ({e}); prepare that shard again "
+                        f"with --shard i/N --force") from None
+
+
+def find_shards(cfg: PrepConfig, key: str) -> tuple[int, dict[int, tuple[dict, Path]]]:
+    """The complete set of this config's shards (N, {index: (shard.json, folder)}), or an error that names every
+    missing or stale shard folder. Shards of another N (an earlier split of the same work) are ignored when one N
+    is complete."""
+    root = shards_dir(cfg)
+    metas = [(_read_shard_meta(p), p.parent) for p in sorted(root.glob("*-of-*/shard.json"))] if root.is_dir() else []
+    ours = [(m, d) for m, d in metas if m["cache_key"] == key]
+    if not ours:
+        stale = f" ({len(metas)} shard(s) there were prepared from another config/data)" if metas else ""
+        raise PrepError(f"--merge-shards: no shard of this config/data in {root}{stale}; run --shard i/N first")
+    by_n: dict[int, dict[int, tuple[dict, Path]]] = {}
+    for m, d in ours:
+        by_n.setdefault(m["num_shards"], {})[m["index"]] = (m, d)
+    complete = [n for n, got in by_n.items() if len(got) == n]
+    if len(complete) == 1:
+        return complete[0], by_n[complete[0]]
+    if len(complete) > 1:
+        raise PrepError(f"--merge-shards: {root} holds complete sets of this config for N = {sorted(complete)}; "
+                        f"remove the folders of the split you do not want")
+    problems = []
+    for n, got in sorted(by_n.items()):
+        for i in range(n):
+            if i in got:
+                continue
+            d = root / f"{i}-of-{n}"
+            state = "was prepared from another config/data" if (d / "shard.json").is_file() else "not found"
+            problems.append(f"{d} ({state})")
+    raise PrepError(f"--merge-shards: shard(s) missing: {'; '.join(problems)}. Run --shard i/N for each "
+                    f"(the same config), then --merge-shards again")
+
+
 def _merge(cfg: PrepConfig, key: str, force: bool) -> Path:
-    root, out = shards_dir(cfg), Path(cfg.output_dir)
-    metas = [(json.loads(p.read_text()), p.parent) for p in sorted(root.glob("*-of-*/shard.json"))] \
-        if root.is_dir() else []
-    metas = [(m, d) for m, d in metas if m.get("cache_key") == key]
-    if not metas:
-        raise PrepError(f"--merge-shards: no shard of this config/data in {root}; run --shard i/N first")
-    n = metas[0][0]["num_shards"]
-    by_index = {m["index"]: (m, d) for m, d in metas if m["num_shards"] == n}
-    missing = [i for i in range(n) if i not in by_index]
-    if missing:
-        raise PrepError(f"--merge-shards: shards {missing} of {n} are missing or were prepared from a different "
-                        f"config/data (in {root})")
+    out = Path(cfg.output_dir)
+    n, by_index = find_shards(cfg, key)
     if len({by_index[i][0]["tokenizer_hash"] for i in range(n)}) != 1:
         raise PrepError("--merge-shards: the shards were tokenized with different tokenizers")
     if not force and _cached(out, key, "manifest.json"):
@@ -297,7 +352,11 @@ def _merge(cfg: PrepConfig, key: str, force: bool) -> Path:
     parts, stats = [], {t.name: dict.fromkeys(STAT_KEYS, 0) for t in cfg.tasks}
     for i in tqdm(range(n), desc="merge", unit="shard", file=sys.stderr):
         meta, d = by_index[i]
-        parts.append(Samples.from_table(datasets.load_from_disk(str(d / "samples")).data.table))
+        try:
+            parts.append(Samples.from_table(datasets.load_from_disk(str(d / "samples")).data.table))
+        except (FileNotFoundError, ValueError, OSError) as e:
+            raise PrepError(f"--merge-shards: shard {i}/{n}: {d / 'samples'} cannot be read ({e}); prepare it again "
+                            f"with --shard {i}/{n} --force") from None
         for name, st in meta["stats"].items():
             for k in STAT_KEYS:
                 stats[name][k] += st[k]

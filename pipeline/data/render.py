@@ -12,8 +12,12 @@ from __future__ import annotations
 import string
 from typing import Any, Optional
 
+import numpy as np
+import pyarrow.compute as pc
+
 from pipeline.config.tasks import TaskConfig
 from pipeline.data.errors import PrepError
+from pipeline.data.sources import EXAMPLE_ID, source_path
 
 ALPACA_PROMPT = "Instruction: {instruction}\n{input_block}Response:"
 
@@ -48,6 +52,42 @@ def check_columns(task: TaskConfig, columns: list[str], where: str) -> None:
                         f"available columns: {shown}")
 
 
+def row_location(task: TaskConfig, split: Optional[str], example_id: int) -> str:
+    """Where example `example_id` of a split is, as a user finds it: `file:line` for JSONL, the item or row index
+    otherwise."""
+    src = task.source
+    if src.type == "jsonl":
+        return f"{source_path(src, split)}:{example_id + 1}"
+    if src.type == "json":
+        return f"{source_path(src, split)}: item {example_id}"
+    return f"{src.path} (split {split}): row {example_id}"
+
+
+def check_rows(task: TaskConfig, ds, split: Optional[str], skip_invalid: bool):
+    """Rows that lack a field the task reads, or hold null in it, are errors naming the row and field (or, with
+    `skip_invalid`, are left out and counted). A JSONL row without a key gets null when the rows become one table,
+    so without this check the template would render the word "None" into the training text.
+
+    Returns (dataset without such rows, number left out). Vectorised: one null count per column read."""
+    bad = np.zeros(len(ds), dtype=bool)
+    for col in sorted(required_columns(task)):
+        column = ds.data.column(col)
+        if column.null_count == 0:
+            continue
+        nulls = pc.is_null(column).to_numpy(zero_copy_only=False)
+        if not skip_invalid:
+            first = int(np.flatnonzero(nulls)[0])
+            ex = int(ds.data.column(EXAMPLE_ID)[first].as_py())
+            raise PrepError(f"task {task.name!r}: {row_location(task, split, ex)}: field {col!r} is missing or null "
+                            f"({int(nulls.sum())} such row(s) in this source); the task's "
+                            f"{'template' if task.format == 'template' else task.format + ' format'} reads it. "
+                            f"Fix the data or set skip_invalid: true")
+        bad |= nulls
+    if not bad.any():
+        return ds, 0
+    return ds.select(np.flatnonzero(~bad)), int(bad.sum())
+
+
 def _label_text(task: TaskConfig, row: dict[str, Any]) -> str:
     tpl = task.template
     value = row[tpl.label_column]
@@ -59,8 +99,12 @@ def _label_text(task: TaskConfig, row: dict[str, Any]) -> str:
     try:
         return tpl.verbalizer[key]
     except KeyError:
+        hint = ""
+        if {"True", "False"} & set(tpl.verbalizer) and isinstance(value, str):
+            hint = ("; YAML reads an unquoted yes/no/on/off/true/false key as a boolean (key 'True'/'False'): "
+                    "quote the key to match a text label")
         raise PrepError(f"task {task.name!r}: label {value!r} (example {row.get('_example_id')}) has no verbalizer "
-                        f"entry; verbalizer keys: {sorted(tpl.verbalizer)}") from None
+                        f"entry; verbalizer keys: {sorted(tpl.verbalizer)}{hint}") from None
 
 
 def _chat(task: TaskConfig, row: dict[str, Any], tokenizer) -> tuple[str, str]:

@@ -26,7 +26,60 @@ def check_data(cfg: TrainConfig) -> list[str]:
             raise ConfigError(f"{field}: task(s) {unknown} are not in {manifest_path} (tasks: {', '.join(names)})")
     if not (Path(cfg.data.dir) / "train").is_dir():
         raise ConfigError(f"data.dir: {cfg.data.dir} has no train/ split")
+    _check_vocab(cfg, manifest)
     return names
+
+
+def model_vocab_size(model_path: str) -> int | None:
+    """`vocab_size` from a local model folder's config.json (or its `text_config`); None for a hub id or a folder
+    that does not say, where the check is skipped rather than guessed."""
+    config = Path(model_path) / "config.json"
+    if not config.is_file():
+        return None
+    try:
+        data = json.loads(config.read_text())
+    except (ValueError, OSError) as e:
+        raise ConfigError(f"model.path: {config} is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        return None
+    for section in (data, data.get("text_config") or {}):
+        if isinstance(section, dict) and isinstance(section.get("vocab_size"), int):
+            return section["vocab_size"]
+    return None
+
+
+def data_max_token_id(data_dir: Path, manifest: dict) -> int:
+    """The largest token id in the prepared data: the manifest's `max_token_id`, or (data prepared before the
+    manifest recorded it) a scan of the memory-mapped `input_ids` of every split."""
+    if "max_token_id" in manifest:
+        return int(manifest["max_token_id"])
+    import datasets
+    import pyarrow.compute as pc
+
+    best = -1
+    for split in ("train", "eval"):
+        if (data_dir / split).is_dir():
+            col = datasets.load_from_disk(str(data_dir / split)).data.column("input_ids")
+            top = pc.max(pc.list_flatten(col)).as_py()
+            best = max(best, -1 if top is None else int(top))
+    return best
+
+
+def _check_vocab(cfg: TrainConfig, manifest: dict) -> None:
+    """Token ids past the model's embedding table (data prepared with another tokenizer) fail deep inside the first
+    forward (an index error on CPU, a device-side assert on CUDA), after every rank has loaded the model; this
+    names the mismatch before any process group starts."""
+    vocab = model_vocab_size(cfg.model.path)
+    if vocab is None:
+        return
+    data_dir = Path(cfg.data.dir)
+    max_id = data_max_token_id(data_dir, manifest)
+    if max_id >= vocab:
+        source = (manifest.get("tokenizer") or {}).get("source", "?")
+        raise ConfigError(f"data.dir: {data_dir} holds token ids up to {max_id}, but model.path {cfg.model.path} has "
+                          f"vocab_size {vocab} (ids 0..{vocab - 1}): the data was tokenized with another tokenizer "
+                          f"({source}). Prepare the data with the model's tokenizer (prep `tokenizer.path`) or train "
+                          f"a model with this data's vocabulary")
 
 
 class TrainData:
