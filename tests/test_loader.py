@@ -106,3 +106,31 @@ def test_dataset_rows_and_row_tasks(prepared_builtin_data):
         counts = torch.bincount(r["task_ids"], minlength=len(ds.task_names))
         assert counts[row_tasks[i]] == counts.max()
     assert PackedDataset(prepared_builtin_data, "eval")[0]["input_ids"].dtype == torch.long
+
+
+def test_row_task_counts(prepared_builtin_data, tmp_path):
+    import shutil
+
+    import datasets
+
+    ds = PackedDataset(prepared_builtin_data)
+    K, tasks = len(ds.task_names), ds.manifest["tasks"]
+    examples, supervised = ds.row_task_counts(), ds.row_task_counts("supervised_tokens")
+    assert examples.shape == supervised.shape == (len(ds), K)
+    for i in range(len(ds)):
+        r = ds[i]
+        starts = torch.cumsum(r["seq_lens"], 0) - r["seq_lens"]
+        assert examples[i].tolist() == torch.bincount(r["task_ids"][starts], minlength=K).tolist()
+        assert supervised[i].tolist() == torch.bincount(r["task_ids"][r["labels"] != -100], minlength=K).tolist()
+    assert examples.sum(axis=0).tolist() == [tasks[n]["examples"] for n in ds.task_names]
+    assert supervised.sum(axis=0).tolist() == [tasks[n]["supervised_tokens"] for n in ds.task_names]
+    assert (ds.row_task_counts(batch_rows=7) == examples).all()  # record batches cut rows anywhere
+    with pytest.raises(ValueError, match="unit"):
+        ds.row_task_counts("tokens")
+    # A per-row `sample_tasks` column (task id of each sample, in row order) is read instead when the data has one.
+    copy = tmp_path / "data"
+    shutil.copytree(prepared_builtin_data, copy, ignore=shutil.ignore_patterns("train"))
+    raw = datasets.load_from_disk(str(prepared_builtin_data / "train"))
+    raw.add_column("sample_tasks", [[K - 1] * len(s) for s in raw["seq_lens"]]).save_to_disk(str(copy / "train"))
+    marked = PackedDataset(copy).row_task_counts()
+    assert marked[:, K - 1].tolist() == examples.sum(axis=1).tolist() and not marked[:, :K - 1].any()

@@ -65,6 +65,48 @@ class PackedDataset(torch.utils.data.Dataset):
         np.add.at(counts, (rows, flat), 1)
         return counts.argmax(axis=1)
 
+    def row_task_counts(self, unit: str = "examples", batch_rows: int = 4096) -> np.ndarray:
+        """(rows, tasks) int64 matrix: per row, its number of samples ("examples") or of supervised tokens
+        ("supervised_tokens", labels != -100) of each task.
+
+        Examples come from a per-row `sample_tasks` column (task id of each sample) when the data has one, else from
+        `seq_lens` + `task_ids` at each sample's first token: O(samples), only those tokens are read from the
+        memory-mapped column. Supervised tokens read `labels` and `task_ids` whole: O(tokens)."""
+        if unit not in ("examples", "supervised_tokens"):
+            raise ValueError(f"row_task_counts: unit must be 'examples' or 'supervised_tokens', got {unit!r}")
+        K, out, row0 = len(self.task_names), np.zeros((len(self), len(self.task_names)), dtype=np.int64), 0
+        table = self.ds.data.table
+        for batch in table.to_batches(max_chunksize=batch_rows):
+            n = batch.num_rows
+            names = batch.schema.names
+
+            def offsets_values(name):
+                col = batch.column(names.index(name))
+                return col.offsets.to_numpy().astype(np.int64), col.values.to_numpy(zero_copy_only=False)
+
+            tok_offs, task_vals = offsets_values("task_ids")
+            if unit == "examples" and "sample_tasks" in names:
+                offs, vals = offsets_values("sample_tasks")
+                rows = np.repeat(np.arange(n), np.diff(offs))
+                tasks = vals[offs[0]:offs[-1]].astype(np.int64)
+                weights = None
+            elif unit == "examples":
+                offs, lens = offsets_values("seq_lens")
+                lens = lens[offs[0]:offs[-1]].astype(np.int64)
+                rows = np.repeat(np.arange(n), np.diff(offs))
+                ends = np.cumsum(lens)
+                first_token = tok_offs[rows] + (ends - lens) - np.concatenate([[0], ends])[offs[:-1] - offs[0]][rows]
+                tasks = task_vals[first_token].astype(np.int64)
+                weights = None
+            else:
+                lab_offs, labels = offsets_values("labels")
+                rows = np.repeat(np.arange(n), np.diff(tok_offs))
+                tasks = task_vals[tok_offs[0]:tok_offs[-1]].astype(np.int64)
+                weights = labels[lab_offs[0]:lab_offs[-1]] != IGNORE_INDEX
+            out[row0:row0 + n] = np.bincount(rows * K + tasks, weights=weights, minlength=n * K).reshape(n, K)
+            row0 += n
+        return out
+
 
 def split_samples(row: dict) -> list[dict]:
     """One packed row -> its samples, each a one-sample row in the same format (rows are cut at `seq_lens`)."""
