@@ -17,8 +17,9 @@ Newton steps over the distinct row compositions. Consequences:
 - task-pure rows: every row of task t gets the same weight γ_t ∝ p_t / n_t (the closed form, no search): its rows
   are used evenly and the shares are exact whatever the examples per row;
 - mixed rows at T=1 without caps: uniform weights (every row, every sample, the same rate);
-- mixed rows otherwise: rows with more of an under-represented task are drawn more; a row can get weight 0
-  (it is never drawn) only when the mix cannot be reached while drawing it;
+- mixed rows otherwise: rows with more of an under-represented task are drawn more, and rows made mostly of a task
+  that must be seen much less than its size can get weight 0 (never drawn; `row_probabilities == 0`): the further
+  p is from the rows' natural mix, the fewer rows carry it;
 - rows holding any sample of a task with p_t = 0 (weight 0, `data.tasks` leaving it out) get weight 0: those
   samples are never trained on. A mix no weighting of the rows reaches (a task's samples only share rows with
   tasks that must be seen less, e.g. a subset of tasks on mixed rows) is a ValueError naming the task, never a
