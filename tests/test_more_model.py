@@ -70,6 +70,25 @@ def test_packed_mixed_batch_equals_each_sample_alone():
             torch.testing.assert_close(out[row][where[row]], alone, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("typo,meant", [("prompt_masks", "prompt_mask"), ("segment_id", "segment_ids"),
+                                        ("task_id", "task_ids")])
+def test_forward_rejects_a_misspelt_keyword(typo, meant):
+    """A misspelt keyword is a TypeError naming it (before, `**_` dropped it and the contrastive loss went off)."""
+    m = _model(MoreConfig(gate_init="random", selector_warmup_steps=0))
+    b = mixed_batch()
+    with torch.no_grad():
+        assert m(**b).contrastive_loss is not None  # the whole training batch, labels included, is accepted
+        assert m(**b, use_cache=False, return_dict=True).contrastive_loss is not None
+        bad = dict(b)
+        bad[typo] = bad.pop(meant)
+        with pytest.raises(TypeError, match=rf"'{typo}' \(did you mean '{meant}'\?\)"):
+            m(**bad)
+        with pytest.raises(TypeError, match="'cache_position'"):
+            m(input_ids=b["input_ids"], task_ids=0, cache_position=None)
+        with pytest.raises(ValueError, match="no KV cache"):
+            m(input_ids=b["input_ids"], task_ids=0, use_cache=True)
+
+
 def test_forced_max_rank_equals_peft_lora():
     from peft import LoraConfig, get_peft_model
 

@@ -77,6 +77,8 @@ def pool_samples(hidden: torch.Tensor, segment_ids: torch.Tensor, prompt_mask: t
 
 
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+_FORWARD_ARGS = ("input_ids", "attention_mask", "position_ids", "task_ids", "segment_ids", "prompt_mask",
+                 "output_hidden_states", "inputs_embeds", "labels", "use_cache", "return_dict")
 
 
 class MoreCausalLM(nn.Module):
@@ -222,7 +224,26 @@ class MoreCausalLM(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, task_ids=None, segment_ids=None,
-                prompt_mask=None, output_hidden_states: bool = False, inputs_embeds=None, **_) -> MoreOutput:
+                prompt_mask=None, output_hidden_states: bool = False, inputs_embeds=None, labels=None,
+                use_cache: Optional[bool] = None, return_dict: Optional[bool] = None, **unknown) -> MoreOutput:
+        """Logits (+ the contrastive loss when task_ids are per token and segment_ids and prompt_mask are given).
+
+        `labels` is accepted because the training batch carries it (`model(**batch)`), and ignored: the LM loss is
+        the caller's. `use_cache` (no KV cache here: generate through `generate`) and `return_dict` (a MoreOutput,
+        which also indexes like a tuple) are accepted for HF-style callers. Any other keyword is an error: a
+        misspelt `prompt_masks=` or `segment_id=` would otherwise switch the contrastive loss off silently.
+        """
+        if unknown:
+            import difflib
+            names = sorted(unknown)
+            hints = [f"{n!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(n, _FORWARD_ARGS, 1))
+                     else repr(n) for n in names]
+            raise TypeError(f"MoreCausalLM.forward() got unexpected keyword argument(s) {', '.join(hints)}; it takes "
+                            f"{', '.join(_FORWARD_ARGS)}")
+        if use_cache:
+            raise ValueError("MoreCausalLM.forward keeps no KV cache (use_cache=True): use model.generate(..., task=t)")
+        if return_dict is False:
+            raise ValueError("MoreCausalLM.forward always returns a MoreOutput (return_dict=False is not supported)")
         cc = self.config.contrastive
         want_cl = (cc.weight > 0 and task_ids is not None and torch.is_tensor(task_ids) and task_ids.dim() > 0
                    and segment_ids is not None and prompt_mask is not None)
