@@ -1,6 +1,6 @@
-"""Seconds and peak memory of the streaming per-task merge on a model of a few hundred MB (random weights, built
-from config, saved locally as a sharded fp32 checkpoint), for an fp32 base and an NF4 base (target trained, i.e.
-per-tensor NF4 round trip; and target original), against the in-memory merge (`merge_task`) for one task.
+"""Seconds and peak memory of the per-task merge (`pipeline.export.stream_merge`, streaming tensor by tensor) on a
+model of a few hundred MB (random weights, built from config, saved locally as a sharded fp32 checkpoint), for an
+fp32 base and an NF4 base (target trained, i.e. per-tensor NF4 round trip; and target original).
 
 Each merge runs in a fresh subprocess; after its imports (torch, transformers, bitsandbytes and its one-time native set-up, the model classes) the
 peak-RSS counter is reset (/proc/self/clear_refs), so `peak` is the merge's own peak RSS and `peak - base` what the
@@ -53,19 +53,14 @@ def worker(args) -> None:
     from safetensors import safe_open  # noqa: F401
     from transformers import AutoConfig
 
-    from pipeline.export import merge_task, stream_merge
-    from pipeline.export.stream import _meta_model, nf4_roundtrip
+    from pipeline.export.merge import _meta_model, nf4_roundtrip, stream_merge
     _meta_model(AutoConfig.from_pretrained(args.base))  # imports the model classes; its tensors are on "meta"
     nf4_roundtrip(torch.randn(256, 256), torch.bfloat16)  # bitsandbytes' one-time native library set-up
     reset = _reset_peak()
     base_rss = _status_mb("VmRSS")
     t0 = time.perf_counter()
-    if args.worker == "stream":
-        st = stream_merge(args.base, args.adapter, args.task, args.out, args.dtype, args.target, args.max_shard_size)
-        files = len(st.files)
-    else:
-        merge_task(args.base, args.adapter, args.task, args.out, dtype=args.dtype, target=args.target)
-        files = 1
+    st = stream_merge(args.base, args.adapter, args.task, args.out, args.dtype, args.target, args.max_shard_size)
+    files = len(st.files)
     secs = time.perf_counter() - t0
     # VmHWM after the reset = the peak of the merge alone; ru_maxrss (never reset) as a fallback
     peak = _status_mb("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -142,14 +137,13 @@ def main():
         print(f"model: {b['params'] / 1e6:.1f}M params, fp32 checkpoint {b['base_bytes'] / 1e6:.0f} MB "
               f"(built in {time.perf_counter() - t0:.0f}s); output shards <= {a.max_shard_size}", flush=True)
         cases = [("stream", "fp32", "fp32", "trained"), ("stream", "nf4", "bf16", "trained"),
-                 ("stream", "nf4", "bf16", "original"), ("in_memory", "fp32", "fp32", "trained"),
-                 ("in_memory", "nf4", "bf16", "trained")]
+                 ("stream", "nf4", "bf16", "original")]
         rows = []
         hdr = f"{'merge':<10}{'base':<6}{'out':<6}{'target':<10}{'task':<7}{'s':>7}{'files':>6}" \
               f"{'rss base MB':>13}{'peak MB':>9}{'peak-base':>11}"
         print(hdr)
         for kind, base_kind, dtype, target in cases:
-            for task in (TASKS if kind == "stream" else TASKS[:1]):
+            for task in TASKS:
                 r = run_worker(kind, b["base"], b["adapters"][base_kind], task, work / "out", dtype, target,
                                a.max_shard_size)
                 row = dict(merge=kind, base=base_kind, dtype=dtype, target=target, task=task, **r)
@@ -162,8 +156,8 @@ def main():
                                  largest_tensor_fp32_bytes=a.vocab * a.hidden * 4),
                       max_shard_size=a.max_shard_size, threads=torch_threads(), cpu=platform.processor() or
                       platform.machine(), rows=rows)
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(json.dumps(result, indent=2))
+        from pipeline.atomic import atomic_write
+        atomic_write(a.out, json.dumps(result, indent=2))
         print(f"wrote {a.out}")
     finally:
         if not a.work:

@@ -1,7 +1,8 @@
 """Merge each task's chosen ranks into the base: `python launch/merge.py --adapter RUN/adapter --out RUN/merged`.
 
 Writes RUN/merged/<task>/ per task (a plain HF model folder, or with --format peft a PEFT LoRA adapter), checks
-its logits against the adapter model and records tolerance and error in RUN/merged/merge_report.json.
+its logits against the adapter model and (full merges) every merged tensor against base + the task's delta, and
+records tolerances and errors in RUN/merged/merge_report.json.
 The merge streams the base checkpoint tensor by tensor: peak memory is about one largest tensor in fp32 plus one
 output shard (--max-shard-size), whatever the model size; the check loads the adapter model and the result
 (--no-check skips it, e.g. to check on a bigger machine later).
@@ -32,7 +33,7 @@ def parse_args(argv):
     ap.add_argument("--check-rtol", default=None, type=float,
                     help="check tolerance relative to max(1, max |logit|) (default by precision: fp32 1e-5, "
                          "fp16 1e-2, bf16 3e-2; see pipeline/export/check.py)")
-    ap.add_argument("--no-check", action="store_true", help="skip the logits check")
+    ap.add_argument("--no-check", action="store_true", help="skip the checks (logits and tensors)")
     ap.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard (e.g. 2GB, 500MB)")
     ap.add_argument("--quiet", action="store_true")
     return ap.parse_args(argv)
@@ -60,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     for task, entry in report["tasks"].items():
         chk = entry.get("check")
         err = f"max |logit err| {chk['max_abs_err']:.3g} <= {chk['tolerance']:.3g}" if chk else "not checked"
+        if chk and "tensors" in chk:
+            err += f"; {chk['tensors']['adapted']} adapted layers = base + delta"
         print(f"{task}: {entry['path']} ({entry['merge_seconds']:.1f}s, {err})")
     print(f"report: {Path(args.out) / 'merge_report.json'}")
     return 0

@@ -1,12 +1,12 @@
-"""Merged per-task checkpoints reproduce the adapter model: fp32 base exactly (atol 1e-5), NF4 base within a stated
-tolerance, and load with plain transformers."""
+"""Merged per-task checkpoints (the streaming merge, pipeline/export/merge.py) reproduce the adapter model: fp32 base
+exactly (atol 1e-5), NF4 base within a stated tolerance, and load with plain transformers."""
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from more_fixtures import TASKS, save_tiny_llama, tiny_llama
 from pipeline.config.more import MoreConfig
-from pipeline.export import merge_task, merge_task_into
+from pipeline.export import stream_merge
 from pipeline.models.loading import load_base_model
 from pipeline.more import rank_map
 from pipeline.more.io import save_adapter
@@ -38,7 +38,7 @@ def test_merged_fp32_equals_adapter_model(tmp_path, base_dir, rank_scaling):
     ad = save_adapter(m, tmp_path / "ad")
     ids = _ids()
     for t, task in enumerate(TASKS):
-        out = merge_task(str(base_dir), ad, task, tmp_path / task, dtype="fp32")
+        out = stream_merge(base_dir, ad, task, tmp_path / task, dtype="fp32").out_dir
         merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
         assert not any("Linear4bit" in type(x).__name__ for x in merged.modules())
         torch.testing.assert_close(_logits(merged, ids), _logits(m, ids, t), atol=1e-5, rtol=0)
@@ -53,7 +53,7 @@ def test_merged_nf4_fp32_compute_equals_adapter_model(tmp_path, base_dir):
     assert m.quantized_base
     ad = save_adapter(m, tmp_path / "ad")
     ids = _ids()
-    out = merge_task(str(base_dir), ad, TASKS[1], tmp_path / "m", dtype="fp32")
+    out = stream_merge(base_dir, ad, TASKS[1], tmp_path / "m", dtype="fp32").out_dir
     merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     torch.testing.assert_close(_logits(merged, ids), _logits(m, ids, 1), atol=1e-4, rtol=0)
 
@@ -65,22 +65,72 @@ def test_merged_nf4_bf16_within_tolerance(tmp_path, base_dir):
     ad = save_adapter(m, tmp_path / "ad")
     ids = _ids()
     ref = _logits(m, ids, 2)
-    merged = AutoModelForCausalLM.from_pretrained(merge_task(str(base_dir), ad, TASKS[2], tmp_path / "m",
-                                                             dtype="bf16"), dtype=torch.bfloat16).eval()
+    merged = AutoModelForCausalLM.from_pretrained(stream_merge(base_dir, ad, TASKS[2], tmp_path / "m",
+                                                               dtype="bf16").out_dir, dtype=torch.bfloat16).eval()
     err = (_logits(merged, ids) - ref).abs().max().item()
     assert err <= 0.02 * ref.abs().max().item(), err
-    orig = AutoModelForCausalLM.from_pretrained(merge_task(str(base_dir), ad, TASKS[2], tmp_path / "o",
-                                                           dtype="fp32", target="original"), dtype=torch.float32)
+    orig = AutoModelForCausalLM.from_pretrained(stream_merge(base_dir, ad, TASKS[2], tmp_path / "o", dtype="fp32",
+                                                             target="original").out_dir, dtype=torch.float32)
     err_orig = (_logits(orig.eval(), ids) - ref).abs().max().item()
     assert err < err_orig
 
 
-def test_merge_into_loaded_base_streams_module_by_module(tmp_path, base_dir):
-    from pipeline.export.merge import AdapterDeltas, iter_merged_tensors
+def test_merged_folder_holds_exactly_what_save_pretrained_would(tmp_path, base_dir):
+    """The streamed folder has the base model's state-dict keys (tied copies left out, as save_pretrained does) in
+    the output dtype, and transformers loads it with nothing missing or unexpected."""
+    from safetensors import safe_open
+
     m = trained_like(base=load_base_model(str(base_dir), "none", "fp32"))
     ad = save_adapter(m, tmp_path / "ad")
+    st = stream_merge(base_dir, ad, TASKS[0], tmp_path / "x", dtype="bf16")
+    assert st.files == ["model.safetensors"] and (st.out_dir / "config.json").is_file()
     fresh = load_base_model(str(base_dir), "none", "fp32")
-    names = [n for n, _ in iter_merged_tensors(fresh, AdapterDeltas(ad), TASKS[0], torch.float32)]
-    assert names == list(fresh.state_dict().keys())
-    out = merge_task_into(fresh, ad, TASKS[0], tmp_path / "x", dtype="bf16")
-    assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
+    with safe_open(str(st.out_dir / "model.safetensors"), "pt") as f:
+        names = set(f.keys())
+        assert {f.get_tensor(k).dtype for k in names} == {torch.bfloat16}
+    tied = {"lm_head.weight"} if fresh.config.tie_word_embeddings else set()
+    assert names == set(fresh.state_dict()) - tied
+    assert st.tensors == len(names)
+    _, info = AutoModelForCausalLM.from_pretrained(st.out_dir, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+
+
+def test_shard_writer_leaves_no_partial_file_when_a_write_fails(tmp_path, monkeypatch):
+    """Every shard and the index go through a temporary name: a write that dies half way leaves no file under a
+    shard's name (nor its temp), and a finished writer leaves only the final names."""
+    import pipeline.export.shards as shards
+    from pipeline.export.shards import ShardWriter
+
+    real = shards.save_file
+
+    def dies_half_way(tensors, path, metadata=None):
+        real(tensors, path, metadata=metadata)
+        with open(path, "r+b") as f:
+            f.truncate(100)  # a partial file, then the process "crashes"
+        raise OSError("simulated: disk full")
+
+    w = ShardWriter(tmp_path / "a", max_shard_bytes=4096)
+    w.add("x", torch.zeros(2048))  # 8 KB: flushed when the next tensor comes
+    monkeypatch.setattr(shards, "save_file", dies_half_way)
+    with pytest.raises(OSError, match="disk full"):
+        w.add("y", torch.zeros(16))
+    assert list((tmp_path / "a").iterdir()) == []
+    monkeypatch.undo()
+    w = ShardWriter(tmp_path / "b", max_shard_bytes=4096)
+    for name in ("x", "y", "z"):
+        w.add(name, torch.ones(1024))
+    files = w.close()
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == sorted(files + [shards.INDEX_FILE])
+
+
+def test_atomic_write_keeps_the_old_file_when_the_writer_fails(tmp_path):
+    from pipeline.atomic import atomic_path, atomic_write
+
+    f = atomic_write(tmp_path / "report.json", '{"old": 1}')
+    with pytest.raises(RuntimeError):
+        with atomic_path(f) as tmp:
+            tmp.write_text('{"new": ')
+            raise RuntimeError("simulated crash")
+    assert f.read_text() == '{"old": 1}' and [p.name for p in tmp_path.iterdir()] == ["report.json"]
+    atomic_write(f, b'{"new": 2}')
+    assert f.read_text() == '{"new": 2}' and [p.name for p in tmp_path.iterdir()] == ["report.json"]

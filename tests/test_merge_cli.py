@@ -1,6 +1,7 @@
 """launch/merge.py end to end on tiny Llamas: the after-merge check passes for fp32 and NF4 bases (full and PEFT),
-fails on a corrupted merge, streaming equals the in-memory merge tensor for tensor, shards load in transformers,
-the NF4 round trip equals what the adapter saw, and bad input writes nothing."""
+fails on a corrupted merge (logits in fp32; one wrong or missing layer in bf16 through the tensor check), the
+streamed shards equal a merge computed in memory from the loaded adapter model tensor for tensor and load in
+transformers, the NF4 round trip equals what the adapter saw, and bad input writes nothing."""
 from __future__ import annotations
 
 import importlib.util
@@ -106,12 +107,42 @@ def test_peft_export_loads_in_peft(tmp_path, base_dir, adapters):
         assert (out / task / "adapter_model.safetensors").is_file()
 
 
-def test_streaming_equals_in_memory_merge_and_shards_load(tmp_path, base_dir, adapters):
+def _in_memory_merge(base_dir, adapter_dir, task, dtype) -> dict:
+    """The merge computed here without the streaming code: the base loaded as the adapter was trained on it
+    (transformers + bitsandbytes, NF4 weights dequantized by bitsandbytes) plus each layer's delta taken from the
+    loaded adapter model's own parameters at its frozen rank, in fp32, cast to `dtype`; tied copies left out."""
+    from pipeline.export.check import base_spec
+    from pipeline.export.merge import DTYPES
+    from pipeline.more.io import load_adapter
+    from pipeline.more.layer import base_weight_fp32, is_linear4bit
+    from pipeline.more.selector import column_scale
+
+    dt = DTYPES[dtype]
+    meta = json.loads((Path(adapter_dir) / "more_config.json").read_text())
+    base = base_spec(meta, "trained").load(base_dir)
+    out = {}
+    for name, mod in base.named_modules():
+        prefix = f"{name}." if name else ""
+        for pname, p in mod.named_parameters(recurse=False):
+            w = base_weight_fp32(mod) if is_linear4bit(mod) and pname == "weight" else p.detach()
+            out[prefix + pname] = w
+    if base.config.tie_word_embeddings:
+        out.pop("lm_head.weight")
+    model = load_adapter(base, adapter_dir, freeze_selection=True)
+    t = model.task_names.index(task)
+    for name, layer in model.layers.items():
+        r = int(layer.frozen_ranks[t])
+        cs = column_scale(layer.max_rank, meta["more_config"]["rank_scaling"])
+        B = layer.lora_B.detach().float()[:, :r] * (cs[:r] * layer.scale)
+        out[f"{name}.weight"] = out[f"{name}.weight"].float() + B @ layer.lora_A.detach().float()[:r]
+    return {k: v.to(dt) for k, v in out.items()}
+
+
+def test_streamed_shards_equal_an_in_memory_merge_and_load(tmp_path, base_dir, adapters):
     from transformers import AutoModelForCausalLM
 
-    from pipeline.export import merge_task
     for name, dtype in [("fp32", "fp32"), ("nf4", "bf16")]:
-        ref = merge_task(str(base_dir), adapters[name], "gamma", tmp_path / f"ref_{name}", dtype=dtype)
+        want = _in_memory_merge(base_dir, adapters[name], "gamma", dtype)
         out = tmp_path / f"stream_{name}"
         assert merge_cli("--adapter", adapters[name], "--out", out, "--base", base_dir, "--tasks", "gamma",
                          "--dtype", dtype, "--max-shard-size", "40KB", "--no-check") == 0
@@ -122,7 +153,7 @@ def test_streaming_equals_in_memory_merge_and_shards_load(tmp_path, base_dir, ad
         for p in shards:  # each shard within the limit unless it holds one larger tensor
             t = load_file(str(p))
             assert len(t) == 1 or sum(x.numel() * x.element_size() for x in t.values()) <= 40_000
-        got, want = _folder_tensors(folder), _folder_tensors(ref)
+        got = _folder_tensors(folder)
         assert got.keys() == want.keys()
         for k in want:
             assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k
@@ -137,8 +168,7 @@ def test_streaming_equals_in_memory_merge_and_shards_load(tmp_path, base_dir, ad
 def test_nf4_roundtrip_equals_the_loaded_nf4_weights(base_dir, dtype):
     """The streaming merge's per-tensor quantize/dequantize is bitwise the weight the NF4-loaded model uses, and
     it picks the same linears transformers quantizes (lm_head stays unquantized)."""
-    from pipeline.export.merge import DTYPES
-    from pipeline.export.stream import _meta_model, nf4_roundtrip, quantized_linears
+    from pipeline.export.merge import DTYPES, _meta_model, nf4_roundtrip, quantized_linears
     from pipeline.more.layer import base_weight_fp32, is_linear4bit
 
     model = load_base_model(str(base_dir), "nf4", dtype)
@@ -151,10 +181,10 @@ def test_nf4_roundtrip_equals_the_loaded_nf4_weights(base_dir, dtype):
 
 @pytest.mark.parametrize("corruption", ["drop_one_delta", "scale_one_tensor"])
 def test_check_fails_on_corrupted_merge(tmp_path, base_dir, adapters, monkeypatch, capsys, corruption):
-    from pipeline.export import stream
+    from pipeline.export import merge
 
     victim = "model.layers.1.mlp.down_proj"
-    real = stream.BasePlan.merged
+    real = merge.BasePlan.merged
 
     def corrupted(self, name, deltas, task, dtype):
         t = real(self, name, deltas, task, dtype)
@@ -164,7 +194,7 @@ def test_check_fails_on_corrupted_merge(tmp_path, base_dir, adapters, monkeypatc
             return (t.float() * 1.001).to(dtype)  # a 0.1 % error in one tensor
         return t
 
-    monkeypatch.setattr(stream.BasePlan, "merged", corrupted)
+    monkeypatch.setattr(merge.BasePlan, "merged", corrupted)
     out = tmp_path / "merged"
     assert merge_cli("--adapter", adapters["fp32"], "--out", out, "--base", base_dir, "--dtype", "fp32",
                      "--tasks", "alpha") == 1
@@ -173,6 +203,51 @@ def test_check_fails_on_corrupted_merge(tmp_path, base_dir, adapters, monkeypatc
     e = _report(out)["tasks"]["alpha"]
     assert e["check"]["passed"] is False and e["check"]["max_abs_err"] > e["check"]["tolerance"]
     assert not (out / "alpha").exists() and not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("corruption", ["drop_one_delta", "wrong_rank", "missing_layer"])
+def test_tensor_check_sees_one_wrong_or_missing_layer_in_a_bf16_merge(tmp_path, base_dir, adapters, monkeypatch,
+                                                                      capsys, corruption):
+    """NF4/bf16 adapter merged to bf16: one layer without its delta, at another rank, or left out of the folder.
+    The logits move less than the bf16 tolerance (the logits check alone passes the first two), the tensor check
+    names the layer and fails the task."""
+    from pipeline.export import merge
+
+    victim = "model.layers.1.self_attn.k_proj"  # its delta moves the logits by ~0.005, under bf16 tolerance 0.03
+    real_merged, real_add = merge.BasePlan.merged, merge.ShardWriter.add
+
+    def corrupted(self, name, deltas, task, dtype):
+        if name != f"{victim}.weight" or corruption == "missing_layer":
+            return real_merged(self, name, deltas, task, dtype)
+        base = self.base(name).float()
+        if corruption == "drop_one_delta":
+            return base.to(dtype)
+        r = deltas.rank(task, victim)
+        other = r - 1 if r > 1 else r + 1
+        A = deltas.tensors[f"base_model.{victim}.lora_A"].float()[:other]
+        B = deltas.tensors[f"base_model.{victim}.lora_B"].float()[:, :other] * (deltas.colscale[:other] * deltas.scale)
+        return (base + B @ A).to(dtype)
+
+    def add(self, name, tensor):
+        if corruption == "missing_layer" and name == f"{victim}.weight":
+            return None
+        return real_add(self, name, tensor)
+
+    monkeypatch.setattr(merge.BasePlan, "merged", corrupted)
+    monkeypatch.setattr(merge.ShardWriter, "add", add)
+    out = tmp_path / "merged"
+    assert merge_cli("--adapter", adapters["nf4"], "--out", out, "--base", base_dir, "--tasks", "beta") == 1
+    err = capsys.readouterr().err
+    assert "merge check failed" in err and "'beta'" in err and victim in err
+    c = _report(out)["tasks"]["beta"]["check"]
+    assert c["passed"] is False and c["tensors"]["passed"] is False
+    assert list(c["tensors"]["failed"]) == [f"{victim}.weight"] and c["tensors"]["n_failed"] == 1
+    if corruption != "missing_layer":
+        assert c["logits_passed"] and c["max_abs_err"] <= c["tolerance"]  # invisible to the logits check
+        assert c["tensors"]["worst_layer"] == victim and c["tensors"]["max_err_over_tol"] > 1
+    else:
+        assert "missing" in c["tensors"]["failed"][f"{victim}.weight"]
+    assert not (out / "beta").exists() and not [p for p in out.iterdir() if p.name.startswith(".")]
 
 
 def test_check_uses_prepared_eval_samples(tmp_path, base_dir, adapters):

@@ -67,3 +67,41 @@ def test_load_refuses_other_base(tmp_path):
     d = save_adapter(trained_like(), tmp_path / "ad")
     with pytest.raises(ValueError, match="different base"):
         load_adapter(tiny_llama(0, hidden_size=32, num_heads=4, num_kv_heads=2), d)
+
+
+def _snapshot(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_save_is_atomic_a_failed_save_leaves_the_previous_adapter(tmp_path, monkeypatch):
+    """The folder is written under a temporary name and renamed only after the post-save check: a save that fails
+    (here the check, as for an ungathered ZeRO-3 partition) leaves the previous adapter byte for byte, no temp
+    folder; a successful save replaces every file."""
+    import pipeline.more.io as io
+
+    d = save_adapter(trained_like(seed=0), tmp_path / "ad")
+    before = _snapshot(d)
+
+    def broken_check(folder, shapes):
+        raise RuntimeError("simulated: all zeros")
+
+    monkeypatch.setattr(io, "check_saved", broken_check)
+    with pytest.raises(RuntimeError, match="simulated"):
+        save_adapter(trained_like(seed=1), d)
+    assert _snapshot(d) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["ad"]  # no temp or old folder left
+    monkeypatch.undo()
+    m1 = trained_like(seed=1, cfg=MoreConfig(gate_init="random"))
+    save_adapter(m1, d)
+    after = _snapshot(d)
+    assert set(after) == set(before) and all(after[k] != before[k] for k in ("adapter_model.safetensors",))
+    assert json.loads(after["rank_map.json"]) == rank_map(m1)
+    assert [p.name for p in tmp_path.iterdir()] == ["ad"]
+
+
+def test_save_refuses_to_replace_a_folder_that_is_not_an_adapter(tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="not an adapter folder"):
+        save_adapter(trained_like(), tmp_path / "mine")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"

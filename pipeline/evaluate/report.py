@@ -1,29 +1,13 @@
-"""results.json and report.md, each written atomically (temp file in the same folder, then rename), so a reader
-never sees a half-written file and a crash leaves the previous one in place."""
+"""results.json and report.md, each written atomically (`pipeline.atomic.atomic_write`: temp file in the same
+folder, then rename), so a reader never sees a half-written file and a crash leaves the previous one in place."""
 from __future__ import annotations
 
 import json
 import math
-import os
-import uuid
 from pathlib import Path
 from typing import Optional
 
-
-def atomic_write(path, text: str) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"  # open(): umask permissions
-    try:
-        with open(tmp, "x", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+from pipeline.atomic import atomic_write
 
 
 def _clean(x):

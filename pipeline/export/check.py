@@ -15,10 +15,20 @@ precision on either side (output dtype, reference compute dtype):
   residual stream: measured 0.5% of the max logit on the 2-layer test Llamas and 1.7% on a d=1024, 8-layer one
   (NF4 bf16 base, bf16 output). Deeper models may need more: `--check-rtol` overrides rel (recorded in the
   report). The bound still catches a missing delta or a corrupted tensor (tests/test_merge_cli.py).
+
+The logits check alone cannot see one wrong layer in a 16-bit merge: a layer's delta can move the logits by less
+than the bf16 tolerance. So a full merge is also checked tensor by tensor (`check_tensors`), in fp32, without any
+model: every adapted layer's merged W minus the base W (as the adapter saw it, `BasePlan.base`) must equal the
+task's delta B[:, :r] A[:r] * scale at the chosen rank, element by element within the output dtype's rounding of
+the merged value (|err| <= u * |W_merged| + 4 u32 (|W| + |delta|) + the subnormal spacing; u = 2^-8 bf16, 2^-11
+fp16, 2^-24 fp32); every other tensor must equal the base tensor cast to the output dtype exactly, and the folder
+must hold exactly the expected tensors. Where the base weight is small (NF4's exact zeros, weights near 0) the
+tolerance is small too, so a missing or wrong delta shows even when it is below bf16 resolution elsewhere.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -47,7 +57,7 @@ class BaseSpec:
 
 
 def base_spec(meta: dict, target: str) -> BaseSpec:
-    """The base the adapter model is compared against for a merge `target` (see stream.py)."""
+    """The base the adapter model is compared against for a merge `target` (see merge.py)."""
     bm = meta["base_model"]
     trained = BaseSpec("nf4" if bm.get("quantized_nf4") else "none", bm.get("dtype", "fp32"))
     if target == "trained":
@@ -172,3 +182,93 @@ def load_peft(base_dir, folder, spec: BaseSpec) -> torch.nn.Module:
 def describe_prompts(prompts: Dict[str, List[torch.Tensor]], source: str) -> dict:
     return {"source": source, "per_task": {t: len(p) for t, p in prompts.items()},
             "tokens": {t: [len(x) for x in p] for t, p in prompts.items()}}
+
+
+# tensor check: unit round-off of each output dtype (round to nearest: |fl(x) - x| <= u |fl(x)|)
+UNIT_ROUNDOFF = {torch.float32: 2.0 ** -24, torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}
+_U32 = 2.0 ** -24
+MAX_LISTED = 10
+
+
+def tensor_rule(out_dtype: torch.dtype) -> str:
+    u = UNIT_ROUNDOFF[out_dtype]
+    return (f"adapted layers: |W_merged - W_base - delta| <= {u:.3g} * |W_merged| + 4 * {_U32:.3g} * (|W_base| + "
+            f"|delta|) elementwise (fp32; delta = B[:, :r] A[:r] * scale at the task's rank); other tensors: "
+            f"equal to the base in {str(out_dtype).replace('torch.', '')}")
+
+
+@dataclass
+class TensorCheck:
+    rule: str
+    tensors: int = 0  # tensors compared
+    adapted: int = 0  # adapted layers compared with their delta
+    max_err_over_tol: float = 0.0  # over the adapted layers (<= 1 passes)
+    worst_layer: Optional[str] = None
+    failed: Dict[str, str] = field(default_factory=dict)  # first MAX_LISTED failures: tensor -> why
+    n_failed: int = 0
+    passed: bool = True
+
+    def fail(self, name: str, why: str) -> None:
+        self.n_failed += 1
+        self.passed = False
+        if len(self.failed) < MAX_LISTED:
+            self.failed[name] = why
+
+    def summary(self) -> str:
+        return "; ".join(f"{k}: {v}" for k, v in self.failed.items())
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def check_tensors(folder, plan, deltas, task: str, out_dtype: torch.dtype) -> TensorCheck:
+    """Every tensor of the merged folder against the base (`plan`: a merge.BasePlan) and the task's deltas, one
+    tensor at a time (memory: a few fp32 copies of the largest adapted weight)."""
+    from safetensors import safe_open
+
+    from pipeline.export.shards import checkpoint_files
+
+    res = TensorCheck(tensor_rule(out_dtype))
+    folder = Path(folder)
+    try:
+        files = checkpoint_files(folder)
+    except FileNotFoundError as e:
+        res.fail("<folder>", str(e))
+        return res
+    want = plan.names()
+    for name in sorted(set(files) - set(want)):
+        res.fail(name, "unexpected tensor (not in the base checkpoint)")
+    u = UNIT_ROUNDOFF[out_dtype]
+    tiny = torch.finfo(out_dtype).tiny * torch.finfo(out_dtype).eps  # subnormal spacing
+    with torch.no_grad():
+        for name in want:
+            if name not in files:
+                res.fail(name, "missing from the merged folder")
+                continue
+            with safe_open(str(folder / files[name]), "pt") as f:
+                got = f.get_tensor(name)
+            res.tensors += 1
+            base = plan.base(name)
+            want_dtype = out_dtype if base.is_floating_point() else base.dtype
+            if got.dtype != want_dtype or got.shape != base.shape:
+                res.fail(name, f"{got.dtype} {tuple(got.shape)}, expected {want_dtype} {tuple(base.shape)}")
+                continue
+            module = plan.adapted(name)
+            if module is None:
+                if not torch.equal(got, base.to(want_dtype)):
+                    res.fail(name, "differs from the base tensor (not adapted: must equal it)")
+                continue
+            res.adapted += 1
+            got, base = got.float(), base.float()
+            delta = deltas.delta(task, module)
+            err = (got - base - delta).abs()
+            tol = u * got.abs() + 4 * _U32 * (base.abs() + delta.abs()) + tiny
+            bad = int((~(err <= tol)).sum())  # NaN counts as bad
+            ratio = float((err / tol).max()) if err.numel() else 0.0
+            ratio = ratio if ratio == ratio else float("inf")  # NaN -> inf (JSON has no NaN)
+            if ratio > res.max_err_over_tol or res.worst_layer is None:
+                res.max_err_over_tol, res.worst_layer = ratio, module
+            if bad:
+                res.fail(name, f"merged - base != delta at rank {deltas.rank(task, module)} in {bad} of "
+                               f"{err.numel()} elements (max |err| {float(err.max()):.3g}, {ratio:.3g} x tolerance)")
+    return res

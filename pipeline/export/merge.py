@@ -1,26 +1,48 @@
-"""Per-task merge: W_t = W + scale * B[:, :r] diag(colscale[:r]) A[:r] for every adapted layer at the task's rank.
+"""THE per-task merge (behind launch/merge.py): W_t = W + scale * B[:, :r] diag(colscale[:r]) A[:r] for every adapted
+layer at the task's chosen rank r, streamed from the base checkpoint tensor by tensor into merged safetensors
+shards, never the whole model.
 
-The base is loaded as it was trained (NF4 -> merged into dequant(NF4(W)), which reproduces the adapter model; or
-`target="original"` to merge into the 16-bit W, adding W - dequant(NF4(W)) the adapter never saw, pitfalls.md).
-Merging is done in fp32 and saved in the requested dtype as a plain HF folder (config.json without any
-quantization_config + model.safetensors) that `AutoModelForCausalLM.from_pretrained` loads.
+For every tensor of the base checkpoint (read one at a time with `safe_open`, reopened per tensor so no mmap of a
+whole shard stays resident): round it to the precision the adapter was trained against, add the task's low-rank
+delta in fp32 if the module is adapted, cast to the output dtype and hand it to a `ShardWriter`. The result is a
+plain HF folder (config.json without any quantization_config, model.safetensors or shards + index, the base's
+tokenizer files) that `AutoModelForCausalLM.from_pretrained` loads.
 
-Streaming: `iter_merged_tensors` yields one module's tensors at a time from a loaded base and the adapter files
-(no injected model), so a later sharded writer can stream layer by layer without holding a merged copy.
+What "the precision the adapter was trained against" means (`target`):
+- `trained` (default): as `load_base_model` loaded it for training: every float tensor cast to the recorded base
+  dtype, and for an NF4 base each linear transformers quantizes goes through quantize_4bit -> dequantize_4bit with
+  the loading parameters (nf4, blocksize 64, no double quant, quant_storage = recorded dtype). Bitwise the weight
+  the adapter saw (tests/test_merge_cli.py checks it against a loaded NF4 model), so the merge reproduces the
+  adapter model.
+- `nf4`: the same NF4 round trip even if the base was not trained quantized.
+- `original`: the stored 16/32-bit values; for an NF4-trained adapter this adds the quantization error
+  W - dequant(NF4(W)), which the adapter never saw during training (its updates were fitted to the dequantized
+  weights), so the merge report measures that merge against the adapter model as trained too.
+
+Peak memory, independent of the model size: at most one buffered output shard (`max_shard_size`, default 2 GB;
+flushed *before* the next tensor is computed if that tensor would not fit) + one tensor in fp32 with its
+output-dtype copy (and, for NF4, its round-trip temporaries) + the adapter's own tensors (r * (in + out) per adapted
+layer), on top of the libraries. Bound: ~ one output shard + 1.5-2x the largest tensor in fp32. Measured
+(bench/merge.py, Llama d=1024, 8 layers, 673 MB fp32, largest tensor 131 MB fp32, 100 MB shards): ~0.2 GB above
+the libraries, vs ~1.1 GB for a merge that loads the whole model first (the in-memory merge this replaced). For a
+70B Llama (largest tensors: the 128256 x 8192 embedding / lm_head, 4.2 GB in fp32) with 2 GB shards that bound is
+~10 GB, whatever the layer count.
 """
 from __future__ import annotations
 
 import json
+import math
 import shutil
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import List, Optional, Set, Tuple
 
 import torch
-from torch import nn
 
-from pipeline.export.shards import DEFAULT_MAX_SHARD, ShardWriter, parse_size
+from pipeline.atomic import atomic_write
+from pipeline.export.shards import DEFAULT_MAX_SHARD, ShardWriter, checkpoint_files, parse_size, trim_heap
 from pipeline.more.io import read_adapter
-from pipeline.more.layer import base_weight_fp32, is_linear4bit
 from pipeline.more.selector import column_scale
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -58,41 +80,13 @@ class AdapterDeltas:
         return B @ A
 
 
-def iter_merged_tensors(base_model: nn.Module, deltas: AdapterDeltas, task: str,
-                        dtype: torch.dtype) -> Iterator[Tuple[str, torch.Tensor]]:
-    """(state-dict name, tensor) of the merged model, module by module; NF4 linears come out dequantized."""
-    targets = set(deltas.targets)
-    seen = set()
-    for mname, mod in base_model.named_modules():
-        prefix = f"{mname}." if mname else ""
-        if is_linear4bit(mod) or (mname in targets and isinstance(mod, nn.Linear)):
-            W = base_weight_fp32(mod)
-            if mname in targets:
-                W = W + deltas.delta(task, mname)
-            seen.add(mname)
-            yield prefix + "weight", W.to(dtype).contiguous()
-            if mod.bias is not None:
-                yield prefix + "bias", mod.bias.detach().to(dtype).contiguous()
-            continue
-        if any(mname.startswith(s + ".") for s in seen):
-            continue
-        for pname, p in mod.named_parameters(recurse=False):
-            yield prefix + pname, p.detach().to(dtype if p.is_floating_point() else p.dtype).contiguous()
-        for bname, b in mod.named_buffers(recurse=False):
-            if bname not in mod._non_persistent_buffers_set:
-                yield prefix + bname, b.detach().to(dtype if b.is_floating_point() else b.dtype).contiguous()
-    missing = targets - seen
-    if missing:
-        raise ValueError(f"adapter targets not found in the base model: {sorted(missing)[:3]}")
-
-
 def write_config(config, out_dir, dtype: torch.dtype) -> None:
     """config.json of a plain (unquantized) model in `dtype`."""
     cfg = config.to_dict()
     cfg.pop("quantization_config", None)
     cfg.pop("_pre_quantization_dtype", None)
     cfg["dtype"] = str(dtype).replace("torch.", "")
-    (Path(out_dir) / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str))
+    atomic_write(Path(out_dir) / "config.json", json.dumps(cfg, indent=2, sort_keys=True, default=str))
 
 
 def copy_tokenizer(src, out_dir) -> List[str]:
@@ -106,7 +100,7 @@ def copy_tokenizer(src, out_dir) -> List[str]:
     return copied
 
 
-def tied_copies(model: nn.Module) -> set:
+def tied_copies(model) -> set:
     """State-dict keys save_pretrained drops because they are tied to another tensor (e.g. lm_head.weight)."""
     keys = set((getattr(model, "all_tied_weights_keys", None) or {}).keys())
     if getattr(model.config, "tie_word_embeddings", False):
@@ -114,52 +108,168 @@ def tied_copies(model: nn.Module) -> set:
     return keys
 
 
-def write_hf_folder(base_model: nn.Module, tensors: Iterator[Tuple[str, torch.Tensor]], out_dir, dtype: torch.dtype,
-                    copy_from: Optional[str] = None, max_shard_size=DEFAULT_MAX_SHARD) -> Path:
-    """Write tensors as an HF folder (shards above `max_shard_size`); tied copies are left out, as save_pretrained
-    does (by name: pointer identity is unreliable once flushed shards free their memory)."""
-    out = Path(out_dir)
-    writer = ShardWriter(out, parse_size(max_shard_size))
-    drop = tied_copies(base_model)
-    for name, t in tensors:
-        if name not in drop:
-            writer.add(name, t)
-    writer.close()
-    write_config(base_model.config, out, dtype)
-    copy_tokenizer(copy_from, out)
+TARGETS = ("trained", "nf4", "original")
+NF4_BLOCKSIZE = 64  # bitsandbytes' Params4bit default, what transformers' 4-bit loading uses
+
+
+@dataclass
+class MergeStats:
+    task: str
+    out_dir: Path
+    files: List[str] = field(default_factory=list)
+    tensors: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+
+
+def nf4_roundtrip(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """dequant(NF4(w)) in fp32, quantized exactly as transformers' bitsandbytes 4-bit loading does (w cast to
+    the load dtype first; the quant storage and the dequantized values are in that dtype)."""
+    import bitsandbytes as bnb
+
+    q, state = bnb.functional.quantize_4bit(w.to(dtype).contiguous(), blocksize=NF4_BLOCKSIZE,
+                                            compress_statistics=False, quant_type="nf4", quant_storage=dtype)
+    return bnb.functional.dequantize_4bit(q, state).float()
+
+
+def _meta_model(config):
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def quantized_linears(model) -> Set[str]:
+    """Names of the linears that transformers' bitsandbytes 4-bit loading replaces (same skip rules: tied and
+    output embeddings, the last module, `_keep_in_fp32_modules`)."""
+    from torch import nn
+    from transformers.quantizers.base import get_keys_to_not_convert
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    skip = list(get_keys_to_not_convert(model)) + list(getattr(model, "_keep_in_fp32_modules", None) or [])
+    return {n for n, m in model.named_modules() if type(m) is nn.Linear and should_convert_module(n, skip)}
+
+
+_FLOAT_TYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+_ITEMSIZE = {"I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def _shapes(base_dir: Path, files) -> dict:
+    """{tensor name: (shape, safetensors dtype string)} from the checkpoint headers (no tensor data read)."""
+    from safetensors import safe_open
+
+    out = {}
+    for f in sorted(files):
+        with safe_open(str(base_dir / f), "pt") as h:
+            for k in h.keys():
+                sl = h.get_slice(k)
+                out[k] = (tuple(sl.get_shape()), sl.get_dtype())
     return out
 
 
-def merge_task_into(base_model: nn.Module, adapter_dir, task: str, out_dir, dtype: str = "bf16",
-                    copy_from: Optional[str] = None) -> Path:
-    """Merge one task into an already loaded base (plain or NF4) and write the HF folder."""
-    deltas = AdapterDeltas(adapter_dir)
+class BasePlan:
+    """How each tensor of a base checkpoint becomes a merged tensor; reads only config and headers."""
+
+    def __init__(self, base_dir, deltas: AdapterDeltas, target: str = "trained"):
+        from transformers import AutoConfig
+
+        if target not in TARGETS:
+            raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+        self.base_dir = Path(base_dir)
+        self.config = AutoConfig.from_pretrained(str(self.base_dir))
+        if getattr(self.config, "quantization_config", None):
+            raise ValueError(f"{self.base_dir} is a pre-quantized checkpoint; merge needs the 16/32-bit base it was "
+                             f"quantized from")
+        self.files = checkpoint_files(self.base_dir)
+        self.shapes = _shapes(self.base_dir, set(self.files.values()))
+        bm = deltas.meta["base_model"]
+        trained_nf4 = bool(bm.get("quantized_nf4"))
+        self.quantize = target == "nf4" or (target == "trained" and trained_nf4)
+        # trained/nf4: the precision the base had while training; original: the stored values
+        self.source_dtype: Optional[torch.dtype] = None if target == "original" else DTYPES[bm.get("dtype", "fp32")]
+        model = _meta_model(self.config)
+        self.quantized = quantized_linears(model) if self.quantize else set()
+        self.dropped = tied_copies(model) & set(self.files)
+        self.targets = set(deltas.targets)
+        missing = sorted(t for t in self.targets if f"{t}.weight" not in self.files)
+        if missing:
+            raise ValueError(f"adapted layers have no weight in {self.base_dir}: {missing[:3]} (the checkpoint's "
+                             f"names differ from the model's module names?)")
+        tied_adapted = sorted(t for t in self.targets if f"{t}.weight" in self.dropped)
+        if tied_adapted:
+            raise ValueError(f"adapted layers {tied_adapted} are tied to another weight; merging would untie them")
+
+    def names(self) -> List[str]:
+        """Output tensor names, grouped by base file so each file is read front to back."""
+        return [n for n in sorted(self.files, key=lambda k: (self.files[k], k)) if n not in self.dropped]
+
+    def out_bytes(self, name: str, dtype: torch.dtype) -> int:
+        """Size of the merged tensor in `dtype` (float tensors) or as stored, from the header alone."""
+        shape, stored = self.shapes[name]
+        size = dtype.itemsize if stored in _FLOAT_TYPES else _ITEMSIZE.get(stored, 8)
+        return math.prod(shape) * size
+
+    def read(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        # reopened per tensor, so no mapping of a whole base shard stays open during the merge
+        with safe_open(str(self.base_dir / self.files[name]), "pt") as f:
+            return f.get_tensor(name)
+
+    def base(self, name: str) -> torch.Tensor:
+        """The base tensor as the adapter saw it (target precision, NF4 round trip), before any delta."""
+        t = self.read(name)
+        if not t.is_floating_point():
+            return t
+        if self.source_dtype is not None:
+            t = t.to(self.source_dtype)
+        module, _, leaf = name.rpartition(".")
+        if leaf == "weight" and module in self.quantized:
+            t = nf4_roundtrip(t, self.source_dtype)
+        return t
+
+    def adapted(self, name: str) -> Optional[str]:
+        """The adapted module whose weight `name` is, else None."""
+        module, _, leaf = name.rpartition(".")
+        return module if leaf == "weight" and module in self.targets else None
+
+    def merged(self, name: str, deltas: AdapterDeltas, task: str, dtype: torch.dtype) -> torch.Tensor:
+        t = self.base(name)
+        if not t.is_floating_point():
+            return t
+        module = self.adapted(name)
+        if module is not None:
+            t = t.float()
+            t += deltas.delta(task, module)
+        return t.to(dtype).contiguous()
+
+
+def stream_merge(base_dir, adapter_dir, task: str, out_dir, dtype: str = "bf16", target: str = "trained",
+                 max_shard_size=DEFAULT_MAX_SHARD, deltas: Optional[AdapterDeltas] = None,
+                 plan: Optional[BasePlan] = None, tokenizer_from=None) -> MergeStats:
+    """Write the merged HF folder for `task` into `out_dir` (should be a fresh temp folder: launch/merge.py
+    (export/run.py) checks it and renames it into place). Tokenizer files are copied from `tokenizer_from` (default:
+    the base folder)."""
+    t0 = time.perf_counter()
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    deltas = deltas or AdapterDeltas(adapter_dir)
+    plan = plan or BasePlan(base_dir, deltas, target)
     dt = DTYPES[dtype]
+    if task not in deltas.rank_map:
+        raise KeyError(f"task {task!r} not in the adapter (tasks: {deltas.task_names})")
+    writer = ShardWriter(out_dir, parse_size(max_shard_size), metadata={"more_task": task, "more_target": target})
+    stats = MergeStats(task, Path(out_dir))
     with torch.no_grad():
-        return write_hf_folder(base_model, iter_merged_tensors(base_model, deltas, task, dt), out_dir, dt, copy_from)
-
-
-def merge_task(base_path: str, adapter_dir, task: str, out_dir, dtype: str = "bf16", target: str = "trained",
-               base_dtype: Optional[str] = None) -> Path:
-    """Load the base from `base_path` and merge `task`.
-
-    target: `trained` = the base as the adapter was trained on it (NF4 -> dequantized NF4, per more_config.json);
-    `nf4` / `original` force dequant(NF4(W)) / the stored 16-bit W.
-    base_dtype: what the base is loaded in; default the dtype recorded at training (NF4: its compute/storage dtype,
-    which fixes the dequantized values), fp32 for `original`.
-    """
-    from pipeline.models.loading import load_base_model
-
-    meta = json.loads((Path(adapter_dir) / "more_config.json").read_text())
-    quant = {"trained": "nf4" if meta["base_model"].get("quantized_nf4") else "none",
-             "nf4": "nf4", "original": "none"}[target]
-    if base_dtype is None:
-        base_dtype = "fp32" if target == "original" else meta["base_model"].get("dtype", "fp32")
-    base = load_base_model(base_path, quant, base_dtype)
-    return merge_task_into(base, adapter_dir, task, out_dir, dtype, copy_from=base_path)
-
-
-def merge_all(base_path: str, adapter_dir, out_root, tasks=None, **kw) -> Dict[str, Path]:
-    """One merged folder per task under out_root/<task>."""
-    names = tasks or json.loads((Path(adapter_dir) / "more_config.json").read_text())["task_names"]
-    return {t: merge_task(base_path, adapter_dir, t, Path(out_root) / t, **kw) for t in names}
+        for name in plan.names():
+            writer.make_room(plan.out_bytes(name, dt))  # flush before computing, not after
+            writer.add(name, plan.merged(name, deltas, task, dt))
+            if name.rpartition(".")[0] in plan.quantized:
+                trim_heap()  # bitsandbytes' round-trip temporaries: measured +15-90 MB creep between flushes
+            stats.tensors += 1
+    stats.files = writer.close()
+    stats.bytes = writer.total_bytes
+    write_config(plan.config, out_dir, dt)
+    copy_tokenizer(tokenizer_from or base_dir, out_dir)
+    stats.seconds = time.perf_counter() - t0
+    return stats

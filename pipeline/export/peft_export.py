@@ -17,6 +17,7 @@ from pipeline.export.merge import DTYPES, AdapterDeltas
 
 def export_peft(adapter_dir, task: str, out_dir, dtype: str = "fp32",
                 base_model_name_or_path: Optional[str] = None) -> Path:
+    """Write `task`'s PEFT adapter into `out_dir` (a fresh temp folder: export/run.py checks it, then renames it)."""
     from peft import LoraConfig
     from safetensors.torch import save_file
 
@@ -43,7 +44,3 @@ def export_peft(adapter_dir, task: str, out_dir, dtype: str = "fp32",
     save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
     return out
 
-
-def export_all_peft(adapter_dir, out_root, tasks=None, **kw) -> Dict[str, Path]:
-    d = AdapterDeltas(adapter_dir)
-    return {t: export_peft(adapter_dir, t, Path(out_root) / t, **kw) for t in (tasks or d.task_names)}

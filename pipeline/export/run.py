@@ -1,5 +1,6 @@
 """The merge stage behind `launch/merge.py`: per task, write (streaming merge or PEFT export) into a temp folder,
-check it against the adapter model, then rename it into place; record everything in `<out>/merge_report.json`.
+check it (logits against the adapter model; for a full merge also every tensor against base + delta), then rename
+it into place; record everything in `<out>/merge_report.json` (written atomically).
 
 Inputs are validated before anything is written, so bad input leaves no output folder. A task whose check fails
 raises `CheckError` after its numbers went into the report; its temp folder is removed and nothing is renamed
@@ -8,11 +9,9 @@ into `<out>/<task>` (a previous good result there stays).
 from __future__ import annotations
 
 import json
-import os
 import resource
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,11 +19,12 @@ from typing import Dict, List, Optional
 
 import torch
 
-from pipeline.export.check import (CheckError, CheckResult, SampleError, base_spec, describe_prompts, judge, load_merged,
-                                   load_peft, logits, random_prompts, reference_logits, sample_prompts)
-from pipeline.export.merge import DTYPES, AdapterDeltas, copy_tokenizer
+from pipeline.atomic import atomic_write, replace_dir, temp_dir_for
+from pipeline.export.check import (CheckError, CheckResult, SampleError, base_spec, check_tensors, describe_prompts,
+                                   judge, load_merged, load_peft, logits, random_prompts, reference_logits,
+                                   sample_prompts)
+from pipeline.export.merge import DTYPES, TARGETS, AdapterDeltas, BasePlan, copy_tokenizer, stream_merge
 from pipeline.export.shards import DEFAULT_MAX_SHARD, parse_size
-from pipeline.export.stream import TARGETS, BasePlan, stream_merge
 from pipeline.more.io import ADAPTER_FILE, CONFIG_FILE, RANK_MAP_FILE
 
 REPORT_FILE = "merge_report.json"
@@ -120,25 +120,12 @@ def _prompts(opts: MergeOptions, tasks: List[str], vocab: int) -> tuple:
         raise MergeInputError(str(e)) from None
 
 
-def _replace_dir(tmp: Path, final: Path) -> None:
-    """Move `tmp` to `final`; an existing `final` is moved aside first and removed after."""
-    old = None
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def _write_report(out: Path, report: dict) -> None:
     path = out / REPORT_FILE
     prev = json.loads(path.read_text()) if path.is_file() else {}
     tasks = {**prev.get("tasks", {}), **report["tasks"]}
     report = {**report, "tasks": tasks}
-    tmp = out / f".{REPORT_FILE}.tmp"
-    tmp.write_text(json.dumps(report, indent=2, default=str))
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(report, indent=2, default=str))
 
 
 def peak_rss_mb() -> float:
@@ -182,7 +169,7 @@ def run_merge(opts: MergeOptions) -> dict:
         Path(opts.check_samples) / "tokenizer" if opts.check_samples else None)
     for task in tasks:
         entry = dict(format=opts.format, dtype=opts.dtype, target=opts.target)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{task}.tmp-", dir=out))
+        tmp = temp_dir_for(out / task)
         try:
             t0 = time.perf_counter()
             if opts.format == "full":
@@ -199,19 +186,33 @@ def run_merge(opts: MergeOptions) -> dict:
             _log(opts, f"{task}: wrote {opts.format} in {entry['merge_seconds']:.1f}s")
             if opts.check:
                 t0 = time.perf_counter()
+                tens = None
+                if opts.format == "full":
+                    tens = check_tensors(tmp, plan, deltas, task, out_dt)
+                    _log(opts, f"{task}: tensors: {tens.adapted} adapted layers, max |err| / tolerance "
+                               f"{tens.max_err_over_tol:.3g} {'ok' if tens.passed else 'FAILED: ' + tens.summary()}")
                 res = _check_task(opts, task, tmp, base, spec, prompts[task], refs[task],
                                   vs_trained.get(task), out_dt)
                 entry["check_seconds"] = round(time.perf_counter() - t0, 3)
                 entry["check"] = res.as_dict()
+                entry["check"]["logits_passed"] = res.passed
+                if tens is not None:
+                    entry["check"]["tensors"] = tens.as_dict()
+                    entry["check"]["passed"] = res.passed and tens.passed
                 _log(opts, f"{task}: max |logit err| {res.max_abs_err:.3g} (tolerance {res.tolerance:.3g}) "
                            f"{'ok' if res.passed else 'FAILED'}")
-                if not res.passed:
+                if not entry["check"]["passed"]:
                     report["tasks"][task] = entry
                     _write_report(out, report)
-                    raise CheckError(f"task {task!r}: the {opts.format} export does not reproduce the adapter "
-                                     f"model: max |logit error| {res.max_abs_err:.4g} > tolerance "
-                                     f"{res.tolerance:.4g} ({res.rule}); the result was not moved to {out / task}")
-            _replace_dir(tmp, out / task)
+                    why = []
+                    if not res.passed:
+                        why.append(f"the {opts.format} export does not reproduce the adapter model: max |logit "
+                                   f"error| {res.max_abs_err:.4g} > tolerance {res.tolerance:.4g} ({res.rule})")
+                    if tens is not None and not tens.passed:
+                        why.append(f"{tens.n_failed} merged tensor(s) are not base + the task's delta "
+                                   f"({tens.summary()})")
+                    raise CheckError(f"task {task!r}: {'; '.join(why)}; the result was not moved to {out / task}")
+            replace_dir(tmp, out / task)
             entry["path"] = str(out / task)
             report["tasks"][task] = entry
             report["peak_rss_mb"] = round(peak_rss_mb(), 1)

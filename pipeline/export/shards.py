@@ -16,6 +16,8 @@ from typing import Dict, List
 import torch
 from safetensors.torch import save_file
 
+from pipeline.atomic import atomic_path, atomic_write
+
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD = "2GB"
@@ -47,7 +49,8 @@ def trim_heap() -> None:
 
 
 class ShardWriter:
-    """add(name, tensor) in order; close() names the shards and writes the index. Use on a fresh (temp) folder."""
+    """add(name, tensor) in order; close() names the shards and writes the index. Use on a fresh (temp) folder.
+    Every file is written under a temporary name and renamed (shards get their final names only at close())."""
 
     def __init__(self, out_dir, max_shard_bytes: int, metadata: Dict[str, str] | None = None):
         self.out = Path(out_dir)
@@ -82,7 +85,8 @@ class ShardWriter:
     def _flush(self) -> None:
         if not self._buf:
             return
-        save_file(self._buf, str(self._tmp_name(len(self._shards))), metadata=self.metadata)
+        with atomic_path(self._tmp_name(len(self._shards))) as tmp:  # a .shard file is whole or absent
+            save_file(self._buf, str(tmp), metadata=self.metadata)
         self._shards.append(list(self._buf))
         self._buf, self._buf_bytes = {}, 0
         trim_heap()
@@ -102,7 +106,7 @@ class ShardWriter:
             os.replace(self._tmp_name(i), self.out / f)
             weight_map.update({k: f for k in names})
         index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
-        (self.out / INDEX_FILE).write_text(json.dumps(index, indent=2))
+        atomic_write(self.out / INDEX_FILE, json.dumps(index, indent=2))
         return files
 
 

@@ -2,11 +2,13 @@
 
 Under ZeRO-3 every rank must call `save_adapter` (parameters are gathered collectively, a layer at a time); rank 0
 writes and then re-reads the file and checks tensor count, shapes and non-zero norms, because a save of ungathered
-partitions silently writes empty tensors (trl#4416, DeepSpeed#7900).
+partitions silently writes empty tensors (trl#4416, DeepSpeed#7900). The folder is written under a temporary name
+and renamed into place only after that check, so `out_dir` always holds a whole adapter (the old or the new one).
 """
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -14,6 +16,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from pipeline.atomic import replace_dir, temp_dir_for
 from pipeline.config.more import MoreConfig
 from pipeline.more.model import MoreCausalLM, gathered, rank_map
 
@@ -60,6 +63,8 @@ def save_adapter(model, out_dir, dtype: Optional[torch.dtype] = None) -> Path:
     """Write the adapter; `dtype` None keeps each parameter's dtype (16-bit under DeepSpeed bf16)."""
     model = getattr(model, "module", model)
     out = Path(out_dir)
+    if _rank() == 0 and out.is_dir() and any(out.iterdir()) and not (out / CONFIG_FILE).is_file():
+        raise ValueError(f"{out} exists and is not an adapter folder (no {CONFIG_FILE}); refusing to replace it")
     rmap = rank_map(model)  # collective under ZeRO-3
     named = list(model.trainable_named_parameters())
     tensors, expected = {}, {}
@@ -75,14 +80,18 @@ def save_adapter(model, out_dir, dtype: Optional[torch.dtype] = None) -> Path:
                     tensors[n] = t
                     expected[n] = _full_shape(p)
     if _rank() == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(out / ADAPTER_FILE), metadata={"format": "pt", "more_format": str(FORMAT_VERSION)})
-        meta = dict(format_version=FORMAT_VERSION, task_names=model.task_names, expert_ranks=model.config.ranks,
-                    targets=list(model.layers.keys()), scale=model.config.scale,
-                    base_model=base_identity(model), more_config=model.config.model_dump(mode="json"))
-        (out / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
-        (out / RANK_MAP_FILE).write_text(json.dumps(rmap, indent=2))
-        check_saved(out, expected)
+        tmp = temp_dir_for(out)
+        try:
+            save_file(tensors, str(tmp / ADAPTER_FILE), metadata={"format": "pt", "more_format": str(FORMAT_VERSION)})
+            meta = dict(format_version=FORMAT_VERSION, task_names=model.task_names, expert_ranks=model.config.ranks,
+                        targets=list(model.layers.keys()), scale=model.config.scale,
+                        base_model=base_identity(model), more_config=model.config.model_dump(mode="json"))
+            (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+            (tmp / RANK_MAP_FILE).write_text(json.dumps(rmap, indent=2))
+            check_saved(tmp, expected)
+            replace_dir(tmp, out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     _barrier()
     return out
 

@@ -235,14 +235,6 @@ class MoreLinear(nn.Module):
             y = _AdapterAdd.apply(y, xa.to(dt), self.lora_A.to(dt), self.lora_B.to(dt), M.to(dt))
         return y.view(*shape[:-1], self.out_features)
 
-    # ---------------------------------------------------------------- merge helpers
-    def delta_weight(self, rank: int) -> torch.Tensor:
-        """scale * B[:, :r] diag(colscale[:r]) A[:r] in fp32 (out x in)."""
-        _, cs = self._constants(self.lora_A.device)
-        A = self.lora_A.detach().float()[:rank]
-        B = self.lora_B.detach().float()[:, :rank] * (cs[:rank] * self.scale)
-        return B @ A
-
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, max_rank={self.max_rank}, "
                 f"experts={self.expert_ranks}, scaling={self.rank_scaling}")
