@@ -57,24 +57,64 @@ def test_glue_all_five_metrics(glue_run, monkeypatch):
     assert sorted(p.name for p in (root / "eval").iterdir()) == ["report.md", "results.json"]  # no temp files
 
 
-def test_merged_layout_matches_single_model(glue_run):
-    """RUN/merged/<task>/ folders: each task scored by its own folder (here copies of the same model)."""
+def _forced_label_copy(src, dst, tok, task_name: str, label: str):
+    """`src` rewritten to answer `label` on `task_name`: the hidden state is made input-independent (embedding
+    column 0 dominates the residual stream) and the head puts all its mass on the label's tokens. Two random tiny
+    models both answer every example with the label of fewest tokens (summed log-probs of near-uniform
+    distributions), so copies of random models could not tell the tasks' folders apart."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.data.tokenizer import load_tokenizer
+    from pipeline.evaluate.tasks import encode, eval_rows, from_config
+
+    ts = from_config(CONFIG)
+    task = ts.select([task_name])[0]
+    enc = encode(task, eval_rows(task, 1, 0)[0], load_tokenizer(tok), ts.add_bos, ts.add_eos)
+    cands = {task.template.verbalizer[k]: c for k, c in zip(enc.labels, enc.candidates[0])}
+    boosted = set(cands[label])
+    assert all(set(c) - boosted for text, c in cands.items() if text != label), cands  # only `label` fits
+    shutil.copytree(src, dst)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, 0] = 1000.0
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[sorted(boosted), 0] = 10.0
+    model.save_pretrained(dst)
+    return dst
+
+
+def test_merged_layout_scores_each_task_with_its_own_folder(glue_run):
+    """RUN/merged/<task>/ folders hold different models (mnli: one forced to answer "contradiction", stsb: the
+    glue_run model): each task gives exactly what its own model gives alone, and the two models' answers differ."""
     root, tok, res = glue_run
+    forced = _forced_label_copy(root / "m", root / "m_forced", tok, "mnli", "contradiction")
+    code, err = run_cli("--model", forced, "--config", CONFIG, "--tasks", "stsb,mnli", "--out", root / "eval_forced",
+                        "--max-examples", N, "--batch-size", 32)
+    assert code == 0, err
+    alone = {"m": res["runs"]["trained"]["tasks"],
+             "m_forced": results(root / "eval_forced")["runs"]["trained"]["tasks"]}
+    assert {s["prediction"] for s in alone["m_forced"]["mnli"]["samples"]} == {"contradiction"}
+    for task in ("mnli", "stsb"):  # the two models answer differently on both tasks
+        assert alone["m"][task]["samples"] != alone["m_forced"][task]["samples"], task
     merged = root / "merged"
-    for task in ("cola", "stsb"):
-        shutil.copytree(root / "m", merged / task)
-    code, err = run_cli("--model", merged, "--config", CONFIG, "--tasks", "stsb,cola", "--out", root / "eval2",
+    own = {"mnli": "m_forced", "stsb": "m"}
+    for task, folder in own.items():
+        shutil.copytree(root / folder, merged / task)
+    code, err = run_cli("--model", merged, "--config", CONFIG, "--tasks", "stsb,mnli", "--out", root / "eval2",
                         "--max-examples", N, "--batch-size", 32)  # tokenizer from the merged folders
     assert code == 0, err
     got = results(root / "eval2")["runs"]["trained"]
-    assert list(got["tasks"]) == ["stsb", "cola"]
-    for task in ("cola", "stsb"):
+    assert list(got["tasks"]) == ["stsb", "mnli"]
+    for task, folder in own.items():
+        want = alone[folder][task]
         assert got["tasks"][task]["model"]["path"] == str(merged / task)
-        assert got["tasks"][task]["metrics"] == res["runs"]["trained"]["tasks"][task]["metrics"]
+        assert got["tasks"][task]["metrics"] == want["metrics"], task
+        assert got["tasks"][task]["samples"] == want["samples"], task
     # a task without its merged folder is named, with what is there
-    code, err = run_cli("--model", merged, "--config", CONFIG, "--tasks", "cola,rte", "--out", root / "eval3",
+    code, err = run_cli("--model", merged, "--config", CONFIG, "--tasks", "mnli,rte", "--out", root / "eval3",
                         "--max-examples", 2)
-    assert code == 2 and "task 'rte'" in err and str(merged / "rte") in err and "cola, stsb" in err
+    assert code == 2 and "task 'rte'" in err and str(merged / "rte") in err and "mnli, stsb" in err
     assert not (root / "eval3" / "results.json").exists()
 
 

@@ -48,11 +48,76 @@ def test_more_param_count_llama2_7b():
         more_param_count(m, targets="c_attn")
 
 
-def test_more_param_count_matches_real_adapter_tensors():
-    model, _ = tiny_model(dict(vocab_size=100, hidden_size=64, num_layers=2), "sdpa", rank=4)
-    real = sum(p.numel() for n, p in model.named_parameters() if n.endswith((".A", ".B")))
-    counted = more_param_count(meta_model(model.config), max_rank=4, targets="all-linear")
-    assert counted.lora == real
+def _injected(targets, task_embedding="shared", expert_ranks=None, num_tasks=3, max_rank=4):
+    """The real MoRE adapter (pipeline.more.inject) on a tiny Llama, and the same shape on the meta device."""
+    from transformers import LlamaForCausalLM
+
+    from pipeline.config.more import MoreConfig
+    from pipeline.models.tiny import tiny_llama_config
+    from pipeline.more import inject
+
+    cfg = tiny_llama_config(100, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=96)
+    more = MoreConfig(max_rank=max_rank, expert_ranks=expert_ranks, target_modules=targets,
+                      task_embedding=task_embedding)
+    model = inject(LlamaForCausalLM(cfg), more, [f"t{i}" for i in range(num_tasks)])
+    return model, more, meta_model(cfg)
+
+
+def _real(model) -> dict:
+    layers = model.layers.values()
+    emb = [l.task_embedding for l in layers if l.task_embedding is not None]
+    head = list(model.selector.proj.parameters()) if model.selector.shared else []
+    if model.selector.shared:
+        emb.append(model.selector.task_embedding)
+    n = lambda ps: sum(p.numel() for p in ps)  # noqa: E731
+    return dict(lora=n(model.adapter_parameters()), gate=n(p for l in layers for p in l.gate.parameters()),
+                task_embedding=n(emb), head=n(head), modules=len(model.layers),
+                trainable=n(p for _, p in model.trainable_named_parameters()),
+                numels=sorted(p.numel() for _, p in model.trainable_named_parameters()))
+
+
+@pytest.mark.parametrize("targets,expert_ranks", [("all-linear", None), (["q_proj", "v_proj"], [1, 2, 4])])
+def test_more_param_count_matches_the_injected_more_model(targets, expert_ranks):
+    """The planner's count against the real MoreLinear layers and selector `inject` builds (shared layout)."""
+    model, more, meta = _injected(targets, expert_ranks=expert_ranks)
+    real = _real(model)
+    c = more_param_count(meta, max_rank=more.max_rank, targets=targets, num_tasks=len(model.task_names),
+                         task_embedding="shared", task_embedding_dim=more.task_embedding_dim,
+                         num_experts=len(more.ranks))
+    assert (c.lora, c.gate, c.task_embedding, c.modules) == (real["lora"], real["gate"], real["task_embedding"],
+                                                             real["modules"])
+
+
+def test_more_param_count_per_layer_with_input_wide_embeddings_matches_the_injected_model():
+    model, more, meta = _injected("all-linear", task_embedding="per_layer")
+    real = _real(model)
+    c = more_param_count(meta, max_rank=more.max_rank, targets="all-linear", num_tasks=len(model.task_names),
+                         task_embedding="per_layer", task_embedding_dim=None, num_experts=len(more.ranks))
+    assert (c.lora, c.gate, c.task_embedding, c.modules, c.total) == (
+        real["lora"], real["gate"], real["task_embedding"], real["modules"], real["trainable"])
+    assert sorted(c.tensor_numels) == real["numels"]
+
+
+@pytest.mark.xfail(strict=True, reason="planner bug found by measuring the real model: more_param_count leaves out "
+                                       "the shared layout's contrastive head selector.proj (hidden x dim)")
+def test_more_param_count_total_includes_the_contrastive_head():
+    model, more, meta = _injected("all-linear")
+    real = _real(model)
+    assert real["head"] > 0
+    c = more_param_count(meta, max_rank=more.max_rank, targets="all-linear", num_tasks=len(model.task_names),
+                         num_experts=len(more.ranks))
+    assert c.total == real["trainable"] and sorted(c.tensor_numels) == real["numels"]
+
+
+@pytest.mark.xfail(strict=True, reason="planner bug found by measuring the real model: per_layer MoRE ignores "
+                                       "task_embedding_dim (embeddings and gates are in_features wide), the planner "
+                                       "counts it at the configured dim, which preflight passes (16 by default)")
+def test_more_param_count_per_layer_with_the_trainers_dim():
+    model, more, meta = _injected("all-linear", task_embedding="per_layer")
+    c = more_param_count(meta, max_rank=more.max_rank, targets="all-linear", num_tasks=len(model.task_names),
+                         task_embedding="per_layer", task_embedding_dim=more.task_embedding_dim,
+                         num_experts=len(more.ranks))
+    assert c.total == _real(model)["trainable"]
 
 
 def test_nf4_bytes_equal_bitsandbytes_tensors(tmp_path):
