@@ -1,6 +1,7 @@
 """Regenerate bench/RESULTS.md from bench/results/*.json (what `make bench` just measured).
 
 Each section is rendered only from its JSON file; a benchmark that has not been run is listed as missing.
+Hand-measured notes that `make bench` does not produce live in bench/NOTES.md only (RESULTS.md links to it).
 """
 from __future__ import annotations
 
@@ -104,6 +105,9 @@ def merge(r) -> list[str]:
     for x in r["rows"]:
         lines.append(f"| {x['merge']} | {x['base']} | {x['target']} | {x['dtype']} | {x['task']} | {x['seconds']:.2f} | "
                      f"{x['peak_rss_mb']:.0f} ({x['rss_base_mb']:.0f}) |")
+    if any(x["merge"] == "in_memory" for x in r["rows"]):  # runs from before the in-memory merge was removed
+        lines += ["", "`in_memory`: the former in-memory merge (whole base model loaded, then merged), measured in "
+                      "this run for comparison and removed since; `stream` is the merge `launch/merge.py` runs."]
     return lines
 
 
@@ -178,14 +182,14 @@ def main() -> int:
             continue
         out += render(r) + [""]
     out += [REPRODUCE, ""]
-    extra = ROOT / "bench" / "NOTES.md"
-    if extra.is_file():
-        out += [extra.read_text().strip(), ""]
+    out += ["Not measured by `make bench`, in [bench/NOTES.md](NOTES.md): the memory planner's prediction vs the "
+            "measured peak RSS of a tiny CPU step (`tests/plan_measure.py`), and what the committed GLUE tables "
+            "predate.", ""]
     if missing:
         out += ["Not run yet: " + ", ".join(missing), ""]
-    tmp = ROOT / "bench" / "RESULTS.md.tmp"
-    tmp.write_text("\n".join(out))
-    os.replace(tmp, ROOT / "bench" / "RESULTS.md")
+    sys.path.insert(0, str(ROOT))
+    from pipeline.atomic import atomic_write
+    atomic_write(ROOT / "bench" / "RESULTS.md", "\n".join(out))
     print(f"wrote bench/RESULTS.md ({len(SECTIONS) - len(missing)} sections)")
     return 0
 
