@@ -20,7 +20,7 @@ Set-up (plain PyTorch, one process, CPU, fp32):
     per_task_lora one PEFT LoRA of rank R per task (T x the parameters), each trained on its task's rows
     shared_lora   one PEFT LoRA of rank R for all tasks (task id ignored)
     more_frozen   MoRE with the selection frozen at its random initial choice (gate_init=random, no selector
-                  learning): what the reference code effectively does (see shared/docs/more-reference.md)
+                  learning): what the reference code effectively does (the reference code, NLPfreshman0/MoRE)
 - held-out: fixed random sequences; per variant and task the logit MSE against that task's teacher, also divided
   by the base's MSE (the fraction of the planted effect left unexplained).
 

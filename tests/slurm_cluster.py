@@ -1,4 +1,4 @@
-"""A throwaway SLURM cluster on this machine (as root, no systemd/cgroups), following shared/docs/slurm.md.
+"""A throwaway SLURM cluster on this machine (as root, no systemd/cgroups; Debian 12 slurm-wlm 22.05).
 
 Two slurmd daemons act as nodes n1 and n2 (both this host), so 1-node and 2-node jobs run on one machine.
 Daemons this class starts are stopped by the PIDs in their pid files, never by name.

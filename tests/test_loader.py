@@ -34,7 +34,7 @@ def test_packed_logits_equal_per_sample_logits(prepared_builtin_data, tiny_model
     with torch.no_grad():
         packed = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                        position_ids=batch["position_ids"]).logits
-        # Negative control: position ids alone do not isolate samples (docs/pitfalls.md), so this test can fail.
+        # Negative control: position ids alone do not isolate samples (sdpa and eager), so this test can fail.
         leaky = model(input_ids=batch["input_ids"][1:], position_ids=batch["position_ids"][1:]).logits
         n_checked = 0
         for b, row in enumerate(rows):

@@ -62,7 +62,8 @@ class MoreConfig(StrictModel):
     contrastive: ContrastiveConfig = Field(default_factory=ContrastiveConfig)
     init_seed: int = 0
     # Ablation, not for use: every task's rank in every layer is fixed at the initial gate's choice and never
-    # trained, which is what the reference code does (its selector never learns; shared/docs/more-reference.md).
+    # trained, which is what the reference code does (its selector never learns: each task keeps the rank its
+    # initial gate picked at the first forward).
     # With gate_init: random this is the reference's random start.
     selector_frozen: bool = False
 

@@ -1,9 +1,9 @@
 """Read the packed data (docs/interfaces.md) for training: a Dataset of packed rows and the collator that builds
 the block-diagonal causal attention.
 
-Why an explicit 4-D mask: transformers does not isolate packed samples from `position_ids` alone (sdpa or eager,
-docs/pitfalls.md), and a BOOLEAN 4-D mask is silently wrong with eager attention. The collator therefore emits an
-ADDITIVE float mask in the model's dtype: 0 where a query may attend (same sample, not in the future),
+Why an explicit 4-D mask: transformers does not isolate packed samples from `position_ids` alone (sdpa or eager;
+checked with transformers 5.24), and a BOOLEAN 4-D mask is silently wrong with eager attention. The collator
+therefore emits an ADDITIVE float mask in the model's dtype: 0 where a query may attend (same sample, not in the future),
 `torch.finfo(dtype).min` elsewhere. Padding queries attend only to themselves, so no softmax row is all-masked.
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Get the tokenizer prep encodes with: an HF tokenizer folder/hub id, or a sentencepiece model trained on the data.
 
-transformers 5.x trap (docs/pitfalls.md): `LlamaTokenizer(vocab_file=...)` ignores the file and encodes to `[]`.
+transformers 5.x trap (checked with transformers 5.24): `LlamaTokenizer(vocab_file=...)` ignores the file and encodes to `[]`.
 What works is a folder holding `tokenizer.model` + a `tokenizer_config.json` naming `LlamaTokenizer`, loaded with
 `AutoTokenizer.from_pretrained`, which converts it to a fast tokenizer with sentencepiece's ids; `save_pretrained`
 then writes a `tokenizer.json` any later stage (train, evaluate) loads with no sentencepiece involved.
