@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 from pathlib import Path
+
+from pipeline.atomic import atomic_write
 
 POSITIVE = ["wonderful", "great", "delightful", "moving", "brilliant", "charming", "superb", "fun", "touching"]
 NEGATIVE = ["boring", "awful", "dull", "clumsy", "tedious", "weak", "messy", "bland", "painful"]
@@ -106,9 +107,7 @@ def _write_if_changed(path: Path, text: str) -> None:
     """Atomic write that leaves an identical file untouched (keeps the prep cache valid across runs)."""
     if path.is_file() and path.read_text() == text:
         return
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    tmp.replace(path)
+    atomic_write(path, text)
 
 
 def is_test_input(row: dict) -> bool:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Iterator
@@ -22,6 +21,7 @@ import datasets
 import numpy as np
 import pyarrow as pa
 
+from pipeline.atomic import replace_dir, temp_dir_for
 from pipeline.data.errors import PrepError
 from pipeline.data.mask import build_labels
 from pipeline.data.tokenize import Samples
@@ -82,17 +82,10 @@ def atomic_dir(final: Path, marker: str = "manifest.json") -> Iterator[Path]:
     if final.exists() and not (final / marker).is_file() and any(final.iterdir()):
         raise PrepError(f"output folder {final} exists and is not a prepared-data folder (no {marker}); "
                         f"refusing to replace it: choose another output_dir or remove it yourself")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp = temp_dir_for(final)
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = final.parent / f".{final.name}.old-{os.getpid()}"
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_dir(tmp, final)

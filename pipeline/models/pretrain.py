@@ -5,14 +5,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from pipeline.atomic import replace_dir, temp_dir_for
 from pipeline.config import ConfigError
 from pipeline.config.base_model import BaseModelConfig
 from pipeline.data.loader import PackedDataset, split_samples
@@ -69,15 +68,12 @@ def build_base(cfg: BaseModelConfig, force: bool = False) -> Path:
     if cfg.pretrain_steps:
         texts = skill_corpus(tok, skills) if skills else unpaired_texts(data)
         _pretrain(model, texts, cfg)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = temp_dir_for(out)
     try:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         (tmp / STAMP).write_text(json.dumps(stamp, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
