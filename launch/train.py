@@ -1,16 +1,30 @@
 """Train MoRE adapters: `deepspeed launch/train.py --deepspeed ds_configs/zero3.json --config configs/train/X.yaml`.
 
 Also runs as `python launch/train.py ...` (one process), under torchrun, and under srun (one task per GPU).
-Exit codes: 0 done, 75 preempted after a checkpoint (requeue me), anything else an error.
+Exit codes: 0 done, 75 preempted (requeue me: after a checkpoint, or before training started, with the checkpoints
+as they were), anything else an error.
 """
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import traceback
 
 from pipeline.config import ConfigError, load_config
 from pipeline.config.train import TrainConfig
+
+EXIT_REQUEUE = 75
+
+
+class PreemptedBeforeTraining(BaseException):
+    """SIGTERM while the run starts (process group, model load, DeepSpeed init). Nothing is written in that phase,
+    so the process stops where it is and exits 75; the trainer replaces this handler with its own (finish the step,
+    checkpoint, exit 75) once it is built."""
+
+
+def _term_before_training(signum, frame):
+    raise PreemptedBeforeTraining()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append("checkpoint.resume=must")
     if args.no_resume:
         overrides.append("checkpoint.resume=never")
+    previous = signal.signal(signal.SIGTERM, _term_before_training)
     try:
         cfg = load_config(TrainConfig, args.config, overrides)
         from pipeline.train.loop import train
@@ -36,18 +51,35 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
-    except BaseException:
-        # This rank's error goes to its own stderr and exit code; the launcher (deepspeed/torchrun/srun) stops
-        # the other ranks, and collective timeouts cover any that are mid-collective.
+    except PreemptedBeforeTraining:
+        print(f"SIGTERM before training started: no checkpoint written; exiting {EXIT_REQUEUE} to requeue",
+              file=sys.stderr, flush=True)
+        return EXIT_REQUEUE
+    except BaseException as e:
+        # This rank's error goes to its own stderr and exit code; the other ranks stop through the store
+        # (abort_job), the launcher (deepspeed/torchrun, srun -K) or their collective timeouts.
         traceback.print_exc()
         sys.stderr.flush()
+        from pipeline.train.distributed import abort_job
+
+        abort_job(f"{type(e).__name__}: {e}")
         return 1
+    finally:
+        if signal.getsignal(signal.SIGTERM) is _term_before_training:  # not replaced by the trainer's
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _process_group_open() -> bool:
+    dist = sys.modules.get("torch.distributed")
+    return dist is not None and dist.is_available() and dist.is_initialized()
 
 
 if __name__ == "__main__":
     code = main()
-    if code not in (0, 75):
+    if code not in (0, EXIT_REQUEUE) or _process_group_open():
         import os
 
-        os._exit(code)  # skip interpreter teardown, which can block on a broken process group
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)  # skip interpreter teardown, which can block on a broken (or never shut down) process group
     sys.exit(code)

@@ -1,15 +1,22 @@
 """Process-group setup that works the same under the deepspeed launcher, torchrun, srun and one plain process.
 
 Backend is the only CPU/GPU difference: gloo on CPU, nccl on CUDA. Every collective has a timeout, so a dead
-peer ends the job with an error instead of a hang.
+peer ends the job with an error instead of a hang: the default group's and every group made later (DeepSpeed's
+data-parallel group, which ZeRO's gradient collectives use), all `dist_timeout_s`. A rank that fails says so in the
+rendezvous store (`abort_job`) and every rank watches for that (`_PeerWatch`), so a rank hung outside any
+collective ends too, also when the launcher does not stop the others (srun without --kill-on-bad-exit).
 """
 from __future__ import annotations
 
 import os
 import socket
+import sys
+import threading
+import time
 import warnings
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -62,9 +69,98 @@ def init_distributed(timeout_s: int = 600, local_rank_arg: int | None = None) ->
         device, backend = torch.device("cpu"), "gloo"
     import deepspeed
 
-    deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s),
-                               auto_mpi_discovery=False, verbose=False)
-    return DistInfo(dist.get_rank(), local_rank, dist.get_world_size(), device)
+    timeout = timedelta(seconds=timeout_s)
+    deepspeed.init_distributed(dist_backend=backend, timeout=timeout, auto_mpi_discovery=False, verbose=False)
+    _new_groups_default_to(timeout)
+    info = DistInfo(dist.get_rank(), local_rank, dist.get_world_size(), device)
+    if info.world_size > 1:
+        _PeerWatch.start(info.rank)
+    return info
+
+
+def _new_groups_default_to(timeout: timedelta) -> None:
+    """torch gives a group made without a timeout its backend's default (30 min gloo, 10 min nccl), not the default
+    group's; DeepSpeed makes its data-parallel group that way (ZeRO's reduce-scatters, gradient norms)."""
+    from torch.distributed import distributed_c10d
+
+    distributed_c10d.default_pg_timeout = timeout
+    if isinstance(getattr(distributed_c10d, "default_pg_nccl_timeout", None), timedelta):
+        distributed_c10d.default_pg_nccl_timeout = timeout
+
+
+# --- a failed rank ends every rank ----------------------------------------------------------------------------------
+
+
+def _abort_key() -> str:
+    # torchrun restarts a failed job with the same store: each attempt has its own key
+    return f"pipeline/abort/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+
+
+def _store_client(timeout_s: float):
+    """A client of the rendezvous store (rank 0's, or the launcher agent's), separate from the process group's."""
+    return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                         timeout=timedelta(seconds=timeout_s), wait_for_workers=False)
+
+
+class _PeerWatch:
+    """A daemon thread that ends this rank (exit 1) when another rank has failed: it reads `abort_job`'s key in the
+    rendezvous store every `interval_s`, and takes a store that stops answering (its host, rank 0, has died) as a
+    failure too. `shutdown` stops it first, so a rank that finished normally never trips it."""
+
+    current: Optional["_PeerWatch"] = None
+    interval_s = 1.0
+    lost_after = 3  # polls in a row without an answer
+
+    def __init__(self, rank: int):
+        self.rank = rank
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="pipeline-peer-watch", daemon=True)
+
+    @classmethod
+    def start(cls, rank: int) -> None:
+        cls.stop()
+        cls.current = cls(rank)
+        cls.current.thread.start()
+
+    @classmethod
+    def stop(cls) -> None:
+        if cls.current is not None:
+            cls.current.stopped.set()
+            cls.current = None
+
+    def _run(self) -> None:
+        store, misses, key = None, 0, _abort_key()
+        while not self.stopped.wait(self.interval_s):
+            try:
+                if store is None:
+                    store = _store_client(5.0)
+                if not store.check([key]):
+                    misses = 0
+                    continue
+                why = store.get(key).decode(errors="replace")
+            except Exception as e:  # noqa: BLE001 - any failure to reach the store
+                store, misses = None, misses + 1
+                if misses < self.lost_after:
+                    continue
+                why = f"the rendezvous store {os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} is gone " \
+                      f"({type(e).__name__}): its host (rank 0 or the launcher) has ended"
+            if self.stopped.is_set():
+                return
+            print(f"rank {self.rank}: stopping, another rank failed: {why}", file=sys.stderr, flush=True)
+            os._exit(1)
+
+
+def abort_job(reason: str) -> None:
+    """Called by a failing rank before it exits: tells every other rank to stop (see `_PeerWatch`). Best effort."""
+    watch = _PeerWatch.current
+    if watch is None:
+        return
+    _PeerWatch.stop()
+    try:
+        _store_client(5.0).set(_abort_key(), f"rank {watch.rank}: {reason}"[:2000])
+        time.sleep(2 * _PeerWatch.interval_s)  # rank 0 hosts the store: keep it up until the others have read it
+    except Exception:  # noqa: BLE001 - the store may be gone with a dead rank 0; the others see that themselves
+        pass
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
@@ -83,6 +179,7 @@ def any_rank(flag: bool, device: torch.device) -> bool:
 
 def shutdown(engine=None) -> None:
     """A clean end avoids the rare 'terminate called without an active exception' at interpreter exit."""
+    _PeerWatch.stop()  # before the barrier: past it, rank 0 (the store's host) may exit at any time
     if dist.is_initialized():
         dist.barrier()
     if engine is not None:

@@ -19,7 +19,7 @@ import torch
 
 from pipeline.config.base import ConfigError
 from pipeline.config.train import TrainConfig
-from pipeline.train import checkpoint
+from pipeline.train import checkpoint, faults
 from pipeline.train.data import TrainData, check_data
 from pipeline.train.distributed import DistInfo, all_reduce_sum, any_rank, init_distributed, shutdown
 from pipeline.train.ds_config import fill_ds_config
@@ -49,6 +49,12 @@ def validate(cfg: TrainConfig, ds_config: str) -> list[str]:
     if (model_path.is_absolute() or cfg.model.path.startswith(".")) and not model_path.is_dir():
         raise ConfigError(f"model.path: {cfg.model.path} is not a directory")
     fill_ds_config(ds_config, cfg, world_size=1)
+    ckpt_dir = Path(cfg.output_dir) / "checkpoints"
+    if cfg.checkpoint.resume == "never" and (found := checkpoint.existing(ckpt_dir)):
+        raise ConfigError(
+            f"checkpoint.resume=never (--no-resume), but {ckpt_dir} holds checkpoints of an earlier run "
+            f"({', '.join(found)}): a fresh run there would mix the two runs' checkpoints and logs. To start over, "
+            f"delete {cfg.output_dir} (or set output_dir to a new folder); to continue that run, drop --no-resume")
     return task_names
 
 
@@ -65,6 +71,7 @@ def build_model(cfg: TrainConfig, task_names: list[str], dist_info: DistInfo):
     device_map = {"": dist_info.device} if cfg.model.quantization == "nf4" else None
     base = load_base_model(cfg.model.path, cfg.model.quantization, cfg.model.dtype,
                            cfg.model.attn_implementation, device_map=device_map)
+    faults.point("load", dist_info.rank, 0)
     base.config.use_cache = False
     model = inject(base, cfg.more, task_names, base_model_id=cfg.model.path)
     if cfg.model.gradient_checkpointing:
@@ -94,31 +101,62 @@ class Trainer:
         self.tokens_seen = 0
         self.preempt = Preempted()
         self.last_eval: dict[str, float] = {}
+        self.eval_pending = False  # a resumed run owes the eval of the step it was preempted at
+        self.run_id = checkpoint.new_run_id()  # a resumed run takes its checkpoint's: pruning keeps to one run
+        manifest = json.loads((Path(cfg.data.dir) / "manifest.json").read_text())
+        self.identity = checkpoint.run_identity(cfg.model_dump(mode="json"), dist_info.world_size, task_names,
+                                                manifest.get("cache_key"))
+        # This config's optimizer settings: a checkpoint's optimizer and scheduler states carry the saved run's,
+        # and a resume with a changed lr (allowed, and said) must train with the new one.
+        self._hparams = [{k: g[k] for k in ("lr", "weight_decay", "betas", "eps") if k in g}
+                         for g in self.scheduler.optimizer.param_groups]
+        self._base_lrs = list(self.scheduler.base_lrs)
 
     # --- resume -------------------------------------------------------------------------------------------------
     def maybe_resume(self) -> None:
         mode = self.cfg.checkpoint.resume
         if mode == "never":
             return
-        state = checkpoint.load(self.engine, self.ckpt_dir, self.dist.rank)
-        if state is None:
+        loaded = checkpoint.load(self.engine, self.ckpt_dir, self.dist.rank, self.identity)
+        if loaded is None:
             if mode == "must":
                 raise RuntimeError(f"checkpoint.resume=must but no checkpoint in {self.ckpt_dir}")
             return
+        state, meta = loaded
         self.step = state["step"]
         self.tokens_seen = state["tokens_seen"]
         self.data.load_state_dict(state["data"])
+        self.eval_pending = bool(state.get("eval_pending", False))
+        self.run_id = meta["run_id"]
+        self._restore_hparams()
         if self.dist.is_main:
-            print(f"resumed from {self.ckpt_dir / checkpoint.latest_tag(self.ckpt_dir)} at step {self.step}",
-                  flush=True)
+            print(f"resumed from {self.ckpt_dir / meta['tag']} at step {self.step}", flush=True)
 
-    def save_checkpoint(self) -> None:
-        state = {"step": self.step, "tokens_seen": self.tokens_seen, "data": self.data.state_dict()}
-        checkpoint.save(self.engine, self.ckpt_dir, self.step, state, self.cfg.checkpoint.keep, self.dist.rank)
+    def _restore_hparams(self) -> None:
+        """This config's lr, weight decay, betas and eps over the loaded ones (equal unless the config changed)."""
+        sched = self.scheduler
+        sched.base_lrs = list(self._base_lrs)
+        for group, hp, base, fn in zip(sched.optimizer.param_groups, self._hparams, self._base_lrs, sched.lr_lambdas):
+            group.update({k: v for k, v in hp.items() if k != "lr"})
+            group["initial_lr"] = base
+            group["lr"] = base * fn(sched.last_epoch)
+        sched._last_lr = [g["lr"] for g in sched.optimizer.param_groups]
+
+    def save_checkpoint(self, eval_pending: bool = False) -> None:
+        """Collective. Refuses (on every rank) to write non-finite trainable parameters."""
+        bad = any(not bool(torch.isfinite(t).all()) for t in _trainable_partitions(self.engine))
+        if any_rank(bad, self.dist.device):
+            raise FloatingPointError(f"step {self.step}: trainable parameters are not finite; no checkpoint written "
+                                     f"(the last one in {self.ckpt_dir} is from before)")
+        state = {"step": self.step, "tokens_seen": self.tokens_seen, "data": self.data.state_dict(),
+                 "eval_pending": eval_pending}
+        with faults.during_writes("checkpoint", self.dist.rank, self.step):
+            checkpoint.save(self.engine, self.ckpt_dir, self.step, state, self.cfg.checkpoint.keep, self.dist.rank,
+                            self.run_id, self.identity)
 
     # --- one optimizer step -------------------------------------------------------------------------------------
     def train_step(self) -> dict[str, float]:
-        _injected_fault(self.dist.rank, self.step + 1)
+        faults.point("step", self.dist.rank, self.step + 1)
         micro_batches = [self.data.next_train_batch() for _ in range(self.cfg.optim.grad_accum)]
         dev = self.dist.device
         samples = [_contrastive_samples(b) for b in micro_batches]
@@ -136,7 +174,8 @@ class Trainer:
         stats = torch.zeros(2 + 2 * n_tasks, device=dev)  # ce_sum, contrastive_sum, per-task sums, per-task tokens
         weight = self.cfg.more.contrastive.weight
         self.engine.module.set_training_step(self.step)  # the selector's warm-up counts optimizer steps
-        for batch, n_samples in zip(micro_batches, samples):
+        local_loss = torch.zeros((), device=dev)  # this rank's share of the step's total (LM + contrastive) loss
+        for i, (batch, n_samples) in enumerate(zip(micro_batches, samples)):
             batch = {k: v.to(dev) for k, v in batch.items()}
             out = self.engine(**batch)
             sums = lm_loss_sums(out.logits, batch["labels"], batch["task_ids"], n_tasks, batch["position_ids"])
@@ -145,17 +184,28 @@ class Trainer:
                 cl_sum = out.contrastive_loss * n_samples  # the model returns a per-sample mean
                 loss = loss + weight * cl_sum * layout / max(global_samples, 1.0)
                 stats[1] += cl_sum.detach().float()
+            if _injected_nan(self.dist.rank, self.step + 1):
+                loss = loss * float("nan")
+            local_loss += loss.detach().float()
+            faults.point("backward", self.dist.rank, self.step + 1)
             self.engine.backward(loss)
-            self.engine.step()
+            if i + 1 < len(micro_batches):
+                self.engine.step()  # not the accumulation boundary: DeepSpeed only counts the micro-batch
             stats[0] += sums.total.detach()
             stats[2:2 + n_tasks] += sums.per_task
             stats[2 + n_tasks:] += sums.per_task_tokens
+        self._check_finite_before_update(local_loss)
+        faults.point("optimizer", self.dist.rank, self.step + 1)
+        self.engine.step()  # the accumulation boundary: the optimizer applies the step here
+        if not self.engine.was_step_applied() and not self.engine.fp16_enabled():
+            # DeepSpeed skips an update whose gradient norm is not finite; outside fp16 loss scaling that is a NaN
+            # the check above could not see (gradients it cannot read, e.g. with optimizer offload).
+            raise FloatingPointError(f"step {self.step + 1}: DeepSpeed skipped the update (non-finite gradients); "
+                                     f"stopping (lower optim.lr or check the data)")
         all_reduce_sum(stats)
         self.step += 1
         self.tokens_seen += int(global_real)
         lm = stats[0].item() / global_tokens
-        if not math.isfinite(lm):
-            raise FloatingPointError(f"step {self.step}: LM loss is {lm}; stopping (lower the lr or check the data)")
         values = {"loss": lm, "contrastive": stats[1].item() / max(global_samples, 1.0),
                   "lr": self.scheduler.get_last_lr()[0], "tokens": global_real}
         grad_norm = self.engine.get_global_grad_norm()
@@ -165,6 +215,30 @@ class Trainer:
             if stats[2 + n_tasks + t] > 0:
                 values[f"loss/{name}"] = (stats[2 + t] / stats[2 + n_tasks + t]).item()
         return values
+
+    def _check_finite_before_update(self, local_loss: torch.Tensor) -> None:
+        """Collective, between the step's last backward and the optimizer update: every rank stops at the same step
+        when any rank's loss (LM + contrastive) or the global gradient norm is not finite, so a NaN never reaches
+        the parameters, the optimizer state or a checkpoint."""
+        world, rank = self.dist.world_size, self.dist.rank
+        flags = torch.zeros(world + 1, device=self.dist.device)
+        flags[rank] = 0.0 if bool(torch.isfinite(local_loss)) else 1.0
+        grad_sq = None if self.engine.fp16_enabled() else _local_grad_sq_sum(self.engine)  # fp16: the loss scaler's
+        if grad_sq is not None:
+            flags[world] = grad_sq
+        all_reduce_sum(flags)
+        step = self.step + 1
+        bad_ranks = [r for r in range(world) if flags[r] > 0]
+        if bad_ranks:
+            raise FloatingPointError(
+                f"step {step}: the loss (LM + contrastive) is not finite on rank(s) {bad_ranks}; stopping before the "
+                f"optimizer applies the step (lower optim.lr or check the data; checkpoints in {self.ckpt_dir} are "
+                f"from earlier steps)")
+        if grad_sq is not None and not math.isfinite(flags[world].item()):
+            raise FloatingPointError(
+                f"step {step}: the gradient norm is {math.sqrt(flags[world].item())}; stopping before the optimizer "
+                f"applies the step (lower optim.lr or check the data; checkpoints in {self.ckpt_dir} are from "
+                f"earlier steps)")
 
     # --- held-out evaluation ------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -190,6 +264,9 @@ class Trainer:
         t_start, tokens_start = time.time(), self.tokens_seen
         final: dict[str, float] = {}
         try:
+            if self.eval_pending:  # the eval of the step the previous run was preempted at
+                self._eval_and_log(monitor)
+                self.eval_pending = False
             while self.step < cfg.optim.max_steps:
                 t0 = time.time()
                 values = self.train_step()
@@ -200,16 +277,19 @@ class Trainer:
                 if self.step % cfg.log_every == 0 or self.step == cfg.optim.max_steps:
                     monitor.scalars(self.step, values, prefix="train/")
                 monitor.progress(self.step, values["loss"], values["tokens_per_s"])
-                preempted = any_rank(self.preempt.flag, self.dist.device)
-                if preempted or (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0):
-                    self.save_checkpoint()
-                if preempted:
+                eval_now = bool(cfg.eval.every) and self.step % cfg.eval.every == 0 and self.step < cfg.optim.max_steps
+                if any_rank(self.preempt.flag, self.dist.device):
+                    # Checkpoint first (the grace period is short); the checkpoint says this step's eval is owed,
+                    # and the resumed run does it before its first step, so its logs equal an uninterrupted run's.
+                    self.save_checkpoint(eval_pending=eval_now)
                     if self.dist.is_main:
                         print(f"SIGTERM: checkpoint saved at step {self.step}; exiting {EXIT_REQUEUE} to requeue",
                               flush=True)
                     return EXIT_REQUEUE
-                if cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < cfg.optim.max_steps:
+                if eval_now:
                     self._eval_and_log(monitor)
+                if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
+                    self.save_checkpoint()  # after the step's eval: a resume from it owes nothing
             self._eval_and_log(monitor)
             if cfg.checkpoint.every and self.step % cfg.checkpoint.every != 0:
                 self.save_checkpoint()
@@ -252,12 +332,33 @@ def _supervised(batch: dict[str, torch.Tensor]) -> int:
     return int((supervised_targets(batch["labels"], batch["position_ids"]) != -100).sum())
 
 
-def _injected_fault(rank: int, step: int) -> None:
-    """`PIPELINE_FAIL_AT=RANK:STEP` makes that rank raise at that step: how the tests check a failed rank ends the
-    whole job instead of hanging its peers in a collective."""
-    spec = os.environ.get("PIPELINE_FAIL_AT")
-    if spec and spec == f"{rank}:{step}":
-        raise RuntimeError(f"injected failure on rank {rank} at step {step} (PIPELINE_FAIL_AT)")
+def _injected_nan(rank: int, step: int) -> bool:
+    """Test hook: `PIPELINE_NAN_AT=RANK:STEP` makes that rank's loss NaN at that step (how the tests check that a
+    NaN stops every rank before the update and never reaches a checkpoint)."""
+    return os.environ.get("PIPELINE_NAN_AT") == f"{rank}:{step}"
+
+
+def _local_grad_sq_sum(engine) -> Optional[float]:
+    """Sum of squares of this rank's reduced gradients before the update (ranks hold disjoint ZeRO-3 partitions,
+    so the sum over ranks is the global norm squared); None where they cannot be read before `step()` (ZeRO-1/2
+    reduce there, offload keeps them elsewhere), which leaves DeepSpeed's own check and `was_step_applied`."""
+    opt = engine.optimizer
+    stage = engine.zero_optimization_stage()
+    if stage == 3 and not getattr(opt, "offload_optimizer", False) and isinstance(
+            getattr(opt, "averaged_gradients", None), dict):
+        grads = [g for group in opt.averaged_gradients.values() for g in (group or []) if g is not None]
+    elif stage == 0:
+        grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    else:
+        return None
+    if not grads:
+        return 0.0
+    return float(torch.stack([g.detach().float().pow(2).sum() for g in grads]).sum())
+
+
+def _trainable_partitions(engine) -> list[torch.Tensor]:
+    """This rank's share of the trainable parameters (its ZeRO-3 partition, else the full tensor)."""
+    return [getattr(p, "ds_tensor", p).detach() for p in engine.module.parameters() if p.requires_grad]
 
 
 def _contrastive_samples(batch: dict[str, torch.Tensor]) -> int:

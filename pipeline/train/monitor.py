@@ -1,6 +1,8 @@
 """What a person watching a run sees: tqdm on rank 0, TensorBoard scalars/histograms, and a metrics.jsonl.
 
-Every method is a no-op on ranks other than 0, so the loop can call them unconditionally.
+Every method is a no-op on ranks other than 0, so the loop can call them unconditionally. A run that starts at
+step S (a resume, or 0) first drops what metrics.jsonl holds after step S, as TensorBoard's `purge_step` does for
+its events: steps a crashed run logged after its last checkpoint are run again, and each step is logged once.
 """
 from __future__ import annotations
 
@@ -11,6 +13,8 @@ from typing import Optional
 
 import torch
 from tqdm.auto import tqdm
+
+from pipeline.atomic import atomic_write
 
 
 class Monitor:
@@ -24,6 +28,7 @@ class Monitor:
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(str(output_dir / "tensorboard"), purge_step=start_step + 1)
+        _drop_after(output_dir / "metrics.jsonl", start_step)
         self.metrics_file = open(output_dir / "metrics.jsonl", "a")
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
         self._t0 = time.time()
@@ -55,3 +60,22 @@ class Monitor:
             self.bar.close()
             self.writer.close()
             self.metrics_file.close()
+
+
+def _drop_after(path: Path, step: int) -> None:
+    """Keep the records of steps <= `step` (atomically: a crash leaves the old file or the new one)."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if _step_of(line) is not None and _step_of(line) <= step]
+    if kept == lines:
+        return
+    atomic_write(path, "".join(kept))
+
+
+def _step_of(line: str):
+    """The record's step; None for a line a killed run left half written."""
+    try:
+        return json.loads(line).get("step", 0) if line.endswith("\n") else None
+    except ValueError:
+        return None
