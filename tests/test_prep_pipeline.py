@@ -196,3 +196,30 @@ def test_chat_template_is_used_when_the_tokenizer_has_one(prepared_builtin_data,
     assert text.startswith("<|user|>Reverse the words:") and text.rstrip().endswith("<|end|>")
     response = tok.decode([t for t in r["labels"][:n].tolist() if t != -100])
     assert "<|user|>" not in response and response.rstrip().endswith("<|end|>")
+
+
+@pytest.mark.parametrize("add_bos, expected", [(None, False), (True, True)])
+def test_bos_follows_the_tokenizers_convention_unless_forced(prepared_builtin_data, small_prep_config, tmp_path,
+                                                            add_bos, expected):
+    """A tokenizer whose `tokenizer(text)` adds no BOS (SmolLM2's, GPT-2's) gets none by default, in the packed
+    samples, the manifest and evaluate's prompts alike; `tokenizer.add_bos: true` forces it."""
+    from pipeline.evaluate.tasks import encode, eval_rows, from_data
+
+    no_bos = AutoTokenizer.from_pretrained(prepared_builtin_data / "tokenizer", add_bos_token=False)
+    no_bos.save_pretrained(tmp_path / "no_bos_tok")
+    assert AutoTokenizer.from_pretrained(tmp_path / "no_bos_tok")("a")["input_ids"][0] != no_bos.bos_token_id
+    base = small_prep_config()
+    cfg = base.model_copy(update={"tasks": [t for t in base.tasks if t.name == "sentiment"],
+                                  "tokenizer": base.tokenizer.model_copy(update={
+                                      "path": str(tmp_path / "no_bos_tok"), "train_sentencepiece": None,
+                                      "add_bos": add_bos})})
+    out = run_prep(cfg)
+    assert json.loads((out / "manifest.json").read_text())["tokenizer"]["add_bos"] is expected
+    r = PackedDataset(out)[0]
+    lens = r["seq_lens"].tolist()
+    firsts = {int(r["input_ids"][sum(lens[:i])]) for i, n in enumerate(lens) if n > 0}
+    assert (firsts == {no_bos.bos_token_id}) is expected, firsts
+    taskset = from_data(out)
+    task = taskset.tasks[0]
+    prompts = encode(task, eval_rows(task, 4)[0], no_bos, taskset.add_bos, taskset.add_eos).prompts
+    assert all((p[0] == no_bos.bos_token_id) is expected for p in prompts)

@@ -29,11 +29,17 @@ class SentencePieceConfig(StrictModel):
 
 
 class TokenizerConfig(StrictModel):
-    """Exactly one of `path` (an HF tokenizer folder or hub id) or `train_sentencepiece`."""
+    """Exactly one of `path` (an HF tokenizer folder or hub id) or `train_sentencepiece`.
+
+    `add_bos`: null (default) follows the tokenizer's own convention, as its `tokenizer(text)` does (HF
+    `add_bos_token`: Llama's tokenizers add BOS, SmolLM2's and GPT-2's do not); true/false force it. Scoring an
+    instruct model with a BOS it never sees in use costs accuracy (SmolLM2 on a GLUE task: see README). Prep records
+    the resolved value in the manifest, so evaluate encodes prompts as training saw them. Chat-template text always
+    brings its own special tokens."""
 
     path: Optional[str] = None
     train_sentencepiece: Optional[SentencePieceConfig] = None
-    add_bos: bool = True
+    add_bos: Optional[bool] = None
     add_eos: bool = True
 
     @model_validator(mode="after")

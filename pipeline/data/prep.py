@@ -27,7 +27,7 @@ from pipeline.data.pack import pack
 from pipeline.data.render import check_columns, check_rows, render
 from pipeline.data.sampler import task_probabilities
 from pipeline.data.sources import fingerprint_source, load_task
-from pipeline.data.tokenize import Samples, tokenize_dataset
+from pipeline.data.tokenize import Samples, resolve_add_bos, tokenize_dataset
 from pipeline.data.tokenizer import hash_files, load_tokenizer, train_sentencepiece_model, wrap_sentencepiece
 from pipeline.data.write import PACKED_FEATURES, atomic_dir, packed_table, save_table, write_json
 
@@ -110,7 +110,7 @@ def _tokenize_split(cfg, task, tid, tok, split, max_examples, shard, work: Path,
     if len(ds) == 0:  # an empty slice of a small source under --shard
         return None, invalid, 0
     tokd = tokenize_dataset(
-        ds, task, tok, add_bos=cfg.tokenizer.add_bos, add_eos=cfg.tokenizer.add_eos, num_proc=cfg.num_proc,
+        ds, task, tok, add_bos=resolve_add_bos(tok, cfg.tokenizer.add_bos), add_eos=cfg.tokenizer.add_eos, num_proc=cfg.num_proc,
         batch_size=cfg.batch_size, cache_file=str(work / f"{tid}-{split}.arrow"),
         fingerprint=hashlib.sha256(f"{key}:{task.name}:{split}:{shard}".encode()).hexdigest()[:16])
     return Samples.from_dataset(tokd, tid), invalid, len(ds)
@@ -237,7 +237,8 @@ def write_packed(cfg: PrepConfig, samples: Samples, stats: dict[str, dict], tok,
             "hash": hash_files(out / "tokenizer"),
             "vocab_size": len(tok),
             "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id,
-            "add_bos": cfg.tokenizer.add_bos, "add_eos": cfg.tokenizer.add_eos,
+            # as resolved for this tokenizer (the config's null = the tokenizer's convention)
+            "add_bos": resolve_add_bos(tok, cfg.tokenizer.add_bos), "add_eos": cfg.tokenizer.add_eos,
         },
         "tasks": tasks,
         "splits": splits,

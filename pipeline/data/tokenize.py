@@ -6,7 +6,7 @@ prompt alone. Each output row keeps `n_prompt` (tokens before the response); lab
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import datasets
 import numpy as np
@@ -35,15 +35,30 @@ def encode_texts(tokenizer, texts: list[str]) -> list[list[int]]:
     return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 
-def encode_prompts(tokenizer, prompts: list[str], add_bos: bool) -> list[list[int]]:
+def tokenizer_adds_bos(tokenizer) -> bool:
+    """The tokenizer's own convention: does `tokenizer(text)` start with its BOS token? (What HF's `add_bos_token`
+    and a fast tokenizer's post-processor decide, read off their output instead of their many spellings.)"""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return False
+    ids = tokenizer("a")["input_ids"]
+    return bool(ids) and ids[0] == bos
+
+
+def resolve_add_bos(tokenizer, add_bos: Optional[bool]) -> bool:
+    """`tokenizer.add_bos` of a config: None follows the tokenizer (`tokenizer_adds_bos`), a bool forces it."""
+    return tokenizer_adds_bos(tokenizer) if add_bos is None else bool(add_bos)
+
+
+def encode_prompts(tokenizer, prompts: list[str], add_bos: Optional[bool]) -> list[list[int]]:
     """Prompt ids exactly as training saw them (evaluate calls this to build generation inputs)."""
     ids = encode_texts(tokenizer, prompts)
-    if add_bos and tokenizer.bos_token_id is not None:
+    if resolve_add_bos(tokenizer, add_bos) and tokenizer.bos_token_id is not None:
         ids = [[tokenizer.bos_token_id] + x for x in ids]
     return ids
 
 
-def prompt_ids(task: TaskConfig, tokenizer, rows: list[dict], add_bos: bool = True) -> list[list[int]]:
+def prompt_ids(task: TaskConfig, tokenizer, rows: list[dict], add_bos: Optional[bool] = None) -> list[list[int]]:
     """Generation inputs for `evaluate`: exactly the ids a training sample of each row starts with (its prompt).
     `add_bos` is the manifest's `tokenizer.add_bos`; chat-template text brings its own special tokens."""
     prompts = [render(task, r, tokenizer)[0] for r in rows]

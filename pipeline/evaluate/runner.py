@@ -14,6 +14,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from pipeline.config.tasks import TaskConfig
+from pipeline.data.tokenize import resolve_add_bos
 from pipeline.evaluate import metrics as M
 from pipeline.evaluate.errors import EvalError
 from pipeline.evaluate.models import EvalModel
@@ -127,7 +128,8 @@ def run_evaluation(runs: Mapping[str, EvalModel], tasks: Sequence[TaskConfig], t
         data[task.name] = (encode(task, rows, tokenizer, taskset.add_bos, taskset.add_eos), split, size)
     results = dict(format_version=FORMAT_VERSION, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                    settings=dict(task_source=taskset.source, tasks=[t.name for t in tasks], max_examples=max_examples,
-                                 seed=seed, batch_size=batch_size, add_bos=taskset.add_bos,
+                                 seed=seed, batch_size=batch_size,
+                                 add_bos=resolve_add_bos(tokenizer, taskset.add_bos),
                                  add_eos=taskset.add_eos),
                    runs={})
     for label, model in runs.items():

@@ -26,7 +26,7 @@ class TaskSet:
     """Task definitions plus how prep encoded them (BOS/EOS) and, for a data folder, its tokenizer."""
 
     tasks: list[TaskConfig]
-    add_bos: bool = True
+    add_bos: Optional[bool] = None  # None: the tokenizer's convention (see TokenizerConfig)
     add_eos: bool = True
     tokenizer_path: Optional[str] = None
     source: str = ""
@@ -140,7 +140,7 @@ def _regression_ref(task: TaskConfig, row: dict, text: str) -> float:
     return value
 
 
-def encode(task: TaskConfig, rows: list[dict], tokenizer, add_bos: bool = True, add_eos: bool = True) -> Encoded:
+def encode(task: TaskConfig, rows: list[dict], tokenizer, add_bos: Optional[bool] = None, add_eos: bool = True) -> Encoded:
     from pipeline.data.errors import PrepError
     from pipeline.data.render import render, uses_chat_template
     from pipeline.data.tokenize import encode_texts, prompt_ids
