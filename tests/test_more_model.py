@@ -226,11 +226,13 @@ def _routing_batches(n_batches, seed):
 
 @pytest.mark.parametrize("representation", ["prompt_mean", "last_prompt"])
 def test_contrastive_training_enables_zero_shot_routing(representation):
-    """A few selector steps on the contrastive loss alone; then the base-model representation of held-out
-    prompts routes them to their task."""
+    """A few selector steps on the contrastive loss alone; then held-out prompts route to their task. B is not 0,
+    so each task's adapter changes the representation the contrastive loss trains on: routing from the base
+    model's representation (adapters off, the earlier code) got 0.67 (prompt_mean) and 0.58 (last_prompt) of these
+    prompts right, routing under each candidate task's own adapter (the trained representation) 1.0 and 1.0."""
     torch.manual_seed(0)
     cfg = MoreConfig(contrastive=dict(weight=1.0, temperature=0.1, representation=representation))
-    m = _model(cfg, randomize_B=False).train()
+    m = _model(cfg).train()
     opt = torch.optim.Adam(m.selector_parameters(), lr=0.05)
     train = _routing_batches(25, seed=1)
     before = routing_accuracy(m, _routing_batches(3, seed=99))["accuracy"]

@@ -174,7 +174,7 @@ class AdapterModel(EvalModel):
     kind = "adapter"
 
     def __init__(self, base, adapter_dir, device: Optional[str] = None, dtype: Optional[str] = None,
-                 routing: bool = False, routing_rank: Optional[int] = None):
+                 routing: bool = False):
         self.base, self.adapter_dir = Path(base), Path(adapter_dir)
         _check_hf_folder(self.base, "--base")
         cfg_file = self.adapter_dir / "more_config.json"
@@ -185,7 +185,7 @@ class AdapterModel(EvalModel):
         self.device = device or default_device()
         self.dtype = dtype or self.meta["base_model"].get("dtype", "fp32")
         self.quantization = "nf4" if self.meta["base_model"].get("quantized_nf4") else "none"
-        self.routes, self.routing_rank = routing, routing_rank
+        self.routes = routing
         self.kind = "adapter+routing" if routing else "adapter"
         self._model = None
 
@@ -229,7 +229,7 @@ class AdapterModel(EvalModel):
         d = self._device()
         for i in range(0, len(prompts), batch_size):
             ids, mask = pad_batch([list(p) for p in prompts[i:i + batch_size]], pad_id, left=False)
-            pred = route(self.model, ids.to(d), mask.to(d), default_rank=self.routing_rank)
+            pred = route(self.model, ids.to(d), mask.to(d))
             names += [self.task_names[int(p)] if int(p) >= 0 else self.task_names[0] for p in pred.tolist()]
         return names
 

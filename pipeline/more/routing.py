@@ -1,55 +1,65 @@
-"""Zero-shot task routing: for a prompt without a task id, pick the task whose embedding is nearest to its
-representation, computed BEFORE any task is known (a base pass with the adapters disabled, or every layer at a
-default rank), i.e. what the contrastive loss trains the embeddings toward.
+"""Zero-shot task routing: for a prompt without a task id, pick the task t that the contrastive loss, as trained,
+would assign it to under hypothesis t.
+
+Training computes a sample's representation with its own task's adapter on, and the contrastive loss is
+cross-entropy over tasks of (similarity to each task embedding) / temperature. A routed prompt has no task yet, so
+`route` runs it once per candidate task t (t's adapter on, exactly the representation training saw for a sample of
+t) and scores t by that loss's log-probability of t; the prediction is the best-scoring task. One representation in
+training and routing, at the cost of T prompt forwards (T = number of tasks).
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable, Optional
+from typing import Dict, Iterable
 
 import torch
+import torch.nn.functional as F
 
 from pipeline.more.model import MoreCausalLM
 
 
 @torch.no_grad()
-def route(model, input_ids, attention_mask=None, position_ids=None, segment_ids=None, prompt_mask=None,
-          default_rank: Optional[int] = None) -> torch.Tensor:
-    """Predicted task id per packed sample (segment), shape (S,).
+def task_scores(model, input_ids, attention_mask=None, position_ids=None, segment_ids=None, prompt_mask=None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scores S x T, keep S): log p(task t | sample s) from the contrastive head, with t's own adapter on.
 
-    `default_rank` None: representation from the base model (adapters off); an int: every task's adapter at that
-    rank, task 0's weights (the adapter is shared, only the mask differs), which the contrastive loss saw more alike.
     Without segment_ids each row is one sample; without prompt_mask every non-padding token counts.
     """
     model = getattr(model, "module", model)
     B, L = input_ids.shape
     if segment_ids is None:
-        segment_ids = torch.arange(B).unsqueeze(1).expand(B, L).clone()
+        segment_ids = torch.arange(B, device=input_ids.device).unsqueeze(1).expand(B, L).clone()
         if attention_mask is not None and attention_mask.dim() == 2:
             segment_ids[attention_mask == 0] = -1
     if prompt_mask is None:
         prompt_mask = segment_ids >= 0
+    temperature = model.config.contrastive.temperature
     was = model.training
     model.eval()
     try:
-        if default_rank is None:
-            with model.disable_adapters():
-                out = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                                       position_ids=position_ids, output_hidden_states=True, use_cache=False)
-        else:
-            with model.forced_rank(default_rank), model.task_context(0):
-                out = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                                       position_ids=position_ids, output_hidden_states=True, use_cache=False)
-        sims, _, keep = model.task_similarities(out.hidden_states, segment_ids, prompt_mask, None)
+        columns, keep = [], None
+        for t in range(len(model.task_names)):
+            with model.task_context(t):
+                out = model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                       output_hidden_states=True, use_cache=False)
+            sims, _, keep = model.task_similarities(out.hidden_states, segment_ids, prompt_mask, None)
+            columns.append(F.log_softmax(sims.float() / temperature, dim=-1)[:, t])
     finally:
         model.train(was)
-    pred = sims.argmax(-1)
+    return torch.stack(columns, dim=-1), keep
+
+
+@torch.no_grad()
+def route(model, input_ids, attention_mask=None, position_ids=None, segment_ids=None, prompt_mask=None
+          ) -> torch.Tensor:
+    """Predicted task id per packed sample (segment), shape (S,); -1 for a sample with no prompt token."""
+    scores, keep = task_scores(model, input_ids, attention_mask, position_ids, segment_ids, prompt_mask)
+    pred = scores.argmax(-1)
     pred[~keep] = -1
     return pred
 
 
 @torch.no_grad()
-def routing_accuracy(model: MoreCausalLM, batches: Iterable[Dict[str, torch.Tensor]],
-                     default_rank: Optional[int] = None) -> Dict:
+def routing_accuracy(model: MoreCausalLM, batches: Iterable[Dict[str, torch.Tensor]]) -> Dict:
     """Accuracy of `route` on labelled batches (the training batch format: task ids give the truth).
 
     Returns {accuracy, n, per_task: {name: accuracy}, confusion: T x T list (rows = truth)}.
@@ -61,7 +71,7 @@ def routing_accuracy(model: MoreCausalLM, batches: Iterable[Dict[str, torch.Tens
     conf = torch.zeros(T, T, dtype=torch.long)
     for b in batches:
         pred = route(model_, b["input_ids"], b.get("attention_mask"), b.get("position_ids"), b["segment_ids"],
-                     b["prompt_mask"], default_rank=default_rank)
+                     b["prompt_mask"])
         # the truth per segment, with the same bookkeeping as route
         dummy = torch.zeros(*b["input_ids"].shape, 1)
         _, truth, keep = pool_samples(dummy, b["segment_ids"], b["prompt_mask"], b["task_ids"])
