@@ -244,3 +244,36 @@ def test_contrastive_training_enables_zero_shot_routing(representation):
     acc = routing_accuracy(m, _routing_batches(3, seed=99))
     assert acc["n"] == 24
     assert acc["accuracy"] >= 0.9, (before, acc)
+
+
+@pytest.mark.parametrize("path", ["head_only", "head_only_chunked", "full_logits_fallback"])
+def test_supervised_loss_equals_full_logits_cross_entropy(monkeypatch, path):
+    """`supervised_loss=True` runs the LM head at supervised positions only (in checkpointed chunks when many):
+    the same per-token CE, per-task sums and gradients as CE over full logits (lm_loss_sums)."""
+    import pipeline.more.model as model_mod
+    from pipeline.train.loss import lm_loss_sums, token_loss_sums
+
+    cfg = MoreConfig(gate_init="random", selector_warmup_steps=0)
+    b = mixed_batch()
+    m = _model(cfg).train()
+    m.zero_grad(set_to_none=True)
+    out = m(**b)
+    ref = lm_loss_sums(out.logits, b["labels"], b["task_ids"], len(TASKS), b["position_ids"])
+    (ref.total + out.aux_loss).backward()
+    ref_grads = {n: p.grad.clone() for n, p in m.trainable_named_parameters()}
+
+    if path == "head_only_chunked":
+        monkeypatch.setattr(model_mod, "LOSS_CHUNK", 3)
+    if path == "full_logits_fallback":
+        monkeypatch.setattr(type(m), "_plain_lm_head", lambda self: False)
+    m.zero_grad(set_to_none=True)
+    out = m(**b, supervised_loss=True)
+    assert out.logits is None and out.token_loss.shape == out.token_index.shape
+    got = token_loss_sums(out.token_loss, out.token_index, b["task_ids"], len(TASKS))
+    assert int(got.tokens) == int(ref.tokens) > 3  # more tokens than one chunk of 3
+    torch.testing.assert_close(got.total, ref.total, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.per_task, ref.per_task, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.per_task_tokens, ref.per_task_tokens)
+    (got.total + out.aux_loss).backward()
+    for n, p in m.trainable_named_parameters():
+        torch.testing.assert_close(p.grad, ref_grads[n], rtol=1e-4, atol=1e-6, msg=n)

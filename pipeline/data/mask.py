@@ -16,3 +16,13 @@ def build_labels(ids: np.ndarray, positions: np.ndarray, n_prompt_per_token: np.
     """`positions`: index of each token within its sample; `n_prompt_per_token`: its sample's prompt length."""
     keep = positions > 0 if train_on_prompt else positions >= n_prompt_per_token
     return np.where(keep, ids, IGNORE_INDEX).astype(np.int32)
+
+
+def next_token_targets(labels, position_ids=None):
+    """(B, L-1) targets of positions 0..L-2 of packed rows: the next token's label, -100 where there is none. The
+    first token of each packed sample (position id 0) is never a target: the previous sample's last token would
+    predict it. Torch tensors in, a new tensor out."""
+    targets = labels[:, 1:].clone()
+    if position_ids is not None:
+        targets[position_ids[:, 1:] == 0] = IGNORE_INDEX
+    return targets

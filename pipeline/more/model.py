@@ -17,6 +17,7 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from pipeline.config.more import MoreConfig
+from pipeline.data.mask import IGNORE_INDEX, next_token_targets
 from pipeline.more.inject import _register_external, inject_layers, parameter_report
 from pipeline.more.layer import MoreContext, MoreLinear, is_linear4bit
 from pipeline.more.selector import MoreSelector
@@ -30,6 +31,9 @@ class MoreOutput(ModelOutput):
     contrastive_loss: Optional[torch.Tensor] = None  # unweighted InfoNCE (None when not computed)
     aux_loss: Optional[torch.Tensor] = None  # contrastive.weight * contrastive_loss: add it to the LM loss
     hidden_states: Optional[tuple] = None
+    # supervised_loss=True: CE at the positions that predict a supervised token, instead of logits
+    token_loss: Optional[torch.Tensor] = None  # (N,) fp32
+    token_index: Optional[torch.Tensor] = None  # (N,) flat indices into (B, L) of the predicting positions
 
 
 def gathered(params: Sequence[nn.Parameter], modifier_rank=None):
@@ -78,7 +82,24 @@ def pool_samples(hidden: torch.Tensor, segment_ids: torch.Tensor, prompt_mask: t
 
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 _FORWARD_ARGS = ("input_ids", "attention_mask", "position_ids", "task_ids", "segment_ids", "prompt_mask",
-                 "output_hidden_states", "inputs_embeds", "labels", "use_cache", "return_dict")
+                 "output_hidden_states", "inputs_embeds", "labels", "supervised_loss", "use_cache", "return_dict")
+LOSS_CHUNK = 2048  # positions per LM-head chunk of `supervised_loss`: (chunk x vocab) logits live at a time
+
+
+def _head_ce(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(hidden).float(), targets, reduction="none")
+
+
+def supervised_ce(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(N,) CE of the LM head at N selected positions, LOSS_CHUNK positions at a time. With more than one chunk
+    each is recomputed in backward (checkpointed), so no (N x vocab) logits are kept."""
+    chunk = LOSS_CHUNK
+    if hidden.shape[0] <= chunk:
+        return _head_ce(head, hidden, targets)
+    from torch.utils.checkpoint import checkpoint
+
+    return torch.cat([checkpoint(_head_ce, head, hidden[i:i + chunk], targets[i:i + chunk], use_reentrant=False)
+                      for i in range(0, hidden.shape[0], chunk)])
 
 
 class MoreCausalLM(nn.Module):
@@ -225,12 +246,17 @@ class MoreCausalLM(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, task_ids=None, segment_ids=None,
                 prompt_mask=None, output_hidden_states: bool = False, inputs_embeds=None, labels=None,
-                use_cache: Optional[bool] = None, return_dict: Optional[bool] = None, **unknown) -> MoreOutput:
+                supervised_loss: bool = False, use_cache: Optional[bool] = None, return_dict: Optional[bool] = None,
+                **unknown) -> MoreOutput:
         """Logits (+ the contrastive loss when task_ids are per token and segment_ids and prompt_mask are given).
 
-        `labels` is accepted because the training batch carries it (`model(**batch)`), and ignored: the LM loss is
-        the caller's. `use_cache` (no KV cache here: generate through `generate`) and `return_dict` (a MoreOutput,
-        which also indexes like a tuple) are accepted for HF-style callers. Any other keyword is an error: a
+        `supervised_loss=True` (needs `labels`, aligned with input_ids, -100 where unsupervised): no logits; the LM
+        head runs only at the positions that predict a supervised token (next-token targets, packed-sample starts
+        excluded) and the output holds their CE (`token_loss`, `token_index`). On GLUE-style data that is ~2 of ~70
+        positions per sample, where the full head would cost about a fifth of a small model's FLOPs.
+        Without it, `labels` is accepted because the training batch carries it, and ignored. `use_cache` (no KV
+        cache here: generate through `generate`) and `return_dict` (a MoreOutput, which also indexes like a tuple)
+        are accepted for HF-style callers. Any other keyword is an error: a
         misspelt `prompt_masks=` or `segment_id=` would otherwise switch the contrastive loss off silently.
         """
         if unknown:
@@ -251,9 +277,32 @@ class MoreCausalLM(nn.Module):
         self._ctx.selector_detached = self.training and self.selector_warming_up()
         if self.training and torch.is_grad_enabled():
             self._train_forwards += 1
-        out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                              inputs_embeds=inputs_embeds, use_cache=False,
-                              output_hidden_states=bool(want_cl or output_hidden_states))
+        want_hidden = bool(want_cl or output_hidden_states)
+        if supervised_loss and labels is None:
+            raise ValueError("MoreCausalLM.forward(supervised_loss=True) needs labels")
+        if supervised_loss and self._plain_lm_head():
+            out = self.base_model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                                position_ids=position_ids, inputs_embeds=inputs_embeds,
+                                                use_cache=False, output_hidden_states=want_hidden)
+            hidden = out.last_hidden_state
+        else:
+            out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                  inputs_embeds=inputs_embeds, use_cache=False, output_hidden_states=want_hidden)
+            hidden = None
+        logits, token_loss, token_index = (None if supervised_loss else out.logits), None, None
+        if supervised_loss:
+            targets = next_token_targets(labels, position_ids)
+            B, L1 = targets.shape
+            sup = (targets != IGNORE_INDEX).reshape(-1).nonzero().squeeze(1)
+            token_index = sup // L1 * (L1 + 1) + sup % L1  # (B, L-1) index -> (B, L) index of that position
+            labels_kept = targets.reshape(-1).index_select(0, sup)
+            if hidden is not None:
+                token_loss = supervised_ce(self.base_model.get_output_embeddings(),
+                                           hidden.reshape(B * (L1 + 1), -1).index_select(0, token_index),
+                                           labels_kept)
+            else:  # a head with its own post-processing (soft-capping, logit scale) or adapted: full logits
+                flat = out.logits.reshape(B * (L1 + 1), -1).index_select(0, token_index)
+                token_loss = F.cross_entropy(flat.float(), labels_kept, reduction="none")
         cl = aux = None
         if want_cl:
             sims, sample_task, keep = self.task_similarities(out.hidden_states, segment_ids, prompt_mask, task_ids)
@@ -262,8 +311,17 @@ class MoreCausalLM(nn.Module):
             else:
                 cl = sims.sum() * 0.0
             aux = cc.weight * cl
-        return MoreOutput(logits=out.logits, contrastive_loss=cl, aux_loss=aux,
-                          hidden_states=out.hidden_states if output_hidden_states else None)
+        return MoreOutput(logits=logits, contrastive_loss=cl, aux_loss=aux, token_loss=token_loss,
+                          token_index=token_index, hidden_states=out.hidden_states if output_hidden_states else None)
+
+    def _plain_lm_head(self) -> bool:
+        """logits == lm_head(final hidden state): true for Llama-like models, not with final soft-capping (Gemma 2),
+        a logit scale (Cohere) or an adapted head (its task mask is per token of the full sequence)."""
+        cfg = self.hf_config
+        head = self.base_model.get_output_embeddings()
+        return (head is not None and not isinstance(head, MoreLinear) and hasattr(self.base_model, "get_decoder")
+                and getattr(cfg, "final_logit_softcapping", None) is None
+                and getattr(cfg, "logit_scale", None) in (None, 1.0))
 
     def task_similarities(self, hidden_states, segment_ids, prompt_mask, task_ids=None):
         """Cosine similarity (S x T) of each packed sample to each task, from the model's hidden states.

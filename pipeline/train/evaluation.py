@@ -5,7 +5,7 @@ from typing import Callable, Iterable, Optional
 
 import torch
 
-from pipeline.train.loss import lm_loss_sums
+from pipeline.train.loss import token_loss_sums
 
 
 @torch.no_grad()
@@ -19,8 +19,8 @@ def eval_loss(model, batches: Iterable[dict[str, torch.Tensor]], num_tasks: int,
     stats = torch.zeros(2 + 2 * num_tasks, device=device)
     for batch in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
-        out = model(**batch)
-        sums = lm_loss_sums(out.logits, batch["labels"], batch["task_ids"], num_tasks, batch["position_ids"])
+        out = model(**batch, supervised_loss=True)
+        sums = token_loss_sums(out.token_loss, out.token_index, batch["task_ids"], num_tasks)
         stats[0] += sums.total.float()
         stats[1] += sums.tokens
         stats[2:2 + num_tasks] += sums.per_task

@@ -23,7 +23,7 @@ from pipeline.train import checkpoint, faults
 from pipeline.train.data import TrainData, check_data
 from pipeline.train.distributed import DistInfo, all_reduce_sum, any_rank, init_distributed, shutdown
 from pipeline.train.ds_config import fill_ds_config
-from pipeline.train.loss import lm_loss_sums
+from pipeline.train.loss import token_loss_sums
 from pipeline.train.monitor import Monitor
 from pipeline.train.preflight import preflight
 from pipeline.train.schedule import make_scheduler
@@ -177,8 +177,8 @@ class Trainer:
         local_loss = torch.zeros((), device=dev)  # this rank's share of the step's total (LM + contrastive) loss
         for i, (batch, n_samples) in enumerate(zip(micro_batches, samples)):
             batch = {k: v.to(dev) for k, v in batch.items()}
-            out = self.engine(**batch)
-            sums = lm_loss_sums(out.logits, batch["labels"], batch["task_ids"], n_tasks, batch["position_ids"])
+            out = self.engine(**batch, supervised_loss=True)
+            sums = token_loss_sums(out.token_loss, out.token_index, batch["task_ids"], n_tasks)
             loss = sums.total * scale
             if out.contrastive_loss is not None and weight > 0:
                 cl_sum = out.contrastive_loss * n_samples  # the model returns a per-sample mean
@@ -327,9 +327,9 @@ class Trainer:
 
 
 def _supervised(batch: dict[str, torch.Tensor]) -> int:
-    from pipeline.train.loss import supervised_targets
+    from pipeline.data.mask import next_token_targets
 
-    return int((supervised_targets(batch["labels"], batch["position_ids"]) != -100).sum())
+    return int((next_token_targets(batch["labels"], batch["position_ids"]) != -100).sum())
 
 
 def _injected_nan(rank: int, step: int) -> bool:
