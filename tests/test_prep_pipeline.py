@@ -223,3 +223,38 @@ def test_bos_follows_the_tokenizers_convention_unless_forced(prepared_builtin_da
     task = taskset.tasks[0]
     prompts = encode(task, eval_rows(task, 4)[0], no_bos, taskset.add_bos, taskset.add_eos).prompts
     assert all((p[0] == no_bos.bos_token_id) is expected for p in prompts)
+
+
+def test_template_task_through_the_chat_template(prepared_builtin_data, small_prep_config, tmp_path):
+    """`chat_template: true` (prep-wide here): prompt = user turn, response = assistant turn, the loss on the reply
+    only; evaluate's prompts are the same ids, and its reference is the plain answer."""
+    from pipeline.evaluate.tasks import encode, eval_rows, from_data
+
+    tok = AutoTokenizer.from_pretrained(prepared_builtin_data / "tokenizer")
+    tok.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>\n{% endfor %}"
+                         "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    tok.save_pretrained(tmp_path / "chat_tok")
+    base = small_prep_config()
+    cfg = base.model_copy(update={"tasks": [t for t in base.tasks if t.name == "sentiment"],
+                                  "tokenizer": base.tokenizer.model_copy(update={
+                                      "path": str(tmp_path / "chat_tok"), "train_sentencepiece": None})})
+    cfg = type(cfg).model_validate({**cfg.model_dump(), "chat_template": True,
+                                    "tasks": [{**t.model_dump(), "chat_template": None} for t in cfg.tasks]})
+    assert cfg.tasks[0].chat_template is True
+    out = run_prep(cfg)
+    tok = AutoTokenizer.from_pretrained(out / "tokenizer")
+    r = PackedDataset(out)[0]
+    n = int(r["seq_lens"][0])
+    text = tok.decode(r["input_ids"][:n].tolist())
+    assert text.startswith("<|user|>Review:") and "<|assistant|>" in text and text.rstrip().endswith("<|end|>")
+    reply = tok.decode([t for t in r["labels"][:n].tolist() if t != -100])
+    assert reply.replace(" ", "").rstrip() in ("negative<|end|>", "positive<|end|>"), reply
+    taskset = from_data(out)
+    task = taskset.tasks[0]
+    assert task.chat_template is True
+    rows = eval_rows(task, 3)[0]
+    enc = encode(task, rows, tok, taskset.add_bos, taskset.add_eos)
+    assert tok.decode(enc.prompts[0]).startswith("<|user|>Review:") and tok.decode(enc.prompts[0]).endswith(
+        "<|assistant|>")
+    assert enc.ref_texts[0] in ("negative", "positive")
+    assert all(tok.decode(c).rstrip().endswith("<|end|>") for c in enc.candidates[0])

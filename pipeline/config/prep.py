@@ -92,6 +92,9 @@ class PrepConfig(StrictModel):
     max_seq_len: int = Field(default=512, ge=8)
     overflow: Literal["truncate", "drop"] = "truncate"
     train_on_prompt: bool = False
+    # Every task whose own `chat_template` is null: render it through the tokenizer's chat template (instruct
+    # models); false (default) keeps the plain template, right for base models.
+    chat_template: bool = False
     pack_per_task: bool = False
     skip_invalid: bool = False
     eval: EvalSplitConfig = Field(default_factory=EvalSplitConfig)
@@ -100,6 +103,14 @@ class PrepConfig(StrictModel):
     # Speed only (not part of the cache key).
     num_proc: int = Field(default=1, ge=1)
     batch_size: int = Field(default=1000, gt=0)
+
+    @model_validator(mode="after")
+    def _resolve_chat_template(self):
+        """Each task carries its resolved `chat_template`, so the manifest (and evaluate) sees what prep did."""
+        if any(t.chat_template is None for t in self.tasks):  # (assignment re-validates: resolve once)
+            self.tasks = [t if t.chat_template is not None else
+                          t.model_copy(update={"chat_template": self.chat_template}) for t in self.tasks]
+        return self
 
     @model_validator(mode="after")
     def _check_names(self):

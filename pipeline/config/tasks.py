@@ -66,6 +66,10 @@ class TaskConfig(StrictModel):
         default_factory=lambda: ["exact_match"]
     )
     max_new_tokens: int = Field(default=16, gt=0)
+    # `template` / `alpaca` tasks: render through the tokenizer's chat template (user turn = the prompt, assistant
+    # turn = the response, loss on the assistant reply only), as an instruct model was trained. null: the prep
+    # config's `chat_template`. `chat` tasks always use the chat template when the tokenizer has one.
+    chat_template: Optional[bool] = None
 
     @model_validator(mode="after")
     def _template_needed(self):

@@ -6,6 +6,8 @@
   With a tokenizer that has a chat template, the prompt is the template applied to the earlier turns with the
   generation prompt, and the response is what the template adds for the last turn (end-of-turn tokens included).
   Without one, a plain `role: content` rendering is used.
+- `chat_template: true` on a `template`/`alpaca` task: its prompt becomes the user turn and its response the
+  assistant turn of the tokenizer's chat template (how an instruct model was trained); only the reply is supervised.
 """
 from __future__ import annotations
 
@@ -107,31 +109,40 @@ def _label_text(task: TaskConfig, row: dict[str, Any]) -> str:
                         f"entry; verbalizer keys: {sorted(tpl.verbalizer)}{hint}") from None
 
 
+def _apply_chat_template(msgs: list[dict], tokenizer) -> tuple[str, str]:
+    """(prompt, response) of messages whose last is the assistant's: the template over the earlier turns with the
+    generation prompt, and what the template adds for the last turn (end-of-turn tokens included)."""
+    prompt = tokenizer.apply_chat_template(msgs[:-1], tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(msgs, tokenize=False)
+    if full.startswith(prompt):
+        return prompt, full[len(prompt):]
+    return prompt, msgs[-1]["content"]
+
+
+def _has_chat_template(tokenizer) -> bool:
+    return tokenizer is not None and bool(getattr(tokenizer, "chat_template", None))
+
+
 def _chat(task: TaskConfig, row: dict[str, Any], tokenizer) -> tuple[str, str]:
     msgs = row["messages"]
     if not msgs or msgs[-1].get("role") != "assistant":
         raise PrepError(f"task {task.name!r}: example {row.get('_example_id')}: `messages` must end with an "
                         f"assistant message")
     msgs = [{"role": m["role"], "content": m["content"]} for m in msgs]
-    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
-        prompt = tokenizer.apply_chat_template(msgs[:-1], tokenize=False, add_generation_prompt=True)
-        full = tokenizer.apply_chat_template(msgs, tokenize=False)
-        if full.startswith(prompt):
-            return prompt, full[len(prompt):]
-        return prompt, msgs[-1]["content"]
+    if _has_chat_template(tokenizer):
+        return _apply_chat_template(msgs, tokenizer)
     prompt = "".join(f"{m['role']}: {m['content']}\n" for m in msgs[:-1]) + "assistant:"
     return prompt, msgs[-1]["content"]
 
 
 def uses_chat_template(task: TaskConfig, tokenizer) -> bool:
     """Chat-template text carries its own special tokens, so BOS/EOS are not added around it."""
-    return task.format == "chat" and tokenizer is not None and bool(getattr(tokenizer, "chat_template", None))
+    return (task.format == "chat" or bool(task.chat_template)) and _has_chat_template(tokenizer)
 
 
-def render(task: TaskConfig, row: dict[str, Any], tokenizer: Optional[Any] = None) -> tuple[str, str]:
-    """(prompt, response) text of one row. `evaluate` uses the prompt and scores against the response."""
-    if task.format == "chat":
-        return _chat(task, row, tokenizer)
+def render_plain(task: TaskConfig, row: dict[str, Any]) -> tuple[str, str]:
+    """(prompt, response) of a `template` or `alpaca` task as its template writes them, before any chat template
+    (the response is the answer a prediction is compared with)."""
     if task.format == "alpaca":
         inp = row.get("input") or ""
         prompt = ALPACA_PROMPT.format(instruction=row["instruction"], input_block=f"Input: {inp}\n" if inp else "")
@@ -145,3 +156,17 @@ def render(task: TaskConfig, row: dict[str, Any], tokenizer: Optional[Any] = Non
     except (KeyError, IndexError, ValueError) as e:
         raise PrepError(f"task {task.name!r}: template could not be rendered for example "
                         f"{row.get('_example_id')}: {e!r}") from None
+
+
+def render(task: TaskConfig, row: dict[str, Any], tokenizer: Optional[Any] = None) -> tuple[str, str]:
+    """(prompt, response) text of one row. `evaluate` uses the prompt and scores against the response."""
+    if task.format == "chat":
+        return _chat(task, row, tokenizer)
+    prompt, response = render_plain(task, row)
+    if task.chat_template:
+        if not _has_chat_template(tokenizer):
+            raise PrepError(f"task {task.name!r}: chat_template is set, but the tokenizer has no chat template "
+                            f"(set chat_template: false, or use an instruct model's tokenizer)")
+        return _apply_chat_template([{"role": "user", "content": prompt},
+                                     {"role": "assistant", "content": response}], tokenizer)
+    return prompt, response

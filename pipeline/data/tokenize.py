@@ -62,7 +62,7 @@ def prompt_ids(task: TaskConfig, tokenizer, rows: list[dict], add_bos: Optional[
     """Generation inputs for `evaluate`: exactly the ids a training sample of each row starts with (its prompt).
     `add_bos` is the manifest's `tokenizer.add_bos`; chat-template text brings its own special tokens."""
     prompts = [render(task, r, tokenizer)[0] for r in rows]
-    return encode_prompts(tokenizer, prompts, add_bos and not uses_chat_template(task, tokenizer))
+    return encode_prompts(tokenizer, prompts, False if uses_chat_template(task, tokenizer) else add_bos)
 
 
 def _tokenize_batch(batch: dict[str, list], task: TaskConfig, tokenizer, add_bos: bool, add_eos: bool) -> dict:
@@ -70,7 +70,7 @@ def _tokenize_batch(batch: dict[str, list], task: TaskConfig, tokenizer, add_bos
     rows = [{k: batch[k][i] for k in batch} for i in range(n)]
     pairs = [render(task, r, tokenizer) for r in rows]
     chat = uses_chat_template(task, tokenizer)
-    prompts = encode_prompts(tokenizer, [p for p, _ in pairs], add_bos and not chat)
+    prompts = encode_prompts(tokenizer, [p for p, _ in pairs], False if chat else add_bos)
     responses = encode_texts(tokenizer, [r for _, r in pairs])
     eos = [tokenizer.eos_token_id] if add_eos and not chat and tokenizer.eos_token_id is not None else []
     return {

@@ -65,6 +65,9 @@ def lm_eval_task(task: TaskConfig, tokenizer, add_bos: Optional[bool] = None, ad
     if task.format != "template" or task.kind != "classification":
         raise EvalError(f"task {task.name!r}: only template classification tasks export to lm-eval "
                         f"(this one is format {task.format!r}, kind {task.kind!r})")
+    if task.chat_template:
+        raise EvalError(f"task {task.name!r}: rendered through the chat template (chat_template: true); export it "
+                        f"with chat_template: false, or run lm-eval with --apply_chat_template on your own task")
     tpl = task.template
     if template_columns(tpl.response) - {"label_text"}:
         raise EvalError(f"task {task.name!r}: the response template {tpl.response!r} reads columns other than "

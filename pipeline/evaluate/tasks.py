@@ -122,10 +122,10 @@ def _label_key(task: TaskConfig, row: dict) -> str:
 
 def _reference_text(task: TaskConfig, row: dict, tokenizer) -> str:
     """The answer as written in the data (a chat's last message, not its template's end-of-turn tokens)."""
-    from pipeline.data.render import render
+    from pipeline.data.render import render_plain
     if task.format == "chat":
         return str(row["messages"][-1]["content"])
-    return render(task, row, tokenizer)[1]
+    return render_plain(task, row)[1]
 
 
 def _regression_ref(task: TaskConfig, row: dict, text: str) -> float:
