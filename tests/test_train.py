@@ -281,3 +281,21 @@ def test_preflight_refuses_a_run_that_does_not_fit(tiny_train_setup):
     with pytest.raises(ConfigError, match="will not fit") as err:
         check_fits(big, str(ZERO3), 5, nodes=1, gpus_per_node=1, gpu_mem_gb=24)
     assert "GiB" in str(err.value)
+
+
+def test_capped_eval_reads_rows_spread_over_the_split(tiny_train_setup):
+    """eval.max_batches takes rows evenly over the eval split (packed per task, its first rows are one task's)."""
+    from pipeline.config import load_config
+    from pipeline.config.train import TrainConfig
+    from pipeline.train.data import TrainData
+    from pipeline.train.distributed import DistInfo
+
+    cfg = load_config(TrainConfig, tiny_train_setup["config"], ["eval.max_batches=2"])
+    data = TrainData(cfg, [], DistInfo(0, 0, 1, torch.device("cpu")), torch.float32)
+    n = len(data.eval)
+    assert n > 4
+    seen = [b["input_ids"] for b in data.eval_batches()]
+    assert len(seen) == 2
+    rows = [data.eval[i]["input_ids"] for i in range(n)]
+    read = [any(torch.equal(r, b[j, :len(r)]) for b in seen for j in range(b.shape[0])) for r in (rows[0], rows[-1])]
+    assert read == [True, True], "the first and the last row of the split are both read"

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import torch
 
 from pipeline.config.base import ConfigError
@@ -115,8 +116,10 @@ class TrainData:
         mb, rank, world = self.cfg.optim.micro_batch_size, self.dist.rank, self.dist.world_size
         rows = list(range(rank, len(self.eval), world))
         n_batches = -(-(-(-len(self.eval) // world)) // mb)
-        if self.cfg.eval.max_batches:
-            n_batches = min(n_batches, self.cfg.eval.max_batches)
+        if self.cfg.eval.max_batches and self.cfg.eval.max_batches < n_batches:
+            # rows spread evenly over the split, not its first rows (packed per task, those are one task's)
+            n_batches = self.cfg.eval.max_batches
+            rows = [rows[i] for i in np.linspace(0, len(rows) - 1, n_batches * mb).round().astype(int)]
         for b in range(n_batches):
             chunk = [self.eval[i] for i in rows[b * mb:(b + 1) * mb]]
             while len(chunk) < mb:
