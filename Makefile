@@ -1,4 +1,4 @@
-# Two set-up commands: `make demo` (the whole pipeline on built-in defaults) and `make test`.
+# Two set-up commands: `make demo` (the whole pipeline on built-in defaults and a real LLM) and `make test`.
 # Bring your own environment with `make PYTHON=/path/to/python ...` (then nothing is installed).
 VENV       := .venv
 PYTHON     ?= $(VENV)/bin/python
@@ -10,7 +10,8 @@ endif
 PYTEST_ARGS ?=
 DEEPSPEED  := $(PYTHON) -m deepspeed.launcher.runner
 
-.PHONY: env test test-fast model prep base train merge evaluate demo bench clean
+.PHONY: env test test-fast model prep base train merge evaluate demo-tiny prep-llm train-llm merge-llm evaluate-llm \
+	demo bench clean
 
 env: $(ENV_READY)
 
@@ -68,9 +69,36 @@ evaluate: merge
 	$(PYTHON) launch/evaluate.py --model $(RUN_DIR)/merged --data $(DATA_DIR) --baseline $(RUN_DIR)/base \
 		--out $(RUN_DIR)/eval --no-progress $(EVAL_ARGS)
 
-# prep -> base -> train -> merge -> evaluate, then the report table.
-demo: evaluate
+# The small-base pipeline (what the tests run at a smaller size): prep -> base -> train -> merge -> evaluate.
+demo-tiny: evaluate
 	@cat $(RUN_DIR)/eval/report.md
+
+# The default demo: the same stages on a real pretrained LLM, SmolLM2-135M-Instruct (`make model`), on the built-in
+# tasks rendered through its chat template; the report's first row is the model zero-shot, the second the merged MoRE.
+LLM_DATA_DIR ?= data/built/smollm2
+LLM_RUN_DIR  ?= runs/smollm2
+LLM_PREP_CONFIG  ?= configs/prep/default.yaml
+LLM_TRAIN_CONFIG ?= configs/train/smollm2-builtin.yaml
+
+prep-llm: model
+	$(PYTHON) -m data_prep --config $(LLM_PREP_CONFIG) --set output_dir=$(LLM_DATA_DIR) \
+		--set tokenizer.path=$(MODEL_DIR) --set tokenizer.train_sentencepiece=null --set chat_template=true $(PREP_ARGS)
+
+train-llm: prep-llm
+	$(DEEPSPEED) --num_gpus $(NPROC) --master_port $(MASTER_PORT) launch/train.py --deepspeed ds_configs/zero3.json \
+		--config $(LLM_TRAIN_CONFIG) --set data.dir=$(LLM_DATA_DIR) --set model.path=$(MODEL_DIR) \
+		--set output_dir=$(LLM_RUN_DIR)/train $(TRAIN_ARGS)
+
+merge-llm: train-llm
+	$(PYTHON) launch/merge.py --adapter $(LLM_RUN_DIR)/train/adapter --out $(LLM_RUN_DIR)/merged --dtype fp32 \
+		--check-samples $(LLM_DATA_DIR) $(MERGE_ARGS)
+
+evaluate-llm: merge-llm
+	$(PYTHON) launch/evaluate.py --model $(LLM_RUN_DIR)/merged --data $(LLM_DATA_DIR) --baseline $(MODEL_DIR) \
+		--out $(LLM_RUN_DIR)/eval --no-progress $(EVAL_ARGS)
+
+demo: evaluate-llm
+	@cat $(LLM_RUN_DIR)/eval/report.md
 
 # Every benchmark side by side on this machine, then bench/RESULTS.md regenerated from bench/results/*.json.
 bench: $(ENV_READY)

@@ -1,5 +1,5 @@
 """The default recipe learns (issue 5): built-in tasks, a base pretrained on the skills corpus, MoRE on its NF4
-copy through the real trainer, then evaluate beside the untrained base. A smaller budget than `make demo` (one
+copy through the real trainer, then evaluate beside the untrained base. A smaller budget than `make demo-tiny` (one
 process, fewer steps), so the margins asked here are below the demo's (README table)."""
 from __future__ import annotations
 

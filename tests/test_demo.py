@@ -1,4 +1,4 @@
-"""`make demo` end to end at a smaller size: prep -> base -> train (2 ranks, ZeRO-3, NF4) -> merge -> evaluate.
+"""`make demo-tiny` end to end at a smaller size: prep -> base -> train (2 ranks, ZeRO-3, NF4) -> merge -> evaluate.
 
 The same Makefile targets the README names, with the sizes turned down through the Makefile's variables.
 """
@@ -32,7 +32,7 @@ def test_make_demo_small_end_to_end(tmp_path, monkeypatch):
         prep_args.append(f"--set tasks.{i}.source.path={path}")
     data, run = tmp_path / "data", tmp_path / "run"
     port = free_port()
-    make = ["make", "demo", f"PYTHON={sys.executable}", f"DATA_DIR={data}", f"RUN_DIR={run}", f"MASTER_PORT={port}",
+    make = ["make", "demo-tiny", f"PYTHON={sys.executable}", f"DATA_DIR={data}", f"RUN_DIR={run}", f"MASTER_PORT={port}",
             "PREP_ARGS=" + " ".join(prep_args),
             "BASE_ARGS=--set hidden_size=64 --set intermediate_size=128 --set pretrain_steps=20 "
             "--set skill_examples_per_task=50",
@@ -64,4 +64,4 @@ def test_make_demo_small_end_to_end(tmp_path, monkeypatch):
     assert set(results["runs"]) == {"baseline", "trained"}
     assert set(results["runs"]["trained"]["tasks"]) == set(names)
     table = (run / "eval" / "report.md").read_text()
-    assert "| task |" in table and table in proc.stdout  # `make demo` prints the report
+    assert "| task |" in table and table in proc.stdout  # `make demo-tiny` prints the report
