@@ -106,6 +106,8 @@ bench: $(ENV_READY)
 	$(PYTHON) bench/packing.py
 	$(PYTHON) bench/adapter_step.py --repeats 3
 	$(PYTHON) bench/train_throughput.py
+	$(MAKE) model
+	$(PYTHON) bench/lm_head.py --model $(MODEL_DIR)
 	$(PYTHON) bench/merge.py
 	$(PYTHON) bench/fidelity.py
 	$(PYTHON) bench/glue_variants.py --quick

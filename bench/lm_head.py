@@ -79,7 +79,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=3, help="batches per pass")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
-    ap.add_argument("--out", default=str(ROOT / "bench/results/lm_head.json"))
+    ap.add_argument("--out", default=None, help="result JSON (default: bench/results/lm_head.json, none with --quick)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -131,8 +131,9 @@ def main(argv=None) -> int:
         "command": "python bench/lm_head.py" + (" --quick" if args.quick else f" --model {args.model}"),
     }
     print(json.dumps(result, indent=1))
-    if not args.quick:
-        atomic_write(args.out, json.dumps(result, indent=1))
+    out = args.out or (None if args.quick else ROOT / "bench/results/lm_head.json")
+    if out:
+        atomic_write(out, json.dumps(result, indent=1))
     return 0
 
 
