@@ -177,15 +177,19 @@ def test_cache_follows_source_content(small_prep_config):
     assert m["cache_key"] != key and m["tasks"][cfg.tasks[0].name]["read"] == len(lines) - 1
 
 
-def test_chat_template_is_used_when_the_tokenizer_has_one(prepared_builtin_data, small_prep_config, tmp_path):
+def chat_tokenizer_config(prepared_builtin_data, base, tmp_path, keep):
+    """`base` with the tasks `keep` selects and the prepared tokenizer given a small chat template."""
     tok = AutoTokenizer.from_pretrained(prepared_builtin_data / "tokenizer")
     tok.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>\n{% endfor %}"
                          "{% if add_generation_prompt %}<|assistant|>{% endif %}")
     tok.save_pretrained(tmp_path / "chat_tok")
-    base = small_prep_config()
-    cfg = base.model_copy(update={"tasks": [t for t in base.tasks if t.format == "chat"],
-                                  "tokenizer": base.tokenizer.model_copy(update={
-                                      "path": str(tmp_path / "chat_tok"), "train_sentencepiece": None})})
+    return base.model_copy(update={"tasks": [t for t in base.tasks if keep(t)],
+                                   "tokenizer": base.tokenizer.model_copy(update={
+                                       "path": str(tmp_path / "chat_tok"), "train_sentencepiece": None})})
+
+
+def test_chat_template_is_used_when_the_tokenizer_has_one(prepared_builtin_data, small_prep_config, tmp_path):
+    cfg = chat_tokenizer_config(prepared_builtin_data, small_prep_config(), tmp_path, lambda t: t.format == "chat")
     out = run_prep(cfg)
     tok = AutoTokenizer.from_pretrained(out / "tokenizer")
     assert tok.chat_template
@@ -230,14 +234,7 @@ def test_template_task_through_the_chat_template(prepared_builtin_data, small_pr
     only; evaluate's prompts are the same ids, and its reference is the plain answer."""
     from pipeline.evaluate.tasks import encode, eval_rows, from_data
 
-    tok = AutoTokenizer.from_pretrained(prepared_builtin_data / "tokenizer")
-    tok.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>\n{% endfor %}"
-                         "{% if add_generation_prompt %}<|assistant|>{% endif %}")
-    tok.save_pretrained(tmp_path / "chat_tok")
-    base = small_prep_config()
-    cfg = base.model_copy(update={"tasks": [t for t in base.tasks if t.name == "sentiment"],
-                                  "tokenizer": base.tokenizer.model_copy(update={
-                                      "path": str(tmp_path / "chat_tok"), "train_sentencepiece": None})})
+    cfg = chat_tokenizer_config(prepared_builtin_data, small_prep_config(), tmp_path, lambda t: t.name == "sentiment")
     cfg = type(cfg).model_validate({**cfg.model_dump(), "chat_template": True,
                                     "tasks": [{**t.model_dump(), "chat_template": None} for t in cfg.tasks]})
     assert cfg.tasks[0].chat_template is True
