@@ -94,17 +94,14 @@ def test_block_causal_mask_small_example():
     assert torch.equal(allowed, expect)
 
 
-def test_dataset_rows_and_row_tasks(prepared_builtin_data):
+def test_dataset_rows_and_lengths(prepared_builtin_data):
     ds = PackedDataset(prepared_builtin_data)
     L = ds.manifest["max_seq_len"]
     lengths = ds.lengths()
     assert len(lengths) == len(ds) == ds.manifest["num_sequences"]
-    row_tasks = ds.row_tasks()
     for i in range(len(ds)):
         r = ds[i]
         assert len(r["input_ids"]) == lengths[i] <= L and int(r["seq_lens"].sum()) == lengths[i]
-        counts = torch.bincount(r["task_ids"], minlength=len(ds.task_names))
-        assert counts[row_tasks[i]] == counts.max()
     assert PackedDataset(prepared_builtin_data, "eval")[0]["input_ids"].dtype == torch.long
 
 

@@ -55,16 +55,6 @@ class PackedDataset(torch.utils.data.Dataset):
         """Tokens per row (without reading the rows)."""
         return pc.list_value_length(self.ds.data.column("input_ids")).to_numpy(zero_copy_only=False)
 
-    def row_tasks(self) -> np.ndarray:
-        """The majority task id of every row (its only task when prepared with `pack_per_task`)."""
-        col = self.ds.data.column("task_ids").combine_chunks()
-        flat = col.flatten().to_numpy(zero_copy_only=False).astype(np.int64)
-        lens = pc.list_value_length(col).to_numpy(zero_copy_only=False)
-        rows = np.repeat(np.arange(len(lens)), lens)
-        counts = np.zeros((len(lens), len(self.task_names)), dtype=np.int64)
-        np.add.at(counts, (rows, flat), 1)
-        return counts.argmax(axis=1)
-
     def row_task_counts(self, unit: str = "examples", batch_rows: int = 4096) -> np.ndarray:
         """(rows, tasks) int64 matrix: per row, its number of samples ("examples") or of supervised tokens
         ("supervised_tokens", labels != -100) of each task.
