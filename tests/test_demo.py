@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from conftest import force_bnb_cpu_path
+from real_model_fixtures import smollm2_import  # noqa: F401  (session fixture)
 from pipeline.train.distributed import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,3 +66,38 @@ def test_make_demo_small_end_to_end(tmp_path, monkeypatch):
     assert set(results["runs"]["trained"]["tasks"]) == set(names)
     table = (run / "eval" / "report.md").read_text()
     assert "| task |" in table and table in proc.stdout  # `make demo-tiny` prints the report
+
+
+@pytest.mark.slow
+def test_make_demo_real_llm_small(smollm2_import, tmp_path):  # noqa: F811
+    """`make demo` (the README's first command) at a smaller size: the real SmolLM2 (imported once per session),
+    the built-in tasks through its chat template, 3 steps on 2 ranks under ZeRO-3, merge, evaluate beside the model
+    zero-shot."""
+    tasks = yaml.safe_load((ROOT / "configs/prep/default.yaml").read_text())["tasks"]
+    builtin = tmp_path / "builtin"
+    prep_args = [f"--set builtin.dir={builtin}", "--set builtin.scale=0.05"]
+    for i, task in enumerate(tasks):
+        path = task["source"]["path"].replace("data/built/builtin", str(builtin))
+        prep_args.append(f"--set tasks.{i}.source.path={path}")
+    data, run = tmp_path / "data", tmp_path / "run"
+    make = ["make", "demo", f"PYTHON={sys.executable}", f"MODEL_DIR={smollm2_import.folder}",
+            f"LLM_DATA_DIR={data}", f"LLM_RUN_DIR={run}", f"MASTER_PORT={free_port()}",
+            "PREP_ARGS=" + " ".join(prep_args),
+            "TRAIN_ARGS=--set optim.max_steps=3 --set checkpoint.every=0 --set eval.every=0 --set eval.max_batches=2",
+            "EVAL_ARGS=--max-examples 4"]
+    proc = subprocess.run(make, cwd=ROOT, capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
+    assert "model: cached:" in proc.stdout + proc.stderr  # the session's import, not a second one
+
+    manifest = json.loads((data / "manifest.json").read_text())
+    assert manifest["tokenizer"]["add_bos"] is False  # SmolLM2's tokenizer adds none
+    assert all(info["config"]["chat_template"] for info in manifest["tasks"].values())
+    summary = json.loads((run / "train" / "train_summary.json").read_text())
+    assert summary["steps"] == 3 and summary["world_size"] == 2
+    report = json.loads((run / "merged" / "merge_report.json").read_text())
+    assert all(report["tasks"][t]["check"]["passed"] for t in manifest["tasks"])
+    results = json.loads((run / "eval" / "results.json").read_text())
+    assert results["runs"]["baseline"]["model"]["path"] == str(smollm2_import.folder)
+    assert set(results["runs"]["trained"]["tasks"]) == set(manifest["tasks"])
+    table = (run / "eval" / "report.md").read_text()
+    assert "| task |" in table and table in proc.stdout
