@@ -26,3 +26,12 @@ def next_token_targets(labels, position_ids=None):
     if position_ids is not None:
         targets[position_ids[:, 1:] == 0] = IGNORE_INDEX
     return targets
+
+
+def supervised_positions(labels, position_ids=None):
+    """(index, targets): flat (B*L) indices of the positions that predict a supervised token (`next_token_targets`),
+    and those tokens."""
+    targets = next_token_targets(labels, position_ids)
+    L1 = targets.shape[1]
+    sup = (targets != IGNORE_INDEX).reshape(-1).nonzero().squeeze(1)
+    return sup // L1 * (L1 + 1) + sup % L1, targets.reshape(-1).index_select(0, sup)

@@ -110,8 +110,8 @@ def _tokenize_split(cfg, task, tid, tok, split, max_examples, shard, work: Path,
     if len(ds) == 0:  # an empty slice of a small source under --shard
         return None, invalid, 0
     tokd = tokenize_dataset(
-        ds, task, tok, add_bos=resolve_add_bos(tok, cfg.tokenizer.add_bos), add_eos=cfg.tokenizer.add_eos, num_proc=cfg.num_proc,
-        batch_size=cfg.batch_size, cache_file=str(work / f"{tid}-{split}.arrow"),
+        ds, task, tok, add_bos=resolve_add_bos(tok, cfg.tokenizer.add_bos), add_eos=cfg.tokenizer.add_eos,
+        num_proc=cfg.num_proc, batch_size=cfg.batch_size, cache_file=str(work / f"{tid}-{split}.arrow"),
         fingerprint=hashlib.sha256(f"{key}:{task.name}:{split}:{shard}".encode()).hexdigest()[:16])
     return Samples.from_dataset(tokd, tid), invalid, len(ds)
 

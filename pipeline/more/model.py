@@ -17,7 +17,7 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from pipeline.config.more import MoreConfig
-from pipeline.data.mask import IGNORE_INDEX, next_token_targets
+from pipeline.data.mask import supervised_positions
 from pipeline.more.inject import _register_external, inject_layers, parameter_report
 from pipeline.more.layer import MoreContext, MoreLinear, is_linear4bit
 from pipeline.more.selector import MoreSelector
@@ -291,18 +291,13 @@ class MoreCausalLM(nn.Module):
             hidden = None
         logits, token_loss, token_index = (None if supervised_loss else out.logits), None, None
         if supervised_loss:
-            targets = next_token_targets(labels, position_ids)
-            B, L1 = targets.shape
-            sup = (targets != IGNORE_INDEX).reshape(-1).nonzero().squeeze(1)
-            token_index = sup // L1 * (L1 + 1) + sup % L1  # (B, L-1) index -> (B, L) index of that position
-            labels_kept = targets.reshape(-1).index_select(0, sup)
+            token_index, targets = supervised_positions(labels, position_ids)
             if hidden is not None:
                 token_loss = supervised_ce(self.base_model.get_output_embeddings(),
-                                           hidden.reshape(B * (L1 + 1), -1).index_select(0, token_index),
-                                           labels_kept)
+                                           hidden.reshape(-1, hidden.shape[-1]).index_select(0, token_index), targets)
             else:  # a head with its own post-processing (soft-capping, logit scale) or adapted: full logits
-                flat = out.logits.reshape(B * (L1 + 1), -1).index_select(0, token_index)
-                token_loss = F.cross_entropy(flat.float(), labels_kept, reduction="none")
+                flat = out.logits.reshape(-1, out.logits.shape[-1]).index_select(0, token_index)
+                token_loss = F.cross_entropy(flat.float(), targets, reduction="none")
         cl = aux = None
         if want_cl:
             sims, sample_task, keep = self.task_similarities(out.hidden_states, segment_ids, prompt_mask, task_ids)

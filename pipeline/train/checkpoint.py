@@ -36,9 +36,9 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from pipeline.atomic import atomic_path, atomic_write
+from pipeline.train.distributed import all_gather, barrier, broadcast_from_rank0, world_size
 
 TAG_RE = re.compile(r"^step_(\d+)$")
 META = "meta.json"
@@ -205,34 +205,6 @@ def compare(saved: dict[str, Any], current: dict[str, Any]) -> tuple[list[str], 
     return refused, changed
 
 
-# --- collectives --------------------------------------------------------------------------------------------------
-
-
-def _world() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
-def _barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
-
-
-def _from_rank0(obj: Any) -> Any:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-    return obj
-
-
-def _gather(obj: Any) -> list[Any]:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        out = [None] * dist.get_world_size()
-        dist.all_gather_object(out, obj)
-        return out
-    return [obj]
-
-
 # --- save / load --------------------------------------------------------------------------------------------------
 
 
@@ -243,24 +215,24 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict[str, Any], keep: 
     tag_dir = ckpt_dir / tag
     if rank == 0 and tag_dir.exists():  # an unfinished save of this step (a resumed run passes it again)
         shutil.rmtree(tag_dir)
-    _barrier()
+    barrier()
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
     target = rng_file(tag_dir, rank)
     with atomic_path(target) as tmp:
         torch.save(rng_state(), tmp)
-    _barrier()  # every rank's files are on disk
+    barrier()  # every rank's files are on disk
     if rank == 0:
         files = {str(p.relative_to(tag_dir)): p.stat().st_size for p in sorted(tag_dir.rglob("*"))
                  if p.is_file() and not p.name.startswith(".") and p.name != META}
-        missing = [rng_file(tag_dir, r).name for r in range(_world()) if rng_file(tag_dir, r).name not in files]
+        missing = [rng_file(tag_dir, r).name for r in range(world_size()) if rng_file(tag_dir, r).name not in files]
         if missing:
             raise CheckpointError(f"checkpoint {tag_dir}: {', '.join(missing)} not written; the save is incomplete")
-        meta = {"format": FORMAT, "tag": tag, "step": step, "run_id": run_id, "world_size": _world(),
+        meta = {"format": FORMAT, "tag": tag, "step": step, "run_id": run_id, "world_size": world_size(),
                 "saved_at": time.time(), "identity": identity, "files": files}
         atomic_write(tag_dir / META, json.dumps(meta, indent=1, sort_keys=True))
         atomic_write(ckpt_dir / "latest", tag)
         prune(ckpt_dir, keep, run_id, step)
-    _barrier()
+    barrier()
     return tag
 
 
@@ -268,7 +240,7 @@ def load(engine, ckpt_dir: Path, rank: int, identity: Optional[dict[str, Any]] =
          ) -> Optional[tuple[dict[str, Any], dict[str, Any]]]:
     """Collective. Restore the newest complete checkpoint into `engine`: (client state, meta), or None when there is
     none. Raises CheckpointError (the same on every rank) when it cannot be resumed from."""
-    choice: Choice = _from_rank0(choose(ckpt_dir, identity) if rank == 0 else None)
+    choice: Choice = broadcast_from_rank0(choose(ckpt_dir, identity) if rank == 0 else None)
     if rank == 0:
         for note in choice.notes:
             print(note, flush=True)
@@ -278,7 +250,7 @@ def load(engine, ckpt_dir: Path, rank: int, identity: Optional[dict[str, Any]] =
         return None
     tag_dir = ckpt_dir / choice.tag
     mine = rng_file(tag_dir, rank)
-    missing = [m for m in _gather(None if mine.is_file() else str(mine)) if m]
+    missing = [m for m in all_gather(None if mine.is_file() else str(mine)) if m]
     if missing:  # rank 0 saw every listed file; this covers ranks that see another file system
         raise CheckpointError(f"checkpoint {tag_dir} is incomplete: {', '.join(missing)} missing; delete {tag_dir} "
                               f"to resume from an earlier checkpoint")

@@ -163,8 +163,12 @@ def abort_job(reason: str) -> None:
         pass
 
 
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if world_size() > 1:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
 
@@ -172,9 +176,32 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 def any_rank(flag: bool, device: torch.device) -> bool:
     """True on every rank when any rank says True (a collective: every rank must call it)."""
     t = torch.tensor([1.0 if flag else 0.0], device=device)
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if world_size() > 1:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item() > 0)
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()
+
+
+def broadcast_from_rank0(obj):
+    """Rank 0's `obj` on every rank (a collective; any picklable object)."""
+    if world_size() > 1:
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return obj
+
+
+def all_gather(obj) -> list:
+    """Every rank's `obj`, in rank order (a collective; any picklable object)."""
+    if world_size() > 1:
+        out = [None] * world_size()
+        dist.all_gather_object(out, obj)
+        return out
+    return [obj]
 
 
 def shutdown(engine=None) -> None:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from pipeline.data.mask import next_token_targets
+from pipeline.data.mask import supervised_positions
 
 
 @dataclass
@@ -22,31 +22,24 @@ class LossSums:
     per_task_tokens: torch.Tensor  # (num_tasks,)
 
 
-
-
 def lm_loss_sums(logits: torch.Tensor, labels: torch.Tensor, task_ids: torch.Tensor, num_tasks: int,
                  position_ids: torch.Tensor | None = None) -> LossSums:
-    targets = next_token_targets(labels, position_ids)
-    ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100,
+    """From full (B, L, V) logits: CE at the supervised positions, summed as `token_loss_sums` does."""
+    index, targets = supervised_positions(labels, position_ids)
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).index_select(0, index).float(), targets,
                          reduction="none")
-    valid = targets.flatten() != -100
-    tasks = task_ids[:, 1:].flatten().clamp(min=0)
-    per_task = torch.zeros(num_tasks, device=logits.device, dtype=torch.float32)
-    per_task_tokens = torch.zeros_like(per_task)
-    per_task.index_add_(0, tasks[valid], ce.detach()[valid])
-    per_task_tokens.index_add_(0, tasks[valid], torch.ones_like(ce[valid]))
-    return LossSums(ce.sum(), valid.sum().to(torch.float32), per_task, per_task_tokens)
+    return token_loss_sums(ce, index, task_ids, num_tasks)
 
 
 def token_loss_sums(token_loss: torch.Tensor, token_index: torch.Tensor, task_ids: torch.Tensor,
                     num_tasks: int) -> LossSums:
-    """`lm_loss_sums` from a model that computed CE at supervised positions only (`MoreCausalLM.forward(...,
-    supervised_loss=True)`): `token_loss` (N,) fp32 CE, `token_index` (N,) flat (B*L) indices of the predicting
-    positions; each token counts for the task of the token it predicts."""
+    """Sums of per-token CE at the supervised positions (`MoreCausalLM.forward(..., supervised_loss=True)` computes
+    it there): `token_loss` (N,) fp32 CE, `token_index` (N,) flat (B*L) indices of the predicting positions; each
+    token counts for the task of the token it predicts."""
     tasks = task_ids.reshape(-1)[token_index + 1].clamp(min=0)
     per_task = torch.zeros(num_tasks, device=token_loss.device, dtype=torch.float32)
     per_task_tokens = torch.zeros_like(per_task)
     per_task.index_add_(0, tasks, token_loss.detach().float())
-    per_task_tokens.index_add_(0, tasks, torch.ones_like(per_task[:1]).expand(len(tasks)))
+    per_task_tokens.index_add_(0, tasks, torch.ones_like(token_loss, dtype=torch.float32))
     return LossSums(token_loss.sum(), torch.tensor(float(len(tasks)), device=token_loss.device), per_task,
                     per_task_tokens)
