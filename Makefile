@@ -101,12 +101,11 @@ demo: evaluate-llm
 	@cat $(LLM_RUN_DIR)/eval/report.md
 
 # Every benchmark side by side on this machine, then bench/RESULTS.md regenerated from bench/results/*.json.
-bench: $(ENV_READY)
+bench: model
 	$(PYTHON) bench/prep.py
 	$(PYTHON) bench/packing.py
 	$(PYTHON) bench/adapter_step.py --repeats 3
 	$(PYTHON) bench/train_throughput.py
-	$(MAKE) model
 	$(PYTHON) bench/lm_head.py --model $(MODEL_DIR)
 	$(PYTHON) bench/merge.py
 	$(PYTHON) bench/fidelity.py
