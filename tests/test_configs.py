@@ -20,3 +20,19 @@ def test_shipped_config_validates(kind, path):
 
 def test_every_stage_has_configs():
     assert {k for k, _ in FILES} == set(SCHEMAS) and len(FILES) >= 7
+
+
+def test_selector_warmup_defaults_to_a_fifth_of_the_run():
+    """A fixed warm-up outlasted short runs (the selector never chose); unset, it scales with optim.max_steps."""
+    from pipeline.config.more import MoreConfig
+    from pipeline.more.model import MoreCausalLM
+
+    base = {"output_dir": "x", "model": {"path": "m"}, "data": {"dir": "d"}}
+    assert TrainConfig(**base, optim={"max_steps": 150}).more.selector_warmup_steps == 30
+    assert TrainConfig(**base, optim={"max_steps": 20000}).more.selector_warmup_steps == 4000
+    assert TrainConfig(**base, optim={"max_steps": 150},
+                       more={"selector_warmup_steps": 7}).more.selector_warmup_steps == 7
+    # The adapter alone (no trainer to say how long the run is) has no warm-up.
+    assert MoreConfig().selector_warmup_steps is None
+    assert not MoreCausalLM.selector_warming_up(type("M", (), {"_training_step": 0, "_train_forwards": 0,
+                                                                "config": MoreConfig()})())

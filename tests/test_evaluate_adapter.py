@@ -65,7 +65,15 @@ def test_adapter_eval_with_baseline_and_merged_agreement(adapter_setup):
         assert set(info["metrics"]) == WANT[task] and info["n"] == N and info["split"] == "test"
         assert len(info["samples"]) == 3
     assert set(res["runs"]["baseline"]["tasks"]) == set(WANT)
-    assert "| sentiment | accuracy | 8 |" in (root / "eval" / "report.md").read_text()
+    report = (root / "eval" / "report.md").read_text()
+    assert "| sentiment | accuracy | 8 |" in report
+    # the adapter's rank map as a picture in the report: a row per task; the baseline has none
+    assert trained["rank_map_image"] == "rank_map_trained.png" and "![rank map of trained](rank_map_trained.png)" in report
+    from PIL import Image
+
+    from pipeline.more.rank_image import CELL_H, LEGEND_H
+    assert Image.open(root / "eval" / "rank_map_trained.png").height == len(tasks) * CELL_H + LEGEND_H
+    assert "rank_map_image" not in res["runs"]["baseline"]
 
     # the same tasks through their merged checkpoints give the same answers
     pick = ["sentiment", "arithmetic"]

@@ -65,6 +65,8 @@ def test_fp32_base_full_merge_check_passes(tmp_path, base_dir, adapters):
     assert merge_cli("--adapter", adapters["fp32"], "--out", out, "--base", base_dir, "--dtype", "fp32") == 0
     rep = _report(out)
     assert set(rep["tasks"]) == set(TASKS) and rep["dtype"] == "fp32" and rep["target"] == "trained"
+    saved = json.loads((Path(adapters["fp32"]) / "rank_map.json").read_text())
+    assert rep["rank_map"] == {t: saved[t] for t in TASKS} and rep["max_rank"] >= 1  # the evaluate report's picture
     for task in TASKS:
         e = rep["tasks"][task]
         assert e["check"]["passed"] and e["check"]["tolerance"] <= 1e-4

@@ -155,7 +155,10 @@ def test_zero3_two_ranks_nf4_learns_and_adapter_reproduces_eval_loss(tiny_train_
     assert set(summary["eval"]) >= {"loss", "tokens"}
     for f in ("adapter_model.safetensors", "more_config.json", "rank_map.json"):
         assert (run / "adapter" / f).is_file()
-    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(run / "tensorboard")).Reload()
+    assert [e.step for e in events.Images("rank_map")] == [12, 24]  # the tasks x layers picture at each eval
+    assert {f"train/loss/{t}" for t in summary["final_train_loss_per_task"]} <= set(events.Tags()["scalars"]), events.Tags()["scalars"]
 
     # The adapter on a fresh base gives the logged eval loss (whole eval split, one process, no ZeRO).
     from pipeline.data.loader import PackedCollator, PackedDataset

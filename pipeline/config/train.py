@@ -3,10 +3,15 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from pipeline.config.base import StrictModel
 from pipeline.config.more import MoreConfig
+
+# The selector's warm-up as a share of the run when `more.selector_warmup_steps` is not set. A fixed 100 steps
+# left a 120-step SmolLM2 run on four GLUE tasks with every task at rank 8 in 208-210 of 210 layers (the selector
+# never chose); a fifth (30 of 150 steps there, 200 of 1000 in bench/fidelity.py) gave task-dependent ranks in both.
+SELECTOR_WARMUP_FRACTION = 0.2
 
 
 class ModelConfig(StrictModel):
@@ -61,3 +66,9 @@ class TrainConfig(StrictModel):
     dist_timeout_s: int = Field(default=600, gt=0)  # collectives fail (never hang) after this long
     # Refuse to start when the memory planner says the run will not fit (CUDA only).
     preflight: bool = True
+
+    @model_validator(mode="after")
+    def _resolve_selector_warmup(self):
+        if self.more.selector_warmup_steps is None:
+            self.more.selector_warmup_steps = round(SELECTOR_WARMUP_FRACTION * self.optim.max_steps)
+        return self

@@ -57,6 +57,10 @@ class EvalModel:
         """Make `task` runnable (load what it needs); returns the identity of what scores it."""
         return self.identity()
 
+    def rank_map(self) -> Optional[tuple[dict, int]]:
+        """(each task's chosen rank per adapted layer, max_rank) when this model comes from a MoRE adapter."""
+        return None
+
     def assign(self, task: str, prompts: Sequence[list[int]], batch_size: int = 16, pad_id: int = 0) -> list[str]:
         """The adapter task each prompt runs with (the evaluated task itself unless the model routes)."""
         return [task] * len(prompts)
@@ -144,6 +148,11 @@ class MergedModels(EvalModel):
     def identity(self) -> dict:
         return dict(kind=self.kind, root=str(self.root), tasks=self.available())
 
+    def rank_map(self) -> Optional[tuple[dict, int]]:
+        report = self.root / "merge_report.json"
+        info = json.loads(report.read_text()) if report.is_file() else {}
+        return (info["rank_map"], info["max_rank"]) if info.get("rank_map") else None
+
     def use_task(self, task: str) -> dict:
         if task != self._task:
             self.close()
@@ -192,6 +201,10 @@ class AdapterModel(EvalModel):
     def identity(self) -> dict:
         return dict(kind=self.kind, base=str(self.base), adapter=str(self.adapter_dir), dtype=self.dtype,
                     quantization=self.quantization, adapter_tasks=self.task_names)
+
+    def rank_map(self) -> Optional[tuple[dict, int]]:
+        return (json.loads((self.adapter_dir / "rank_map.json").read_text()),
+                int(self.meta["more_config"]["max_rank"]))
 
     @property
     def model(self):

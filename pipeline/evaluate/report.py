@@ -69,6 +69,10 @@ def render_report(results: dict) -> str:
             lines.append(f"| {task} | {info['split']} | {info['n']} | {info.get('load_s', 0.0):.1f} | "
                          f"{info['wall_s']:.1f} | {unp} | {racc} |")
         lines.append("")
+        if run.get("rank_map_image"):
+            lines += [f"Rank map of **{l}** (a row per task, a column per adapted layer in model order; the colour is "
+                      f"the rank the task uses there, legend below):", "",
+                      f"![rank map of {l}]({run['rank_map_image']})", ""]
     return "\n".join(lines)
 
 

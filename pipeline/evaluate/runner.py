@@ -8,6 +8,7 @@ from __future__ import annotations
 import sys
 import time
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
 import numpy as np
@@ -146,6 +147,12 @@ def run_evaluation(runs: Mapping[str, EvalModel], tasks: Sequence[TaskConfig], t
         results["runs"][label] = dict(model=model.identity(), tasks=per_task,
                                       average=float(np.mean(scores)) if scores else None,
                                       wall_s=round(time.perf_counter() - t0, 3))
+        ranks = model.rank_map()
+        if ranks is not None:
+            from pipeline.more.rank_image import save_rank_image
+
+            image = save_rank_image(ranks[0], ranks[1], Path(out_dir) / f"rank_map_{label}.png")
+            results["runs"][label]["rank_map_image"] = image.name
     write_results(results, out_dir)
     write_report(results, out_dir)
     return results

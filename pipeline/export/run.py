@@ -144,6 +144,9 @@ def run_merge(opts: MergeOptions) -> dict:
                   target=opts.target, base_trained=dict(quantization=trained.quantization, dtype=trained.dtype),
                   max_shard_size=opts.max_shard_size, check=None, tasks={})
     deltas = AdapterDeltas(opts.adapter)
+    # Each merged task's rank per layer, for the evaluate report's picture of the merged run.
+    report.update(max_rank=int(meta["more_config"]["max_rank"]),
+                  rank_map={t: deltas.rank_map[t] for t in tasks})
     plan = None
     if opts.format == "full":
         try:

@@ -241,7 +241,7 @@ class MoreCausalLM(nn.Module):
 
     def selector_warming_up(self) -> bool:
         step = self._training_step if self._training_step is not None else self._train_forwards
-        return step < self.config.selector_warmup_steps
+        return step < (self.config.selector_warmup_steps or 0)
 
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, task_ids=None, segment_ids=None,

@@ -303,7 +303,7 @@ class Trainer:
 
         self.last_eval = self.evaluate()
         monitor.scalars(self.step, self.last_eval, prefix="eval/")
-        monitor.rank_map(self.step, rank_map(self.engine.module))
+        monitor.rank_map(self.step, rank_map(self.engine.module), self.cfg.more.max_rank)
 
     def _finish(self, final: dict[str, float], wall_s: float, tokens: int) -> None:
         from pipeline.more import save_adapter

@@ -41,10 +41,14 @@ class Monitor:
         self.metrics_file.write(json.dumps({"step": step, **{f"{prefix}{k}": v for k, v in values.items()}}) + "\n")
         self.metrics_file.flush()
 
-    def rank_map(self, step: int, ranks: dict[str, dict[str, int]]) -> None:
-        """Each task's chosen rank per layer: its mean as a scalar and the distribution as a histogram."""
+    def rank_map(self, step: int, ranks: dict[str, dict[str, int]], max_rank: int) -> None:
+        """Each task's chosen rank per layer: the tasks x layers picture, its mean per task as a scalar and the
+        distribution as a histogram."""
         if not self.is_main:
             return
+        from pipeline.more.rank_image import rank_image
+
+        self.writer.add_image("rank_map", rank_image(ranks, max_rank), step, dataformats="HWC")
         for task, per_layer in ranks.items():
             values = torch.tensor(list(per_layer.values()), dtype=torch.float32)
             self.writer.add_scalar(f"rank/{task}/mean", values.mean().item(), step)
