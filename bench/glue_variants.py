@@ -1,27 +1,29 @@
-"""The four fidelity variants on real data (issue 7): GLUE (cola, mrpc, rte, stsb, mnli) from ../shared/data/glue,
-on the best base this project can train itself on CPU, every stage through the project's own commands.
+"""MoRE against the alternatives a user would weigh, on a real LLM: SmolLM2-135M-Instruct (NF4 base, `make model`)
+and the GLUE tasks (cola, mrpc, rte, stsb, mnli; configs/prep/glue.yaml rendered through the model's chat
+template), every stage through the project's own commands, the same training-token budget for every variant.
 
-    1. more           MoRE, max rank 8, learning selector (library defaults)
-    2. shared_lora    one rank-8 LoRA for every task (`more.expert_ranks=[8]`: a single expert; no contrastive
-                      loss, so the task id is unused: plain LoRA)
-    3. per_task_lora  one rank-8 LoRA per task (`data.tasks=[t]`, no contrastive loss), T x the adapter
-                      parameters; task t gets round(steps x p_t) steps, p_t its share of the joint runs' temperature
-                      sampling, so every variant sees (up to rounding) the same number of steps and the same data
-    4. more_frozen    MoRE with each task's ranks fixed at the random initial gate (`more.selector_frozen`,
-                      `more.gate_init=random`): what the reference code does
+    more           MoRE, max rank 8, learning selector (library defaults: warm-up a fifth of the run)
+    more_max_rank  the same adapter held at rank 8 for every task (`more.selector_frozen`, gate at max rank):
+                   does choosing a rank beat not choosing?
+    shared_lora    one rank-8 LoRA for every task (`more.expert_ranks=[8]`, no contrastive loss: plain LoRA)
+    per_task_lora  one rank-8 LoRA per task (`data.tasks=[t]`), T x the adapter parameters; task t trains on
+                   the share of the token budget the joint runs give it
+    more_frozen    ranks fixed at the random initial gate (`more.selector_frozen`, `more.gate_init=random`): what
+                   the reference code does
+    zero-shot      the base alone (the `baseline` row), the same chat-template rendering
 
-Base: a tiny Llama pretrained by the `base` stage on the prepared GLUE training text (`corpus: unpaired`:
-prompts and responses as separate texts). No pretrained weights can be downloaded here, so this base knows only
-GLUE's own ~2M tokens of English; expect near-chance scores. Paper-scale numbers need pretrained 7B weights (see
-bench/RESULTS.md for the command). Evaluation: `launch/evaluate.py --adapter` on up to --max-examples validation
-examples per task (mnli: validation_mismatched), beside the base alone.
+Data is packed per task (`pack_per_task: true`) so that a per-task run never sees another task's tokens. Training:
+1 process (`launch/train.py` under ZeRO-3), 2 packed rows of 512 per step, configs/train/smollm2-glue.yaml
+otherwise. Evaluation: `launch/evaluate.py --adapter` on up to --max-examples validation examples per task (mnli:
+validation_mismatched), and zero-shot routing (`--routing`, no task id given) for `more`.
 
-    .venv/bin/python bench/glue_variants.py            # ~30 min on 2 CPU cores -> results/glue_variants.json
-    .venv/bin/python bench/glue_variants.py --quick    # smaller base, 40 steps (make bench) -> ..._quick.json
+    .venv/bin/python bench/glue_variants.py            # 2 seeds x 200k tokens: ~2 h on 2 CPU cores
+    .venv/bin/python bench/glue_variants.py --quick    # 2 tasks, a few steps (the test and `make bench`)
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -31,12 +33,16 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 PY = sys.executable
+TRAIN_CONFIG = "configs/train/smollm2-glue.yaml"
+ROWS_PER_STEP = 2  # micro batch 2 x 1 process x no accumulation
 VARIANTS = {
     "more": [],
     "shared_lora": ["more.expert_ranks=[8]", "more.contrastive.weight=0"],
     "per_task_lora": ["more.expert_ranks=[8]", "more.contrastive.weight=0"],
     "more_frozen": ["more.selector_frozen=true", "more.gate_init=random"],
+    "more_max_rank": ["more.selector_frozen=true", "more.gate_init=max_rank"],
 }
 
 
@@ -49,113 +55,183 @@ def run(cmd: list, log: Path) -> None:
         sys.exit(f"failed ({proc.returncode}): {' '.join(map(str, cmd))}\n{log.read_text()[-3000:]}")
 
 
-def task_steps(data: Path, steps: int, temperature: float) -> dict[str, int]:
-    """Each task's share of `steps` under the joint runs' temperature sampling."""
-    from pipeline.data.sampler import task_probabilities
+def budget_steps(manifest: dict, tokens: int, names: list[str]) -> tuple[int, dict[str, int]]:
+    """Steps of the joint runs for `tokens` real training tokens, and each per-task run's share of them: task t
+    gets the fraction of real tokens the joint runs' sampler gives it (p_t times its mean sample length)."""
+    row_tokens = manifest["num_tokens"] / manifest["num_sequences"]
+    steps = max(1, round(tokens / (ROWS_PER_STEP * row_tokens)))
+    p = manifest["sampling"]["probabilities"]
+    t = manifest["tasks"]
+    mass = {n: p[n] * t[n]["tokens"] / t[n]["examples"] for n in names}
+    return steps, {n: max(1, round(steps * mass[n] / sum(mass.values()))) for n in names}
 
-    tasks = json.loads((data / "manifest.json").read_text())["tasks"]
-    names = sorted(tasks, key=lambda n: tasks[n]["id"])
-    p = task_probabilities([tasks[n]["examples"] for n in names], temperature)
-    return {n: max(1, round(steps * float(pt))) for n, pt in zip(names, p)}
 
-
-def train(out: Path, base: Path, data: Path, steps: int, extra: list[str], log: Path) -> float:
+def train(out: Path, model: Path, data: Path, steps: int, seed: int, extra: list[str], log: Path) -> dict:
     t0 = time.perf_counter()
-    sets = [f"output_dir={out}", f"model.path={base}", f"data.dir={data}", f"optim.max_steps={steps}",
-            f"optim.warmup_steps={max(1, steps // 20)}", f"checkpoint.every={steps}", "checkpoint.keep=1",
-            f"eval.every={steps}", "eval.max_batches=4", *extra]
-    run([PY, "launch/train.py", "--deepspeed", "ds_configs/zero3.json", "--config", "configs/train/default.yaml",
-         "--no-resume", *[a for s in sets for a in ("--set", s)]], log)
-    return time.perf_counter() - t0
+    sets = [f"output_dir={out}", f"model.path={model}", f"data.dir={data}", f"seed={seed}", f"more.init_seed={seed}",
+            f"optim.max_steps={steps}", f"optim.warmup_steps={max(1, steps // 15)}",
+            f"optim.micro_batch_size={ROWS_PER_STEP}", "optim.grad_accum=1", "checkpoint.every=0",
+            "checkpoint.keep=1", "eval.every=0", "eval.max_batches=4", *extra]
+    run([PY, "launch/train.py", "--deepspeed", "ds_configs/zero3.json", "--config", TRAIN_CONFIG, "--no-resume",
+         *[a for s in sets for a in ("--set", s)]], log)
+    summary = json.loads((out / "train_summary.json").read_text())
+    return {"seconds": time.perf_counter() - t0, "tokens": int(summary["tokens"]), "steps": int(summary["steps"])}
 
 
-def evaluate(adapter: Path, base: Path, data: Path, out: Path, tasks: list[str], max_examples: int, log: Path,
-             baseline: bool = False) -> dict:
-    cmd = [PY, "launch/evaluate.py", "--adapter", adapter, "--base", base, "--data", data, "--out", out,
+def evaluate(adapter: Path, model: Path, data: Path, out: Path, tasks: list[str], max_examples: int, log: Path,
+             baseline: bool = False, routing: bool = False) -> dict:
+    cmd = [PY, "launch/evaluate.py", "--adapter", adapter, "--base", model, "--data", data, "--out", out,
            "--tasks", ",".join(tasks), "--max-examples", max_examples, "--no-progress"]
-    run(cmd + (["--baseline", base] if baseline else []), log)
+    run(cmd + (["--baseline", model] if baseline else []) + (["--routing"] if routing else []), log)
     return json.loads((out / "results.json").read_text())["runs"]
 
 
 def adapter_numel(adapter: Path) -> dict[str, int]:
-    """Saved trainable parameters: the LoRA pairs alone, and everything (+ gates, task embeddings, contrastive
-    head, which the LoRA variants carry but do not use)."""
+    """Saved parameters: the LoRA pairs, and the selector (task embeddings, gates, contrastive head), which the
+    LoRA variants carry but do not use."""
     from safetensors import safe_open
 
     with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as f:
         sizes = {k: math.prod(f.get_slice(k).get_shape()) for k in f.keys()}
-    return {"lora": sum(v for k, v in sizes.items() if "lora_" in k), "all": sum(sizes.values())}
+    lora = sum(v for k, v in sizes.items() if "lora_" in k)
+    return {"lora": lora, "selector": sum(sizes.values()) - lora}
 
 
-def scores(run_result: dict) -> dict:
+def rank_stats(ranks: dict[str, dict[str, int]], max_rank: int) -> dict:
+    """Per task: mean rank and the share of layers at max rank; per task pair: the share of layers where both
+    chose the same rank (1.0 everywhere = one shared LoRA in effect)."""
+    names = list(ranks)
+    layers = list(ranks[names[0]])
+    return {"mean_rank": {t: sum(ranks[t].values()) / len(layers) for t in names},
+            "at_max_rank": {t: sum(r == max_rank for r in ranks[t].values()) / len(layers) for t in names},
+            "same_rank": {f"{a}/{b}": sum(ranks[a][n] == ranks[b][n] for n in layers) / len(layers)
+                          for a, b in itertools.combinations(names, 2)}}
+
+
+def task_scores(run_result: dict) -> dict:
     return {t: {"metrics": r["metrics"], "score": r["score"], "n": r["n"]} for t, r in run_result["tasks"].items()}
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="small base and few steps (the size `make bench` runs)")
-    ap.add_argument("--work", default="runs/bench-glue", help="working folder (data, base, runs)")
-    ap.add_argument("--steps", type=int, default=None, help="training steps per variant (default 400; quick 40)")
-    ap.add_argument("--max-examples", type=int, default=None, help="validation examples per task (300; quick 60)")
+    ap.add_argument("--quick", action="store_true", help="2 tasks, a few thousand tokens, 1 seed (tests, make bench)")
+    ap.add_argument("--model", default="models/smollm2-135m-instruct", help="HF model folder (`make model`)")
+    ap.add_argument("--tokens", type=int, default=None, help="real training tokens per variant (200k; quick 3k)")
+    ap.add_argument("--seeds", default=None, help="comma-separated training seeds (0,1; quick 0)")
+    ap.add_argument("--tasks", default=None, help="comma-separated GLUE tasks (all five; quick rte,mrpc)")
+    ap.add_argument("--max-examples", type=int, default=None, help="validation examples per task (200; quick 8)")
+    ap.add_argument("--routing-examples", type=int, default=None, help="examples per task routed (60; quick 4)")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated variants to run (default: all)")
+    ap.add_argument("--work", default="runs/bench-glue", help="working folder (data, runs, evals)")
     ap.add_argument("--out", default=None, help="default bench/results/glue_variants[_quick].json")
     a = ap.parse_args()
-    steps = a.steps or (40 if a.quick else 400)
-    max_examples = a.max_examples or (60 if a.quick else 300)
-    shape = ({"hidden_size": 128, "num_layers": 2, "intermediate_size": 256, "pretrain_steps": 100} if a.quick else
-             {"hidden_size": 256, "num_layers": 2, "intermediate_size": 512, "pretrain_steps": 400})
-    out_path = Path(a.out or ROOT / "bench" / "results" / f"glue_variants{'_quick' if a.quick else ''}.json")
-    work = ROOT / a.work / ("quick" if a.quick else "full")
+    q = a.quick
+    tokens = a.tokens or (3000 if q else 200_000)
+    seeds = [int(s) for s in (a.seeds or ("0" if q else "0,1")).split(",")]
+    max_examples = a.max_examples or (8 if q else 200)
+    routing_examples = a.routing_examples or (4 if q else 60)
+    model = Path(a.model).resolve()
+    if not (model / "config.json").is_file():
+        sys.exit(f"--model {model}: not a model folder (run `make model` first)")
+    out_path = Path(a.out or ROOT / "bench" / "results" / f"glue_variants{'_quick' if q else ''}.json")
+    work = (ROOT / a.work / ("quick" if q else "full")).resolve()
     logs = work / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    data, base = work / "data", work / "base"
+    data = work / "data"
     t_start = time.perf_counter()
 
     print(f"[glue] prep -> {data}", flush=True)
-    run([PY, "-m", "data_prep", "--config", "configs/prep/glue.yaml", "--set", f"output_dir={data}"], logs / "prep.log")
-    print(f"[glue] base ({shape}) -> {base}", flush=True)
-    t0 = time.perf_counter()
-    run([PY, "launch/base.py", "--config", "configs/base/default.yaml", "--set", f"data_dir={data}",
-         "--set", f"output_dir={base}", "--set", "corpus=unpaired", "--set", "batch_size=16",
-         *[a for k, v in shape.items() for a in ("--set", f"{k}={v}")]], logs / "base.log")
-    base_s = time.perf_counter() - t0
-    names = sorted(json.loads((data / "manifest.json").read_text())["tasks"])
-    per_task = task_steps(data, steps, temperature=2.0)
+    prep_sets = [f"output_dir={data}", f"tokenizer.path={model}", "tokenizer.train_sentencepiece=null",
+                 "chat_template=true", "pack_per_task=true"]
+    prep_config = ROOT / "configs/prep/glue.yaml"
+    if a.tasks or q:  # a copy of the config with only these tasks (source paths are relative to the project root)
+        import yaml
 
-    results, params, times, baseline = {}, {}, {}, None
-    for variant, extra in VARIANTS.items():
+        cfg = yaml.safe_load(prep_config.read_text())
+        keep = (a.tasks or "rte,mrpc").split(",")
+        unknown = sorted(set(keep) - {t["name"] for t in cfg["tasks"]})
+        if unknown:
+            sys.exit(f"--tasks: {unknown} are not in {prep_config}")
+        cfg["tasks"] = [t for t in cfg["tasks"] if t["name"] in keep]
+        prep_config = work / "prep.yaml"
+        prep_config.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    run([PY, "-m", "data_prep", "--config", prep_config, *[x for s in prep_sets for x in ("--set", s)]],
+        logs / "prep.log")
+    manifest = json.loads((data / "manifest.json").read_text())
+    names = sorted(manifest["tasks"], key=lambda n: manifest["tasks"][n]["id"])
+    steps, per_task = budget_steps(manifest, tokens, names)
+    max_rank = None
+
+    settings = {"model": a.model, "tokens_budget": tokens, "steps": steps, "per_task_steps": per_task,
+                "rows_per_step": ROWS_PER_STEP, "row_len": manifest["max_seq_len"], "max_examples": max_examples,
+                "routing_examples": routing_examples, "train_config": TRAIN_CONFIG + " (NF4 base, fp32, 1 process "
+                "under ZeRO-3)", "cpu_threads": os.cpu_count()}
+    # Results are saved after every variant; a later call with the same settings adds seeds or variants to them.
+    prev = json.loads(out_path.read_text()) if out_path.is_file() else None
+    if prev and {k: v for k, v in prev["settings"].items() if k not in ("seeds", "max_rank")} == settings:
+        results, baseline, wall = prev["variants"], prev["baseline"], prev["wall_seconds"]
+        print(f"[glue] adding to {out_path} (seeds so far: {prev['settings']['seeds']})", flush=True)
+    else:
+        results, baseline, wall = {v: {} for v in VARIANTS}, None, 0.0
+    max_rank = prev["settings"].get("max_rank") if prev and baseline else None
+    chosen = a.variants.split(",")
+    unknown = sorted(set(chosen) - set(VARIANTS))
+    if unknown:
+        sys.exit(f"--variants: unknown {unknown} (known: {', '.join(VARIANTS)})")
+    from pipeline.atomic import atomic_write
+    from pipeline.more.rank_image import save_rank_image
+
+    for seed, (variant, extra) in itertools.product(seeds, VARIANTS.items()):
+        if variant not in chosen or str(seed) in results[variant]:
+            continue
+        t_variant = time.perf_counter()
         jobs = ([(t, per_task[t], extra + [f"data.tasks=[{t}]"]) for t in names] if variant == "per_task_lora"
                 else [(None, steps, extra)])
-        results[variant], times[variant] = {}, 0.0
+        rec = {"scores": {}, "train_seconds": 0.0, "tokens": 0, "steps": 0, "params": {"lora": 0, "selector": 0}}
         for task, n, sets in jobs:
-            tag = variant + (f"-{task}" if task else "")
+            tag = f"{variant}{'-' + task if task else ''}-seed{seed}"
             print(f"[glue] train {tag}: {n} steps", flush=True)
             run_dir = work / "runs" / tag
-            times[variant] += train(run_dir, base, data, n, sets, logs / f"train-{tag}.log")
-            runs = evaluate(run_dir / "adapter", base, data, work / "eval" / tag, [task] if task else names,
-                            max_examples, logs / f"eval-{tag}.log", baseline=baseline is None)
+            t = train(run_dir, model, data, n, seed, sets, logs / f"train-{tag}.log")
+            rec["train_seconds"] += t["seconds"]
+            rec["tokens"] += t["tokens"]
+            rec["steps"] += t["steps"]
+            adapter = run_dir / "adapter"
+            runs = evaluate(adapter, model, data, work / "eval" / tag, [task] if task else names, max_examples,
+                            logs / f"eval-{tag}.log", baseline=baseline is None)
             if baseline is None:
-                baseline = scores(runs["baseline"])
-            results[variant].update(scores(runs["trained"]))
-            n = adapter_numel(run_dir / "adapter")
-            params[variant] = {k: params.get(variant, {}).get(k, 0) + v for k, v in n.items()}
-    out = {
-        "command": "python bench/glue_variants.py" + (" --quick" if a.quick else ""),
-        "settings": {"steps": steps, "per_task_steps": per_task, "max_examples": max_examples,
-                     "base": {**shape, "corpus": "unpaired", "pretrain_seconds": round(base_s, 1)},
-                     "train_config": "configs/train/default.yaml (NF4 base, fp32, 1 process, ZeRO-3)"},
-        "tasks": names,
-        "baseline": baseline,
-        "variants": results,
-        "trainable_params": params,
-        "train_seconds": {k: round(v, 1) for k, v in times.items()},
-        "wall_seconds": round(time.perf_counter() - t_start, 1),
-    }
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(out, indent=2))
-    tmp.replace(out_path)
-    print(json.dumps({v: {t: round(r["score"], 3) for t, r in res.items()} for v, res in
-                      {"baseline": baseline, **results}.items()}, indent=1))
+                baseline = task_scores(runs["baseline"])
+            rec["scores"].update(task_scores(runs["trained"]))
+            rec["params"] = {k: rec["params"][k] + v for k, v in adapter_numel(adapter).items()}
+            if task is None:
+                meta = json.loads((adapter / "more_config.json").read_text())
+                max_rank = int(meta["more_config"]["max_rank"])
+                rec["rank_map"] = json.loads((adapter / "rank_map.json").read_text())
+                rec["rank_stats"] = rank_stats(rec["rank_map"], max_rank)
+                rec["selector_warmup_steps"] = meta["more_config"]["selector_warmup_steps"]
+                rec["train_loss_per_task"] = json.loads((run_dir / "train_summary.json").read_text()).get(
+                    "final_train_loss_per_task")
+            if variant == "more":
+                print(f"[glue] routing {tag}", flush=True)
+                routed = evaluate(adapter, model, data, work / "eval" / f"{tag}-routing", names, routing_examples,
+                                  logs / f"routing-{tag}.log", routing=True)["trained"]["tasks"]
+                rec["routing_accuracy"] = {t: r["routing"]["accuracy"] for t, r in routed.items()}
+                rec["routed_scores"] = {t: r["score"] for t, r in routed.items()}
+        rec["wall_seconds"] = round(time.perf_counter() - t_variant, 1)  # training + evaluation + routing
+        results[variant][str(seed)] = rec
+        wall += rec["wall_seconds"]
+        done_seeds = sorted({int(x) for res in results.values() for x in res})
+        out = {"command": "python bench/glue_variants.py" + (" --quick" if q else "")
+                          + (f" --tokens {a.tokens}" if a.tokens else "")
+                          + f" --seeds {','.join(map(str, done_seeds))}",
+               "settings": {**settings, "seeds": done_seeds, "max_rank": max_rank},
+               "tasks": names, "baseline": baseline, "variants": results, "wall_seconds": round(wall, 1)}
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(out_path, json.dumps(out, indent=2))
+        if "rank_map" in rec and variant in ("more", "more_frozen"):
+            save_rank_image(rec["rank_map"], max_rank, out_path.parent / f"{out_path.stem}_{variant}_seed{seed}.png")
+        print(f"[glue] {variant} seed {seed}: mean score "
+              f"{sum(r['score'] for r in rec['scores'].values()) / len(names):.4f}", flush=True)
     return 0
 
 

@@ -153,30 +153,73 @@ more.gate_init=random`) give the other three variants."""
 
 
 def glue_variants(r) -> list[str]:
-    s, names = r["settings"], r["tasks"]
-    cols = ["baseline", *r["variants"]]
-    rows = {"baseline": r["baseline"], **r["variants"]}
+    s, names, V = r["settings"], r["tasks"], r["variants"]
+    variants = [v for v in V if V[v]]
+    seeds = [str(x) for x in s["seeds"]]
+    have = {v: [x for x in seeds if x in V[v]] for v in variants}  # a run may add seeds variant by variant
 
-    def cell(res, t):
-        m = res[t]["metrics"]
-        return " / ".join(f"{v:.3f}" for v in m.values())
-    metric_names = {t: " / ".join(r["baseline"][t]["metrics"]) for t in names}
-    lines = ["## Real data: the four variants on GLUE (`" + r["command"] + "`)",
-             f"Base: tiny Llama d={s['base']['hidden_size']}, {s['base']['num_layers']} layers, pretrained "
-             f"{s['base']['pretrain_steps']} steps ({s['base']['pretrain_seconds']:.0f} s) on the prepared GLUE "
-             f"training text (`corpus: {s['base']['corpus']}`). {s['steps']} training steps per variant ({s['train_config']}); "
-             f"per-task LoRA: {', '.join(f'{t} {n}' for t, n in s['per_task_steps'].items())} steps. "
-             f"Validation: up to {s['max_examples']} examples per task (mnli: validation_mismatched).", "",
-             "| task | metric | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
-    lines += [f"| {t} | {metric_names[t]} | " + " | ".join(cell(rows[c], t) for c in cols) + " |" for t in names]
-    lines += ["| **mean task score** | | " + " | ".join(
-        f"**{sum(rows[c][t]['score'] for t in names) / len(names):.3f}**" for c in cols) + " |", "",
-        "| variant | LoRA A/B params | all saved params | train seconds (incl. start-up) |", "|---|---|---|---|"]
-    for v in r["variants"]:
-        p = r["trainable_params"][v]
-        p = p if isinstance(p, dict) else {"lora": None, "all": p}  # runs before the A/B split (bench/NOTES.md)
-        lora = "–" if p["lora"] is None else f"{p['lora']:,}"
-        lines.append(f"| {v} | {lora} | {p['all']:,} | {r['train_seconds'][v]:.0f} |")
+    def spread(values: list[float]) -> str:
+        mean = sum(values) / len(values)
+        return f"{mean:.3f}" + (f" ({', '.join(f'{v:.3f}' for v in values)})" if len(values) > 1 else "")
+
+    def mean_score(rec) -> float:
+        return sum(rec["scores"][t]["score"] for t in names) / len(names)
+
+    metric = {t: " / ".join(r["baseline"][t]["metrics"]) for t in names}
+    lines = [f"## MoRE vs LoRA on a real LLM: GLUE (`{r['command']}`)",
+             f"{s['model']} (NF4 base, chat-template prompts), tasks packed per task into rows of {s['row_len']}; "
+             f"every variant trains on ~{s['tokens_budget']:,} real tokens ({s['steps']} steps of {s['rows_per_step']} "
+             f"rows; per-task LoRA: {', '.join(f'{t} {n}' for t, n in s['per_task_steps'].items())} steps), "
+             f"{s['train_config']}, seeds {', '.join(seeds)}; {s['cpu_threads']} CPU threads. Validation: up to "
+             f"{s['max_examples']} examples per task (mnli: validation_mismatched), scored by `launch/evaluate.py "
+             f"--adapter`. Cells: the task score (its metrics' mean) averaged over seeds, each seed's in brackets. "
+             f"Variants' wall time (training, evaluation, routing) {r['wall_seconds'] / 60:.0f} min.", "",
+             "| task | metric | zero-shot | " + " | ".join(variants) + " |", "|---|---|---|" + "---|" * len(variants)]
+    for t in names:
+        lines.append(f"| {t} | {metric[t]} | {r['baseline'][t]['score']:.3f} | " + " | ".join(
+            spread([V[v][x]["scores"][t]["score"] for x in have[v]]) for v in variants) + " |")
+    zero = sum(r["baseline"][t]["score"] for t in names) / len(names)
+    means = {v: [mean_score(V[v][x]) for x in have[v]] for v in variants}
+    lines += [f"| **mean** | | **{zero:.3f}** | " + " | ".join(f"**{spread(means[v])}**" for v in variants) + " |", "",
+              "| variant | seeds | LoRA A/B params | selector params | real training tokens | train s (incl. load) |",
+              "|---|---|---|---|---|---|"]
+    for v in variants:
+        rec = V[v][have[v][0]]
+        sel = f"{rec['params']['selector']:,}" if v.startswith("more") else "(unused)"
+        lines.append(f"| {v} | {', '.join(have[v])} | {rec['params']['lora']:,} | {sel} | {rec['tokens']:,} | "
+                     f"{sum(V[v][x]['train_seconds'] for x in have[v]) / len(have[v]):.0f} |")
+    lines += ["", "Final rank maps: per task, the mean chosen rank and the share of layers at max rank "
+              f"({s['max_rank']}); `same rank`: the share of layers where two tasks chose the same rank (min–max over "
+              "task pairs; 1.00 = one shared LoRA in effect).", "",
+              "| variant | seed | " + " | ".join(names) + " | same rank |", "|---|---|" + "---|" * (len(names) + 1)]
+    for v in [v for v in ("more", "more_frozen") if v in variants]:
+        for x in have[v]:
+            st = V[v][x]["rank_stats"]
+            same = list(st["same_rank"].values())
+            lines.append(f"| {v} | {x} | " + " | ".join(
+                f"{st['mean_rank'][t]:.1f} ({st['at_max_rank'][t]:.0%})" for t in names)
+                + f" | {min(same):.2f}–{max(same):.2f} |")
+    if "more" in variants:
+        rec = [V["more"][x] for x in have["more"]]
+        lines += ["", f"Zero-shot routing (`launch/evaluate.py --routing`, no task id given; {s['routing_examples']} "
+                  "examples per task): accuracy of the routed task, and the task score with the routed adapter.", "",
+                  "| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names),
+                  "| routing accuracy | " + " | ".join(spread([x["routing_accuracy"][t] for x in rec]) for t in names)
+                  + " |",
+                  "| score, routed | " + " | ".join(spread([x["routed_scores"][t] for x in rec]) for t in names) + " |"]
+        stem = "glue_variants" + ("_quick" if "--quick" in r["command"] else "")
+        lines += ["", f"Rank maps (a row per task, a column per adapted layer; colour = chosen rank), seed {seeds[0]}: "
+                  "MoRE (learned), then the frozen selector:", "",
+                  f"![MoRE rank map](results/{stem}_more_seed{seeds[0]}.png)"]
+        if seeds[0] in have.get("more_frozen", []):
+            lines += ["", f"![frozen selector rank map](results/{stem}_more_frozen_seed{seeds[0]}.png)"]
+    m = {v: sum(means[v]) / len(means[v]) for v in variants}
+    if {"more", "per_task_lora", "shared_lora", "more_frozen"} <= set(m):
+        lines += ["", f"Goals: MoRE mean >= per-task LoRA mean: {'yes' if m['more'] >= m['per_task_lora'] else 'NO'}; "
+                  f"> shared LoRA: {'yes' if m['more'] > m['shared_lora'] else 'NO'}; > frozen selector: "
+                  f"{'yes' if m['more'] > m['more_frozen'] else 'NO'}"
+                  + (f"; > the same adapter at max rank: {'yes' if m['more'] > m['more_max_rank'] else 'NO'}"
+                     if "more_max_rank" in m else "") + " (means over seeds)."]
     return lines
 
 
