@@ -28,10 +28,12 @@ def test_selector_warmup_defaults_to_a_fifth_of_the_run():
     from pipeline.more.model import MoreCausalLM
 
     base = {"output_dir": "x", "model": {"path": "m"}, "data": {"dir": "d"}}
-    assert TrainConfig(**base, optim={"max_steps": 150}).more.selector_warmup_steps == 30
-    assert TrainConfig(**base, optim={"max_steps": 20000}).more.selector_warmup_steps == 4000
+    assert TrainConfig(**base, optim={"max_steps": 150}).more_for_run().selector_warmup_steps == 30
+    assert TrainConfig(**base, optim={"max_steps": 20000}).more_for_run().selector_warmup_steps == 4000
     assert TrainConfig(**base, optim={"max_steps": 150},
-                       more={"selector_warmup_steps": 7}).more.selector_warmup_steps == 7
+                       more={"selector_warmup_steps": 7}).more_for_run().selector_warmup_steps == 7
+    # the config itself keeps "unset": a resume with another max_steps is not a changed more.* setting
+    assert TrainConfig(**base, optim={"max_steps": 150}).more.selector_warmup_steps is None
     # The adapter alone (no trainer to say how long the run is) has no warm-up.
     assert MoreConfig().selector_warmup_steps is None
     assert not MoreCausalLM.selector_warming_up(type("M", (), {"_training_step": 0, "_train_forwards": 0,

@@ -58,7 +58,7 @@ class MoreConfig(StrictModel):
     # For the first steps the selection is used but gets no gradient (the adapter is underfit, so "more rank" helps
     # every task and the gates would saturate at max rank). Steps are optimizer steps when the trainer calls
     # `MoreCausalLM.set_training_step(step)`, otherwise training forward passes. None: the trainer makes it a
-    # fraction of the run (`TrainConfig`, SELECTOR_WARMUP_FRACTION); a model used without the trainer has none.
+    # fraction of the run (`TrainConfig.more_for_run`); a model used without the trainer has none.
     selector_warmup_steps: Optional[int] = Field(None, ge=0)
     contrastive: ContrastiveConfig = Field(default_factory=ContrastiveConfig)
     init_seed: int = 0

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from pipeline.config.base import StrictModel
 from pipeline.config.more import MoreConfig
@@ -67,8 +67,12 @@ class TrainConfig(StrictModel):
     # Refuse to start when the memory planner says the run will not fit (CUDA only).
     preflight: bool = True
 
-    @model_validator(mode="after")
-    def _resolve_selector_warmup(self):
-        if self.more.selector_warmup_steps is None:
-            self.more.selector_warmup_steps = round(SELECTOR_WARMUP_FRACTION * self.optim.max_steps)
-        return self
+
+    def more_for_run(self) -> MoreConfig:
+        """The adapter config the run builds: `more` with an unset selector warm-up made a fraction of max_steps.
+        Resolved here, not stored in the config, so that a resume with a longer max_steps is not refused as a
+        changed `more.*` setting (its warm-up grows with the run, like the lr schedule)."""
+        if self.more.selector_warmup_steps is not None:
+            return self.more
+        return self.more.model_copy(
+            update={"selector_warmup_steps": round(SELECTOR_WARMUP_FRACTION * self.optim.max_steps)})

@@ -73,7 +73,7 @@ def build_model(cfg: TrainConfig, task_names: list[str], dist_info: DistInfo):
                            cfg.model.attn_implementation, device_map=device_map)
     faults.point("load", dist_info.rank, 0)
     base.config.use_cache = False
-    model = inject(base, cfg.more, task_names, base_model_id=cfg.model.path)
+    model = inject(base, cfg.more_for_run(), task_names, base_model_id=cfg.model.path)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(use_reentrant=False)
     return model
