@@ -12,12 +12,15 @@ template), every stage through the project's own commands, the same training-tok
                    the reference code does
     zero-shot      the base alone (the `baseline` row), the same chat-template rendering
 
+Each variant's results are saved as soon as it is done, and a later call with the same settings skips what is
+saved: a long run can be split (`--seeds 0 --variants more,per_task_lora`, then the rest).
+
 Data is packed per task (`pack_per_task: true`) so that a per-task run never sees another task's tokens. Training:
 1 process (`launch/train.py` under ZeRO-3), 2 packed rows of 512 per step, configs/train/smollm2-glue.yaml
 otherwise. Evaluation: `launch/evaluate.py --adapter` on up to --max-examples validation examples per task (mnli:
 validation_mismatched), and zero-shot routing (`--routing`, no task id given) for `more`.
 
-    .venv/bin/python bench/glue_variants.py            # 2 seeds x 200k tokens: ~2 h on 2 CPU cores
+    .venv/bin/python bench/glue_variants.py            # 2 seeds x 200k tokens: ~5 h on 2 CPU cores (fp32)
     .venv/bin/python bench/glue_variants.py --quick    # 2 tasks, a few steps (the test and `make bench`)
 """
 from __future__ import annotations
@@ -37,10 +40,10 @@ sys.path.insert(0, str(ROOT))
 PY = sys.executable
 TRAIN_CONFIG = "configs/train/smollm2-glue.yaml"
 ROWS_PER_STEP = 2  # micro batch 2 x 1 process x no accumulation
-VARIANTS = {
+VARIANTS = {  # in the order they run
     "more": [],
-    "shared_lora": ["more.expert_ranks=[8]", "more.contrastive.weight=0"],
     "per_task_lora": ["more.expert_ranks=[8]", "more.contrastive.weight=0"],
+    "shared_lora": ["more.expert_ranks=[8]", "more.contrastive.weight=0"],
     "more_frozen": ["more.selector_frozen=true", "more.gate_init=random"],
     "more_max_rank": ["more.selector_frozen=true", "more.gate_init=max_rank"],
 }
@@ -119,8 +122,8 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=None, help="real training tokens per variant (200k; quick 3k)")
     ap.add_argument("--seeds", default=None, help="comma-separated training seeds (0,1; quick 0)")
     ap.add_argument("--tasks", default=None, help="comma-separated GLUE tasks (all five; quick rte,mrpc)")
-    ap.add_argument("--max-examples", type=int, default=None, help="validation examples per task (200; quick 8)")
-    ap.add_argument("--routing-examples", type=int, default=None, help="examples per task routed (60; quick 4)")
+    ap.add_argument("--max-examples", type=int, default=None, help="validation examples per task (100; quick 8)")
+    ap.add_argument("--routing-examples", type=int, default=None, help="examples per task routed (30; quick 4)")
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated variants to run (default: all)")
     ap.add_argument("--work", default="runs/bench-glue", help="working folder (data, runs, evals)")
     ap.add_argument("--out", default=None, help="default bench/results/glue_variants[_quick].json")
@@ -128,8 +131,8 @@ def main() -> int:
     q = a.quick
     tokens = a.tokens or (3000 if q else 200_000)
     seeds = [int(s) for s in (a.seeds or ("0" if q else "0,1")).split(",")]
-    max_examples = a.max_examples or (8 if q else 200)
-    routing_examples = a.routing_examples or (4 if q else 60)
+    max_examples = a.max_examples or (8 if q else 100)
+    routing_examples = a.routing_examples or (4 if q else 30)
     model = Path(a.model).resolve()
     if not (model / "config.json").is_file():
         sys.exit(f"--model {model}: not a model folder (run `make model` first)")
