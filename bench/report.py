@@ -137,10 +137,9 @@ def fidelity(r) -> list[str]:
 
 REPRODUCE = """## Paper scale
 
-Paper-scale numbers need pretrained 7B weights, which this environment cannot download: the base above knows
-only GLUE's own training text, so the GLUE rows above show the pipeline and the variants running on real data, not the
-method's quality. With Llama-2-7B weights, hub access and 8 GPUs, the paper's GLUE setting (8 tasks; the paper reports
-a GLUE average of 88.8 for MoRE vs 87.8 for LoRA on Llama-2-7B) is:
+The GLUE table above is a 135M model on a few hundred thousand tokens; the paper's numbers need pretrained 7B
+weights, which this environment cannot download. With Llama-2-7B weights, hub access and 8 GPUs, the paper's GLUE
+setting (8 tasks; the paper reports a GLUE average of 88.8 for MoRE vs 87.8 for LoRA on Llama-2-7B) is:
 
     python -m data_prep --config configs/prep/glue8-hub.yaml
     deepspeed --num_gpus 8 launch/train.py --deepspeed ds_configs/zero3.json --config configs/train/llama2-7b-glue-paper.yaml
@@ -149,7 +148,7 @@ a GLUE average of 88.8 for MoRE vs 87.8 for LoRA on Llama-2-7B) is:
         --baseline meta-llama/Llama-2-7b-hf --out runs/llama2-7b-glue-paper/eval
 
 and `bench/glue_variants.py`'s overrides (`more.expert_ranks=[8]`, `data.tasks=[t]`, `more.selector_frozen=true
-more.gate_init=random`) give the other three variants."""
+more.gate_init=random` or `max_rank`) give the other variants."""
 
 
 def glue_variants(r) -> list[str]:
@@ -243,8 +242,7 @@ def main() -> int:
         out += render(r) + [""]
     out += [REPRODUCE, ""]
     out += ["Not measured by `make bench`, in [bench/NOTES.md](NOTES.md): the memory planner's prediction vs the "
-            "measured peak RSS of a tiny CPU step (`tests/plan_measure.py`), and what the committed GLUE tables "
-            "predate.", ""]
+            "measured peak RSS of a tiny CPU step (`tests/plan_measure.py`).", ""]
     if missing:
         out += ["Not run yet: " + ", ".join(missing), ""]
     sys.path.insert(0, str(ROOT))
