@@ -66,6 +66,9 @@ def test_make_demo_small_end_to_end(tmp_path, monkeypatch):
     assert set(results["runs"]["trained"]["tasks"]) == set(names)
     table = (run / "eval" / "report.md").read_text()
     assert "| task |" in table and table in proc.stdout  # `make demo-tiny` prints the report
+    # the merged run's rank map (from merge_report.json) as a picture in the report
+    assert results["runs"]["trained"]["rank_map_image"] == "rank_map_trained.png"
+    assert (run / "eval" / "rank_map_trained.png").is_file() and "![rank map of trained]" in table
 
 
 @pytest.mark.slow

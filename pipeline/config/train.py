@@ -67,7 +67,6 @@ class TrainConfig(StrictModel):
     # Refuse to start when the memory planner says the run will not fit (CUDA only).
     preflight: bool = True
 
-
     def more_for_run(self) -> MoreConfig:
         """The adapter config the run builds: `more` with an unset selector warm-up made a fraction of max_steps.
         Resolved here, not stored in the config, so that a resume with a longer max_steps is not refused as a
