@@ -141,7 +141,6 @@ def main() -> int:
     logs = work / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     data = work / "data"
-    t_start = time.perf_counter()
 
     print(f"[glue] prep -> {data}", flush=True)
     prep_sets = [f"output_dir={data}", f"tokenizer.path={model}", "tokenizer.train_sentencepiece=null",
@@ -163,7 +162,6 @@ def main() -> int:
     manifest = json.loads((data / "manifest.json").read_text())
     names = sorted(manifest["tasks"], key=lambda n: manifest["tasks"][n]["id"])
     steps, per_task = budget_steps(manifest, tokens, names)
-    max_rank = None
 
     settings = {"model": a.model, "tokens_budget": tokens, "steps": steps, "per_task_steps": per_task,
                 "rows_per_step": ROWS_PER_STEP, "row_len": manifest["max_seq_len"], "max_examples": max_examples,
@@ -175,6 +173,8 @@ def main() -> int:
         results, baseline, wall = prev["variants"], prev["baseline"], prev["wall_seconds"]
         print(f"[glue] adding to {out_path} (seeds so far: {prev['settings']['seeds']})", flush=True)
     else:
+        if prev:
+            print(f"[glue] {out_path} was measured with other settings: starting a new result", flush=True)
         results, baseline, wall = {v: {} for v in VARIANTS}, None, 0.0
     max_rank = prev["settings"].get("max_rank") if prev and baseline else None
     chosen = a.variants.split(",")
