@@ -20,7 +20,7 @@ Data is packed per task (`pack_per_task: true`) so that a per-task run never see
 otherwise. Evaluation: `launch/evaluate.py --adapter` on up to --max-examples validation examples per task (mnli:
 validation_mismatched), and zero-shot routing (`--routing`, no task id given) for `more`.
 
-    .venv/bin/python bench/glue_variants.py            # 2 seeds x 200k tokens: ~5 h on 2 CPU cores (fp32)
+    .venv/bin/python bench/glue_variants.py            # 2 seeds x 200k tokens: ~7 h on 2 CPU cores (fp32)
     .venv/bin/python bench/glue_variants.py --quick    # 2 tasks, a few steps (the test and `make bench`)
 """
 from __future__ import annotations
