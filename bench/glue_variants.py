@@ -111,6 +111,15 @@ def rank_stats(ranks: dict[str, dict[str, int]], max_rank: int) -> dict:
                           for a, b in itertools.combinations(names, 2)}}
 
 
+def cpu_isa() -> str:
+    """The vector extensions this CPU has that the kernels branch on (bitsandbytes, oneDNN): a run's rows may come
+    from different machines, so each records its own."""
+    info = Path("/proc/cpuinfo")
+    flags = set(info.read_text().split("flags")[1].split("\n")[0].split()) if info.is_file() else set()
+    return " ".join(n for n, f in (("AVX-512", "avx512f"), ("AVX512-BF16", "avx512_bf16"), ("AMX", "amx_tile"))
+                    if f in flags) or ("AVX2" if "avx2" in flags else "no AVX2")
+
+
 def task_scores(run_result: dict) -> dict:
     return {t: {"metrics": r["metrics"], "score": r["score"], "n": r["n"]} for t, r in run_result["tasks"].items()}
 
@@ -221,6 +230,7 @@ def main() -> int:
                 rec["routing_accuracy"] = {t: r["routing"]["accuracy"] for t, r in routed.items()}
                 rec["routed_scores"] = {t: r["score"] for t, r in routed.items()}
         rec["wall_seconds"] = round(time.perf_counter() - t_variant, 1)  # training + evaluation + routing
+        rec["cpu"] = cpu_isa()
         results[variant][str(seed)] = rec
         wall += rec["wall_seconds"]
         done_seeds = sorted({int(x) for res in results.values() for x in res})

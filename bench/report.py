@@ -180,13 +180,14 @@ def glue_variants(r) -> list[str]:
     zero = sum(r["baseline"][t]["score"] for t in names) / len(names)
     means = {v: [mean_score(V[v][x]) for x in have[v]] for v in variants}
     lines += [f"| **mean** | | **{zero:.3f}** | " + " | ".join(f"**{spread(means[v])}**" for v in variants) + " |", "",
-              "| variant | seeds | LoRA A/B params | selector params | real training tokens | train s (incl. load) |",
-              "|---|---|---|---|---|---|"]
+              "| variant | seeds | LoRA A/B params | selector params | real training tokens | train s (incl. load) | CPU |",
+              "|---|---|---|---|---|---|---|"]
     for v in variants:
         rec = V[v][have[v][0]]
         sel = f"{rec['params']['selector']:,}" if v.startswith("more") else "(unused)"
         lines.append(f"| {v} | {', '.join(have[v])} | {rec['params']['lora']:,} | {sel} | {rec['tokens']:,} | "
-                     f"{sum(V[v][x]['train_seconds'] for x in have[v]) / len(have[v]):.0f} |")
+                     f"{sum(V[v][x]['train_seconds'] for x in have[v]) / len(have[v]):.0f} | "
+                     + ", ".join(sorted({V[v][x].get("cpu", "not recorded") for x in have[v]})) + " |")
     lines += ["", "Final rank maps: per task, the mean chosen rank and the share of layers at max rank "
               f"({s['max_rank']}); `same rank`: the share of layers where two tasks chose the same rank (min–max over "
               "task pairs; 1.00 = one shared LoRA in effect).", "",
