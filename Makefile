@@ -107,6 +107,7 @@ bench: model
 	$(PYTHON) bench/adapter_step.py --repeats 3
 	$(PYTHON) bench/train_throughput.py
 	$(PYTHON) bench/lm_head.py --model $(MODEL_DIR)
+	$(PYTHON) bench/vs_trl.py --model $(MODEL_DIR)
 	$(PYTHON) bench/merge.py
 	$(PYTHON) bench/fidelity.py
 	$(PYTHON) bench/glue_variants.py --quick

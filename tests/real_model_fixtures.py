@@ -5,6 +5,8 @@
   real instruction-tuned model import this fixture (`from real_model_fixtures import smollm2_import`) and use
   `smollm2_import.folder` like any local HF model folder. Skipped, with the install command, when the package is
   not installed.
+- `tiny_chat_model` (session scope): a tiny random 2-layer Llama folder with SmolLM2's tokenizer and chat template,
+  for the benchmarks' quick sizes (the real model's data path, a body that trains in seconds).
 - `write_tiny_gguf(path, ...)`: a tiny random Llama GGUF (2 layers, hidden 64, a byte-level BPE vocabulary of
   ~270 tokens, a chat template) written with the `gguf` package's GGUFWriter; transformers loads it in well under
   a second, so the import's paths (cache, rebuild, dtype, errors) are tested without the real file.
@@ -122,3 +124,17 @@ def smollm2_import(tmp_path_factory) -> ImportedModel:
     res = import_gguf(folder, log=log.append)
     assert not res.cached and folder.is_dir(), log
     return ImportedModel(folder=folder, gguf=src, seconds=time.perf_counter() - t0, log=log)
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model(smollm2_import, tmp_path_factory):
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(smollm2_import.folder)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                      tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    folder = tmp_path_factory.mktemp("tiny_chat") / "model"
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder

@@ -8,24 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from real_model_fixtures import smollm2_import  # noqa: F401  (session fixture)
+from real_model_fixtures import smollm2_import, tiny_chat_model  # noqa: F401  (session fixtures)
 
 ROOT = Path(__file__).resolve().parents[1]
 GLUE = ROOT.parent / "shared" / "data" / "glue"
-
-
-@pytest.fixture(scope="module")
-def tiny_chat_model(smollm2_import, tmp_path_factory):  # noqa: F811
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tok = AutoTokenizer.from_pretrained(smollm2_import.folder)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                      tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    folder = tmp_path_factory.mktemp("tiny_chat") / "model"
-    LlamaForCausalLM(cfg).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
 
 
 def _bench(model, tmp_path, *args):

@@ -1,0 +1,292 @@
+"""Training throughput side by side: this project's trainer against TRL's `SFTTrainer` + PEFT LoRA, the tool a user
+would otherwise pick for QLoRA fine-tuning, in ONE run on the same machine, model (NF4 base, fp32 compute), data and
+number of real training tokens.
+
+    ours_zero3_more   MoRE (max rank 8, all linears), `deepspeed launch/train.py` on 2 ranks under ZeRO-3 (the
+                      documented path), 1 packed row of 512 per rank and step
+    ours_zero3_lora   the same trainer with plain LoRA rank 8 (`more.expert_ranks=[8]`, no selector, no contrastive
+                      loss): MoRE's cost at model level on the same path
+    ours_1p_more      MoRE, `python launch/train.py` in 1 process (ZeRO-3 of one), 2 packed rows of 512 per step
+    ours_1p_lora      plain LoRA rank 8, 1 process
+    trl_padded        SFTTrainer + PEFT LoRA rank 8 (all linears), padded batches of 16 samples
+    trl_packed        the same with `packing=True` (TRL's best-fit-decreasing packing into rows of 512, padding-free,
+                      2 rows per step). On CPU attention TRL cannot isolate the packed samples (no varlen kernel),
+                      so this mode is faster than it is correct; it is measured because a user would try it
+
+Every system: gradient checkpointing off (the model fits easily; each tool at its fastest setting), the loss on the
+answer tokens only, the same GLUE samples (configs/prep/glue.yaml through SmolLM2's chat template). MoRE's selector
+learns from step 1 (no warm-up), its slower mode. Measured per system: real (non-pad) tokens/s over the steps after
+the first --skip, peak RSS of a training process, and the share of the machine's fp32 matmul peak (measured in the
+same run) that the model's useful FLOPs reach: 4 x (decoder linear weights) per real token (forward, and backward
+to the inputs; the base is frozen) plus the head at supervised positions; attention's few % are left out.
+
+    .venv/bin/python bench/vs_trl.py --model models/smollm2-135m-instruct   # make model first; ~20 min, 2 cores
+    .venv/bin/python bench/vs_trl.py --quick --model DIR                    # a few steps (the test)
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pipeline.atomic import atomic_write  # noqa: E402
+
+TRAIN_CONFIG = "configs/train/smollm2-glue.yaml"
+ROW_LEN = 512
+LORA = ["more.expert_ranks=[8]", "more.contrastive.weight=0"]
+SYSTEMS = {  # name: (kind, ranks or rows per step, extra overrides)
+    "ours_zero3_more": ("ours", 2, []),
+    "ours_zero3_lora": ("ours", 2, LORA),
+    "ours_1p_more": ("ours", 1, []),
+    "ours_1p_lora": ("ours", 1, LORA),
+    "trl_padded": ("trl", 16, []),
+    "trl_packed": ("trl", 2, []),
+}
+
+
+def cpu_flags() -> list[str]:
+    info = Path("/proc/cpuinfo")
+    if not info.is_file():
+        return []
+    return sorted(f for f in info.read_text().split("flags")[1].split("\n")[0].split() if f.startswith(("avx", "amx")))
+
+
+def matmul_peak_gflops(seconds: float = 3.0) -> float:
+    """Best fp32 GEMM rate of this process's threads (all cores), square 2048 matrices."""
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    best, t_end = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < t_end:
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        best = max(best, 2 * 2048 ** 3 / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
+def useful_flops_per_token(model_dir: Path, supervised_share: float) -> float:
+    """Forward (2 x weights) and backward to the inputs (2 x weights) of the decoder's linear layers per real token,
+    plus the LM head at the supervised positions only (the frozen base gets no weight gradients)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    head = model.get_output_embeddings()
+    body = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head)
+    return 4.0 * body + 4.0 * head.weight.numel() * supervised_share
+
+
+def prepare_data(model_dir: Path, out: Path, per_task: int) -> Path:
+    """The GLUE mix rendered through the model's chat template, packed in rows of 512 (prep cache: once)."""
+    from pipeline.config.base import load_config
+    from pipeline.config.prep import PrepConfig
+    from pipeline.data.prep import run_prep
+
+    overrides = [f"output_dir={out}", f"max_seq_len={ROW_LEN}", f"tokenizer.path={model_dir}",
+                 "tokenizer.train_sentencepiece=null", "chat_template=true"]
+    with contextlib.chdir(ROOT):
+        cfg = load_config(PrepConfig, "configs/prep/glue.yaml", overrides)
+        cfg = cfg.model_copy(update={"tasks": [t.model_copy(update={"max_examples": per_task}) for t in cfg.tasks]})
+        return Path(run_prep(cfg))
+
+
+def samples_dataset(data_dir: Path, out: Path) -> Path:
+    """The packed rows' samples, one per example (input_ids, labels with -100 on the prompt), saved for TRL."""
+    import datasets
+
+    from pipeline.data.loader import PackedDataset, split_samples
+
+    if not (out / "dataset_info.json").is_file():
+        ds = PackedDataset(data_dir, "train")
+        samples = [s for i in range(len(ds)) for s in split_samples(ds[i])]
+        datasets.Dataset.from_dict({"input_ids": [s["input_ids"].tolist() for s in samples],
+                                    "labels": [s["labels"].tolist() for s in samples]}).save_to_disk(str(out))
+    return out
+
+
+def run_ours(name: str, ranks: int, extra: list[str], model: Path, data: Path, tokens: int, work: Path,
+             port: int) -> dict:
+    """Train through the project's own command; tokens/s from its per-step metrics, RSS from rank 0's."""
+    from pipeline.data.loader import PackedDataset
+
+    ds = PackedDataset(data, "train")
+    row_tokens = sum(ds.lengths()) / len(ds)
+    steps = max(4, round(tokens / (2 * row_tokens)))  # 2 rows per step on either layout
+    out = work / "runs" / name
+    sets = [f"output_dir={out}", f"model.path={model}", f"data.dir={data}", f"optim.max_steps={steps}",
+            f"optim.micro_batch_size={2 // ranks}", "optim.grad_accum=1", "optim.warmup_steps=1",
+            "checkpoint.every=0", "eval.every=0", "eval.max_batches=1", "log_every=1",
+            "more.selector_warmup_steps=0", *extra]
+    launch = ([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port", str(port)]
+              if ranks > 1 else [sys.executable])
+    cmd = [*launch, "launch/train.py", "--deepspeed", "ds_configs/zero3.json", "--config", TRAIN_CONFIG,
+           "--no-resume", *[a for s in sets for a in ("--set", s)]]
+    log = work / f"{name}.log"
+    with open(log, "w") as f:
+        proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
+                              env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
+    if proc.returncode:
+        sys.exit(f"{name} failed ({proc.returncode}):\n{log.read_text()[-3000:]}")
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "train/tokens" in r]
+    return {"steps": [(r["train/tokens"], r["train/tokens"] / r["train/tokens_per_s"]) for r in rows],
+            "peak_rss_gb": max(r["train/peak_rss_gb"] for r in rows)}
+
+
+def run_trl(name: str, rows_per_step: int, model: Path, samples: Path, tokens: int, work: Path) -> dict:
+    """TRL in its own process (its own threads and RSS): `--trl-worker` below."""
+    spec = {"name": name, "model": str(model), "samples": str(samples), "tokens": tokens,
+            "batch": rows_per_step, "packed": name == "trl_packed", "out": str(work / f"{name}.json")}
+    log = work / f"{name}.log"
+    with open(log, "w") as f:
+        proc = subprocess.run([sys.executable, __file__, "--trl-worker", json.dumps(spec)], cwd=ROOT, stdout=f,
+                              stderr=subprocess.STDOUT, env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
+    if proc.returncode:
+        sys.exit(f"{name} failed ({proc.returncode}):\n{log.read_text()[-3000:]}")
+    return json.loads(Path(spec["out"]).read_text())
+
+
+def trl_worker(spec: dict) -> None:
+    """SFTTrainer + PEFT LoRA on an NF4 base, set up as TRL's docs show; real tokens counted per step."""
+    import datasets
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    samples = datasets.load_from_disk(spec["samples"])
+    mean_len = sum(len(x) for x in samples["input_ids"]) / len(samples)
+    per_step = spec["batch"] * (ROW_LEN * 0.97 if spec["packed"] else mean_len)
+    steps = max(4, round(spec["tokens"] / per_step))
+    model = AutoModelForCausalLM.from_pretrained(
+        spec["model"], dtype=torch.float32, device_map="cpu",
+        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                               bnb_4bit_compute_dtype=torch.float32))
+    args = SFTConfig(output_dir=str(Path(spec["out"]).parent / spec["name"]), max_steps=steps,
+                     per_device_train_batch_size=spec["batch"], learning_rate=1e-3, warmup_steps=1,
+                     gradient_checkpointing=False, packing=spec["packed"], max_length=ROW_LEN, logging_steps=1,
+                     report_to="none", save_strategy="no", use_cpu=True, dataloader_num_workers=0, seed=0)
+    log: list[tuple[float, float]] = []  # per optimizer step: (real tokens, seconds)
+
+    class Trainer(SFTTrainer):
+        real = 0
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            ids = inputs["input_ids"]
+            Trainer.real += int(inputs["attention_mask"].sum()) if "attention_mask" in inputs else ids.numel()
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            self.t0, self.n0 = time.perf_counter(), Trainer.real
+
+        def on_step_end(self, *a, **k):
+            log.append((Trainer.real - self.n0, time.perf_counter() - self.t0))
+
+    trainer = Trainer(model=model, args=args, train_dataset=samples,
+                      processing_class=AutoTokenizer.from_pretrained(spec["model"]),
+                      peft_config=LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"),
+                      callbacks=[Clock()])
+    trainer.train()
+    Path(spec["out"]).write_text(json.dumps(
+        {"steps": log, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
+
+
+def summarise(rec: dict, skip: int, flops_per_token: float, peak_gflops: float) -> dict:
+    steady = rec["steps"][skip:] or rec["steps"]
+    tokens, seconds = sum(n for n, _ in steady), sum(s for _, s in steady)
+    rate = tokens / seconds
+    return {"steps": len(rec["steps"]), "real_tokens": int(sum(n for n, _ in rec["steps"])),
+            "measured_steps": len(steady), "tokens_per_s": rate, "peak_rss_gb": rec["peak_rss_gb"],
+            "matmul_peak_share": rate * flops_per_token / (peak_gflops * 1e9),
+            "step_log": [[n, round(t, 4)] for n, t in rec["steps"]]}  # per step: real tokens, seconds
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="models/smollm2-135m-instruct", help="HF model folder (`make model`)")
+    ap.add_argument("--quick", action="store_true", help="a few steps on a few samples (the test; any --model)")
+    ap.add_argument("--tokens", type=int, default=None, help="real training tokens per system (12k; quick 1.5k)")
+    ap.add_argument("--skip", type=int, default=2, help="first steps left out of the rate (warm-up)")
+    ap.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated subset")
+    ap.add_argument("--work", default="runs/bench-vs-trl")
+    ap.add_argument("--out", default=None, help="default bench/results/vs_trl[_quick].json")
+    ap.add_argument("--trl-worker", default=None, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.trl_worker:
+        trl_worker(json.loads(a.trl_worker))
+        return 0
+    chosen = a.systems.split(",")
+    unknown = sorted(set(chosen) - set(SYSTEMS))
+    if unknown:
+        sys.exit(f"--systems: unknown {unknown} (known: {', '.join(SYSTEMS)})")
+    model = Path(a.model).resolve()
+    if not (model / "config.json").is_file():
+        sys.exit(f"--model {model}: not a model folder (run `make model` first)")
+    work = (ROOT / a.work / ("quick" if a.quick else "full")).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    tokens = a.tokens or (1500 if a.quick else 12_000)
+    print(f"[vs_trl] data, model {model}", flush=True)
+    data = prepare_data(model, work / "data", per_task=40 if a.quick else 400)
+    samples = samples_dataset(data, work / "samples")
+    from pipeline.data.loader import PackedDataset
+
+    ds = PackedDataset(data, "train")
+    supervised_share = float(ds.row_task_counts("supervised_tokens").sum() / ds.lengths().sum())
+    flops = useful_flops_per_token(model, supervised_share)
+    peak = matmul_peak_gflops()
+    print(f"[vs_trl] fp32 matmul peak {peak:.1f} GFLOP/s; {flops / 1e6:.0f} MFLOP per real token", flush=True)
+    results = {}
+    for i, name in enumerate(n for n in SYSTEMS if n in chosen):
+        kind, size, extra = SYSTEMS[name]
+        print(f"[vs_trl] {name}", flush=True)
+        t0 = time.perf_counter()
+        rec = (run_ours(name, size, extra, model, data, tokens, work, 29600 + i) if kind == "ours"
+               else run_trl(name, size, model, samples, tokens, work))
+        results[name] = {**summarise(rec, a.skip, flops, peak), "wall_s": round(time.perf_counter() - t0, 1)}
+        print(f"[vs_trl] {name}: {results[name]['tokens_per_s']:.1f} real tokens/s, peak RSS "
+              f"{results[name]['peak_rss_gb']:.2f} GB, {results[name]['matmul_peak_share']:.1%} of matmul peak",
+              flush=True)
+    trl_best = max((r["tokens_per_s"] for n, r in results.items() if n.startswith("trl")), default=None)
+    ratios = {}
+    if trl_best:
+        ratios.update({f"{n}_vs_trl_best": r["tokens_per_s"] / trl_best for n, r in results.items()
+                       if n.startswith("ours")})
+    for path in ("zero3", "1p"):
+        m, l = results.get(f"ours_{path}_more"), results.get(f"ours_{path}_lora")
+        if m and l:
+            ratios[f"more_over_lora_time_{path}"] = l["tokens_per_s"] / m["tokens_per_s"]
+    if "ours_zero3_more" in results and "ours_1p_more" in results:
+        ratios["zero3_2ranks_over_1p_tokens_per_s"] = (results["ours_zero3_more"]["tokens_per_s"]
+                                                       / results["ours_1p_more"]["tokens_per_s"])
+    import peft
+    import transformers
+    import trl
+
+    out = {"command": f"python bench/vs_trl.py --model {a.model}" + (" --quick" if a.quick else "")
+                      + (f" --tokens {a.tokens}" if a.tokens else ""),
+           "model": a.model, "tokens_per_system": tokens,
+           "row_len": ROW_LEN, "supervised_share": supervised_share, "useful_flops_per_token": flops,
+           "matmul_peak_gflops": peak, "systems": results, "ratios": ratios, "skip_steps": a.skip,
+           "cpu": platform.processor() or platform.machine(), "cpu_flags": cpu_flags(), "cores": os.cpu_count(),
+           "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
+                        "peft": peft.__version__}}
+    out_path = Path(a.out or ROOT / "bench" / "results" / f"vs_trl{'_quick' if a.quick else ''}.json")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(out_path, json.dumps(out, indent=1))
+    print(json.dumps(ratios, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

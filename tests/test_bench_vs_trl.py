@@ -1,0 +1,52 @@
+"""bench/vs_trl.py at its smallest: this project's 1-process trainer and TRL's packed SFTTrainer on a tiny Llama
+with SmolLM2's tokenizer; what the JSON says is recomputed from its own per-step log and the model's shape."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from real_model_fixtures import smollm2_import, tiny_chat_model  # noqa: F401  (session fixtures)
+
+ROOT = Path(__file__).resolve().parents[1]
+GLUE = ROOT.parent / "shared" / "data" / "glue"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not GLUE.is_dir(), reason="needs ../shared/data/glue")
+def test_quick_side_by_side_measures_both_tools_on_the_same_budget(tiny_chat_model, tmp_path):
+    out = tmp_path / "vs_trl.json"
+    cmd = [sys.executable, "bench/vs_trl.py", "--quick", "--model", str(tiny_chat_model), "--tokens", "1000",
+           "--skip", "1", "--systems", "ours_1p_more,ours_1p_lora,trl_packed", "--work", str(tmp_path / "work"),
+           "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert list(r["systems"]) == ["ours_1p_more", "ours_1p_lora", "trl_packed"]
+    for name, s in r["systems"].items():
+        log = s["step_log"]
+        assert len(log) == s["steps"] >= 4 and s["real_tokens"] == sum(n for n, _ in log)
+        steady = log[1:]
+        assert s["tokens_per_s"] == pytest.approx(sum(n for n, _ in steady) / sum(t for _, t in steady), rel=1e-3)
+        assert s["matmul_peak_share"] == pytest.approx(
+            s["tokens_per_s"] * r["useful_flops_per_token"] / (r["matmul_peak_gflops"] * 1e9))
+        assert 0 < s["peak_rss_gb"] < 24
+        assert all(0 < n <= 2 * 512 for n, _ in log), (name, log)  # 2 rows of 512 per step, pads not counted
+    # 4 x weights of the decoder's linears (hidden 64, 4 heads, 2 KV heads, MLP 128, 2 layers) + the head where
+    # supervised: q, o 64x64; k, v 64x32; gate, up, down 64x128
+    body = 2 * (2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 128)
+    vocab = json.loads((tiny_chat_model / "config.json").read_text())["vocab_size"]
+    assert r["useful_flops_per_token"] == pytest.approx(4 * body + 4 * vocab * 64 * r["supervised_share"])
+    assert 0 < r["supervised_share"] < 0.5
+    assert r["ratios"]["more_over_lora_time_1p"] == pytest.approx(
+        r["systems"]["ours_1p_lora"]["tokens_per_s"] / r["systems"]["ours_1p_more"]["tokens_per_s"])
+    assert r["ratios"]["ours_1p_more_vs_trl_best"] == pytest.approx(
+        r["systems"]["ours_1p_more"]["tokens_per_s"] / r["systems"]["trl_packed"]["tokens_per_s"])
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import report
+
+    section = "\n".join(report.vs_trl(r))
+    assert "TRL SFTTrainer + PEFT LoRA r8, `packing=True`" in section and "| 1.00 |" in section
+    assert "MoRE / plain LoRA step time, 1 process" in section
