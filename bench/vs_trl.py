@@ -11,7 +11,8 @@ number of real training tokens.
     trl_padded        SFTTrainer + PEFT LoRA rank 8 (all linears), padded batches of 16 samples
     trl_packed        the same with `packing=True` (TRL's best-fit-decreasing packing into rows of 512, padding-free,
                       2 rows per step). On CPU attention TRL cannot isolate the packed samples (no varlen kernel),
-                      so this mode is faster than it is correct; it is measured because a user would try it
+                      so this mode is faster than it is correct; it is measured because a user would try it.
+                      Both TRL modes compute in fp32 like ours (TRL's defaults: bf16 autocast, bf16 LoRA).
 
 Every system: gradient checkpointing off (the model fits easily; each tool at its fastest setting), the loss on the
 answer tokens only, the same GLUE samples (configs/prep/glue.yaml through SmolLM2's chat template). MoRE's selector
@@ -175,7 +176,8 @@ def trl_worker(spec: dict) -> None:
     args = SFTConfig(output_dir=str(Path(spec["out"]).parent / spec["name"]), max_steps=steps,
                      per_device_train_batch_size=spec["batch"], learning_rate=1e-3, warmup_steps=1,
                      gradient_checkpointing=False, packing=spec["packed"], max_length=ROW_LEN, logging_steps=1,
-                     report_to="none", save_strategy="no", use_cpu=True, dataloader_num_workers=0, seed=0)
+                     report_to="none", save_strategy="no", use_cpu=True, dataloader_num_workers=0, seed=0,
+                     bf16=False)  # SFTConfig's default is bf16 autocast: fp32 like ours (see below)
     log: list[tuple[float, float]] = []  # per optimizer step: (real tokens, seconds)
 
     class Trainer(SFTTrainer):
@@ -197,6 +199,12 @@ def trl_worker(spec: dict) -> None:
                       processing_class=AutoTokenizer.from_pretrained(spec["model"]),
                       peft_config=LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"),
                       callbacks=[Clock()])
+    # TRL casts a quantized model's LoRA weights to bf16 (the QLoRA paper's choice) and autocasts to bf16 by default.
+    # On a CPU without fast bf16 matmuls (AVX2) that made a step of 16 padded samples take over 4 minutes: both
+    # tools compute in fp32 here (ours: configs/train/smollm2-glue.yaml).
+    for p in trainer.model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
     trainer.train()
     Path(spec["out"]).write_text(json.dumps(
         {"steps": log, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
