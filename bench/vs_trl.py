@@ -21,7 +21,7 @@ the first --skip, peak RSS of a training process, and the share of the machine's
 same run) that the model's useful FLOPs reach: 4 x (decoder linear weights) per real token (forward, and backward
 to the inputs; the base is frozen) plus the head at supervised positions; attention's few % are left out.
 
-    .venv/bin/python bench/vs_trl.py --model models/smollm2-135m-instruct   # make model first; ~20 min, 2 cores
+    .venv/bin/python bench/vs_trl.py --model models/smollm2-135m-instruct   # make model first; ~16 min, 2 cores
     .venv/bin/python bench/vs_trl.py --quick --model DIR                    # a few steps (the test)
 """
 from __future__ import annotations
@@ -34,7 +34,6 @@ import platform
 import resource
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
