@@ -32,7 +32,6 @@ import json
 import os
 import platform
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -42,6 +41,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from glue_variants import run  # noqa: E402  (a stage command with its log; a failure stops with the log's tail)
 from pipeline.atomic import atomic_write  # noqa: E402
 
 TRAIN_CONFIG = "configs/train/smollm2-glue.yaml"
@@ -132,12 +132,7 @@ def run_ours(name: str, ranks: int, extra: list[str], model: Path, data: Path, t
               if ranks > 1 else [sys.executable])
     cmd = [*launch, "launch/train.py", "--deepspeed", "ds_configs/zero3.json", "--config", TRAIN_CONFIG,
            "--no-resume", *[a for s in sets for a in ("--set", s)]]
-    log = work / f"{name}.log"
-    with open(log, "w") as f:
-        proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
-                              env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
-    if proc.returncode:
-        sys.exit(f"{name} failed ({proc.returncode}):\n{log.read_text()[-3000:]}")
+    run(cmd, work / f"{name}.log")
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "train/tokens" in r]
     return {"steps": [(r["train/tokens"], r["train/tokens"] / r["train/tokens_per_s"]) for r in rows],
@@ -148,12 +143,7 @@ def run_trl(name: str, rows_per_step: int, model: Path, samples: Path, tokens: i
     """TRL in its own process (its own threads and RSS): `--trl-worker` below."""
     spec = {"name": name, "model": str(model), "samples": str(samples), "tokens": tokens,
             "batch": rows_per_step, "packed": name == "trl_packed", "out": str(work / f"{name}.json")}
-    log = work / f"{name}.log"
-    with open(log, "w") as f:
-        proc = subprocess.run([sys.executable, __file__, "--trl-worker", json.dumps(spec)], cwd=ROOT, stdout=f,
-                              stderr=subprocess.STDOUT, env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
-    if proc.returncode:
-        sys.exit(f"{name} failed ({proc.returncode}):\n{log.read_text()[-3000:]}")
+    run([sys.executable, __file__, "--trl-worker", json.dumps(spec)], work / f"{name}.log")
     return json.loads(Path(spec["out"]).read_text())
 
 
