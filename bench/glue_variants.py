@@ -37,6 +37,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from pipeline.models.cpu import cpu_isa  # noqa: E402  (each row records the CPU it ran on)
+
 PY = sys.executable
 TRAIN_CONFIG = "configs/train/smollm2-glue.yaml"
 ROWS_PER_STEP = 2  # micro batch 2 x 1 process x no accumulation
@@ -74,7 +77,8 @@ def train(out: Path, model: Path, data: Path, steps: int, seed: int, extra: list
     sets = [f"output_dir={out}", f"model.path={model}", f"data.dir={data}", f"seed={seed}", f"more.init_seed={seed}",
             f"optim.max_steps={steps}", f"optim.warmup_steps={max(1, steps // 15)}",
             f"optim.micro_batch_size={ROWS_PER_STEP}", "optim.grad_accum=1", "checkpoint.every=0",
-            "checkpoint.keep=1", "eval.every=0", "eval.max_batches=4", *extra]
+            "checkpoint.keep=1", "eval.every=0", "eval.max_batches=4",
+            "model.dtype=fp32", *extra]  # fp32 on every CPU, as every row so far (dtype auto is bf16 on AMX)
     run([PY, "launch/train.py", "--deepspeed", "ds_configs/zero3.json", "--config", TRAIN_CONFIG, "--no-resume",
          *[a for s in sets for a in ("--set", s)]], log)
     summary = json.loads((out / "train_summary.json").read_text())
@@ -109,15 +113,6 @@ def rank_stats(ranks: dict[str, dict[str, int]], max_rank: int) -> dict:
             "at_max_rank": {t: sum(r == max_rank for r in ranks[t].values()) / len(layers) for t in names},
             "same_rank": {f"{a}/{b}": sum(ranks[a][n] == ranks[b][n] for n in layers) / len(layers)
                           for a, b in itertools.combinations(names, 2)}}
-
-
-def cpu_isa() -> str:
-    """The vector extensions this CPU has that the kernels branch on (bitsandbytes, oneDNN): a run's rows may come
-    from different machines, so each records its own."""
-    info = Path("/proc/cpuinfo")
-    flags = set(info.read_text().split("flags")[1].split("\n")[0].split()) if info.is_file() else set()
-    return " ".join(n for n, f in (("AVX-512", "avx512f"), ("AVX512-BF16", "avx512_bf16"), ("AMX", "amx_tile"))
-                    if f in flags) or ("AVX2" if "avx2" in flags else "no AVX2")
 
 
 def task_scores(run_result: dict) -> dict:

@@ -228,17 +228,22 @@ def vs_trl(r) -> list[str]:
     label = {"ours_zero3_more": "this project, MoRE, ZeRO-3, 2 ranks (documented path)",
              "ours_zero3_lora": "this project, plain LoRA r8, ZeRO-3, 2 ranks",
              "ours_1p_more": "this project, MoRE, 1 process", "ours_1p_lora": "this project, plain LoRA r8, 1 process",
+             "ours_1p_more_dense_mask": "this project, MoRE, 1 process, dense block-causal mask (before)",
+             "ours_1p_more_fp32": "this project, MoRE, 1 process, fp32",
              "trl_padded": "TRL SFTTrainer + PEFT LoRA r8, padded batches of 16",
              "trl_packed": "TRL SFTTrainer + PEFT LoRA r8, `packing=True` (samples not isolated on CPU)"}
     v, S, R = r["versions"], r["systems"], r["ratios"]
-    lines = ["## Training throughput against TRL + PEFT (`" + r["command"] + "`)",
-             f"{r['model']} on an NF4 base, fp32 compute, gradient checkpointing off everywhere, the same GLUE samples "
+    dtype = r.get("dtype", "fp32")  # runs before --dtype existed computed in fp32
+    isa = r.get("cpu_isa") or ("AVX-512" if "avx512f" in r["cpu_flags"] else "AVX2")
+    lines = [f"## Training throughput against TRL + PEFT, {isa} CPU, {dtype} (`" + r["command"] + "`)",
+             f"{r['model']} on an NF4 base, {dtype} compute, gradient checkpointing off everywhere, the same GLUE samples "
              f"(chat template, loss on the answer: {r['supervised_share']:.1%} of real tokens), about "
              f"{r['tokens_per_system']:,} real training tokens per system, rows of {r['row_len']}; rates over the "
              f"steps after the first {r['skip_steps']}. Matmul peak measured in the same run: "
-             f"{r['matmul_peak_gflops']:.0f} GFLOP/s (fp32 GEMM, {r['cores']} cores); useful work "
+             f"{r['matmul_peak_gflops']:.0f} GFLOP/s ({dtype} GEMM, {r['cores']} cores); useful work "
              f"{r['useful_flops_per_token'] / 1e6:.0f} MFLOP per real token. trl {v['trl']}, peft {v['peft']}, "
-             f"transformers {v['transformers']}, torch {v['torch']}; CPU flags: {' '.join(r['cpu_flags'])}.", "",
+             f"transformers {v['transformers']}, torch {v['torch']}; CPU flags: "
+             f"{' '.join(r['cpu_flags'])}.", "",
              "| system | steps | real tokens/s | × TRL's best | peak RSS per process (GB) | share of matmul peak |",
              "|---|---|---|---|---|---|"]
     best = max((x["tokens_per_s"] for n, x in S.items() if n.startswith("trl")), default=None)
@@ -250,13 +255,19 @@ def vs_trl(r) -> list[str]:
     for path, what in (("zero3", "ZeRO-3, 2 ranks"), ("1p", "1 process")):
         if f"more_over_lora_time_{path}" in R:
             notes.append(f"MoRE / plain LoRA step time, {what}: **{R[f'more_over_lora_time_{path}']:.2f}** (goal ≤ 1.05)")
+    if "packed_attention_speedup_1p" in R:
+        notes.append(f"Per-sample attention (no mask) / dense block-causal mask, MoRE 1 process tokens/s: "
+                     f"{R['packed_attention_speedup_1p']:.2f}")
+    if "dtype_auto_speedup_1p" in R and dtype != "fp32":
+        notes.append(f"{dtype} / fp32, MoRE 1 process tokens/s: {R['dtype_auto_speedup_1p']:.2f}")
     if "zero3_2ranks_over_1p_tokens_per_s" in R:
         notes.append(f"ZeRO-3 on 2 ranks / 1 process, MoRE tokens/s: {R['zero3_2ranks_over_1p_tokens_per_s']:.2f}")
     return lines + ([""] + [f"- {n}" for n in notes] if notes else [])
 
 
 SECTIONS = [("prep", prep), ("packing", packing), ("adapter_step", adapter_step),
-            ("train_throughput", train_throughput), ("lm_head", lm_head), ("vs_trl", vs_trl), ("merge", merge),
+            ("train_throughput", train_throughput), ("lm_head", lm_head), ("vs_trl", vs_trl), ("vs_trl_avx2", vs_trl),
+            ("merge", merge),
             ("fidelity", fidelity), ("glue_variants", glue_variants), ("glue_variants_quick", glue_variants)]
 
 

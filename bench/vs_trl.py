@@ -1,6 +1,6 @@
 """Training throughput side by side: this project's trainer against TRL's `SFTTrainer` + PEFT LoRA, the tool a user
-would otherwise pick for QLoRA fine-tuning, in ONE run on the same machine, model (NF4 base, fp32 compute), data and
-number of real training tokens.
+would otherwise pick for QLoRA fine-tuning, in ONE run on the same machine, model (NF4 base, same compute dtype),
+data and number of real training tokens.
 
     ours_zero3_more   MoRE (max rank 8, all linears), `deepspeed launch/train.py` on 2 ranks under ZeRO-3 (the
                       documented path), 1 packed row of 512 per rank and step
@@ -8,17 +8,22 @@ number of real training tokens.
                       loss): MoRE's cost at model level on the same path
     ours_1p_more      MoRE, `python launch/train.py` in 1 process (ZeRO-3 of one), 2 packed rows of 512 per step
     ours_1p_lora      plain LoRA rank 8, 1 process
+    ours_1p_more_dense_mask   ours_1p_more with sdpa over the dense (B, 1, L, L) block-causal mask instead of
+                      per-sample attention (`model.attn_implementation=sdpa`): what that change gained
+    ours_1p_more_fp32 ours_1p_more in fp32: what --dtype auto's choice gained on a CPU where it picks bf16
     trl_padded        SFTTrainer + PEFT LoRA rank 8 (all linears), padded batches of 16 samples
     trl_packed        the same with `packing=True` (TRL's best-fit-decreasing packing into rows of 512, padding-free,
                       2 rows per step). On CPU attention TRL cannot isolate the packed samples (no varlen kernel),
                       so this mode is faster than it is correct; it is measured because a user would try it.
-                      Both TRL modes compute in fp32 like ours (TRL's defaults: bf16 autocast, bf16 LoRA).
+
+Every system computes in --dtype: auto is bf16 on a CPU with AMX and fp32 elsewhere (pipeline/models/cpu.py), for
+TRL too (in bf16 it keeps its defaults, bf16 autocast and bf16 LoRA weights; in fp32 its LoRA is cast to fp32).
 
 Every system: gradient checkpointing off (the model fits easily; each tool at its fastest setting), the loss on the
 answer tokens only, the same GLUE samples (configs/prep/glue.yaml through SmolLM2's chat template). MoRE's selector
 learns from step 1 (no warm-up), its slower mode. Measured per system: real (non-pad) tokens/s over the steps after
-the first --skip, peak RSS of a training process, and the share of the machine's fp32 matmul peak (measured in the
-same run) that the model's useful FLOPs reach: 4 x (decoder linear weights) per real token (forward, and backward
+the first --skip, peak RSS of a training process, and the share of the machine's matmul peak in that dtype (measured
+in the same run) that the model's useful FLOPs reach: 4 x (decoder linear weights) per real token (forward, and backward
 to the inputs; the base is frozen) plus the head at supervised positions; attention's few % are left out.
 
     .venv/bin/python bench/vs_trl.py --model models/smollm2-135m-instruct   # make model first; ~16 min, 2 cores
@@ -43,6 +48,7 @@ sys.path.insert(0, str(ROOT))
 
 from glue_variants import run  # noqa: E402  (a stage command with its log; a failure stops with the log's tail)
 from pipeline.atomic import atomic_write  # noqa: E402
+from pipeline.models.cpu import cpu_flags, cpu_isa, fastest_dtype  # noqa: E402
 
 TRAIN_CONFIG = "configs/train/smollm2-glue.yaml"
 ROW_LEN = 512
@@ -52,21 +58,17 @@ SYSTEMS = {  # name: (kind, ranks or rows per step, extra overrides)
     "ours_zero3_lora": ("ours", 2, LORA),
     "ours_1p_more": ("ours", 1, []),
     "ours_1p_lora": ("ours", 1, LORA),
+    "ours_1p_more_dense_mask": ("ours", 1, ["model.attn_implementation=sdpa"]),  # before per-sample attention
+    "ours_1p_more_fp32": ("ours", 1, ["model.dtype=fp32"]),  # the dtype choice measured (same as ours_1p_more on
+                                                              # a CPU where --dtype auto is fp32)
     "trl_padded": ("trl", 16, []),
     "trl_packed": ("trl", 2, []),
 }
 
 
-def cpu_flags() -> list[str]:
-    info = Path("/proc/cpuinfo")
-    if not info.is_file():
-        return []
-    return sorted(f for f in info.read_text().split("flags")[1].split("\n")[0].split() if f.startswith(("avx", "amx")))
-
-
-def matmul_peak_gflops(seconds: float = 3.0) -> float:
-    """Best fp32 GEMM rate of this process's threads (all cores), square 2048 matrices."""
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+def matmul_peak_gflops(dtype: torch.dtype, seconds: float = 3.0) -> float:
+    """Best GEMM rate in `dtype` of this process's threads (all cores), square 2048 matrices."""
+    a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
     best, t_end = 0.0, time.perf_counter() + seconds
     while time.perf_counter() < t_end:
         t0 = time.perf_counter()
@@ -116,7 +118,7 @@ def samples_dataset(data_dir: Path, out: Path) -> Path:
 
 
 def run_ours(name: str, ranks: int, extra: list[str], model: Path, data: Path, tokens: int, work: Path,
-             port: int) -> dict:
+             port: int, dtype: str) -> dict:
     """Train through the project's own command; tokens/s from its per-step metrics, RSS from rank 0's."""
     from pipeline.data.loader import PackedDataset
 
@@ -127,7 +129,7 @@ def run_ours(name: str, ranks: int, extra: list[str], model: Path, data: Path, t
     sets = [f"output_dir={out}", f"model.path={model}", f"data.dir={data}", f"optim.max_steps={steps}",
             f"optim.micro_batch_size={2 // ranks}", "optim.grad_accum=1", "optim.warmup_steps=1",
             "checkpoint.every=0", "eval.every=0", "eval.max_batches=1", "log_every=1",
-            "more.selector_warmup_steps=0", *extra]
+            "more.selector_warmup_steps=0", f"model.dtype={dtype}", *extra]
     launch = ([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port", str(port)]
               if ranks > 1 else [sys.executable])
     cmd = [*launch, "launch/train.py", "--deepspeed", "ds_configs/zero3.json", "--config", TRAIN_CONFIG,
@@ -139,9 +141,9 @@ def run_ours(name: str, ranks: int, extra: list[str], model: Path, data: Path, t
             "peak_rss_gb": max(r["train/peak_rss_gb"] for r in rows)}
 
 
-def run_trl(name: str, rows_per_step: int, model: Path, samples: Path, tokens: int, work: Path) -> dict:
+def run_trl(name: str, rows_per_step: int, model: Path, samples: Path, tokens: int, work: Path, dtype: str) -> dict:
     """TRL in its own process (its own threads and RSS): `--trl-worker` below."""
-    spec = {"name": name, "model": str(model), "samples": str(samples), "tokens": tokens,
+    spec = {"name": name, "model": str(model), "samples": str(samples), "tokens": tokens, "dtype": dtype,
             "batch": rows_per_step, "packed": name == "trl_packed", "out": str(work / f"{name}.json")}
     run([sys.executable, __file__, "--trl-worker", json.dumps(spec)], work / f"{name}.log")
     return json.loads(Path(spec["out"]).read_text())
@@ -158,15 +160,17 @@ def trl_worker(spec: dict) -> None:
     mean_len = sum(len(x) for x in samples["input_ids"]) / len(samples)
     per_step = spec["batch"] * (ROW_LEN * 0.97 if spec["packed"] else mean_len)
     steps = max(4, round(spec["tokens"] / per_step))
+    bf16 = spec["dtype"] == "bf16"
+    dt = torch.bfloat16 if bf16 else torch.float32
     model = AutoModelForCausalLM.from_pretrained(
-        spec["model"], dtype=torch.float32, device_map="cpu",
+        spec["model"], dtype=dt, device_map="cpu",
         quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                               bnb_4bit_compute_dtype=torch.float32))
+                                               bnb_4bit_compute_dtype=dt))
     args = SFTConfig(output_dir=str(Path(spec["out"]).parent / spec["name"]), max_steps=steps,
                      per_device_train_batch_size=spec["batch"], learning_rate=1e-3, warmup_steps=1,
                      gradient_checkpointing=False, packing=spec["packed"], max_length=ROW_LEN, logging_steps=1,
                      report_to="none", save_strategy="no", use_cpu=True, dataloader_num_workers=0, seed=0,
-                     bf16=False)  # SFTConfig's default is bf16 autocast: fp32 like ours (see below)
+                     bf16=bf16)  # SFTConfig's default is bf16 autocast; in fp32 like ours where fp32 is faster
     log: list[tuple[float, float]] = []  # per optimizer step: (real tokens, seconds)
 
     class Trainer(SFTTrainer):
@@ -189,10 +193,10 @@ def trl_worker(spec: dict) -> None:
                       peft_config=LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"),
                       callbacks=[Clock()])
     # TRL casts a quantized model's LoRA weights to bf16 (the QLoRA paper's choice) and autocasts to bf16 by default.
-    # On a CPU without fast bf16 matmuls (AVX2) that made a step of 16 padded samples take over 4 minutes: both
-    # tools compute in fp32 here (ours: configs/train/smollm2-glue.yaml).
+    # On a CPU without fast bf16 matmuls (AVX2) that made a step of 16 padded samples take over 4 minutes: there
+    # both tools compute in fp32; on an AMX CPU both keep TRL's bf16.
     for p in trainer.model.parameters():
-        if p.requires_grad:
+        if p.requires_grad and not bf16:
             p.data = p.data.float()
     trainer.train()
     Path(spec["out"]).write_text(json.dumps(
@@ -216,6 +220,8 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=None, help="real training tokens per system (12k; quick 1.5k)")
     ap.add_argument("--skip", type=int, default=2, help="first steps left out of the rate (warm-up)")
     ap.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated subset")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
+                    help="compute dtype of every system (auto: bf16 on an AMX CPU, fp32 elsewhere)")
     ap.add_argument("--work", default="runs/bench-vs-trl")
     ap.add_argument("--out", default=None, help="default bench/results/vs_trl[_quick].json")
     ap.add_argument("--trl-worker", default=None, help=argparse.SUPPRESS)
@@ -241,15 +247,17 @@ def main() -> int:
     ds = PackedDataset(data, "train")
     supervised_share = float(ds.row_task_counts("supervised_tokens").sum() / ds.lengths().sum())
     flops = useful_flops_per_token(model, supervised_share)
-    peak = matmul_peak_gflops()
-    print(f"[vs_trl] fp32 matmul peak {peak:.1f} GFLOP/s; {flops / 1e6:.0f} MFLOP per real token", flush=True)
+    dtype = fastest_dtype() if a.dtype == "auto" else a.dtype
+    peak = matmul_peak_gflops(torch.bfloat16 if dtype == "bf16" else torch.float32)
+    print(f"[vs_trl] {dtype} matmul peak {peak:.1f} GFLOP/s ({cpu_isa()}); {flops / 1e6:.0f} MFLOP per real token",
+          flush=True)
     results = {}
     for i, name in enumerate(n for n in SYSTEMS if n in chosen):
         kind, size, extra = SYSTEMS[name]
         print(f"[vs_trl] {name}", flush=True)
         t0 = time.perf_counter()
-        rec = (run_ours(name, size, extra, model, data, tokens, work, 29600 + i) if kind == "ours"
-               else run_trl(name, size, model, samples, tokens, work))
+        rec = (run_ours(name, size, extra, model, data, tokens, work, 29600 + i, dtype) if kind == "ours"
+               else run_trl(name, size, model, samples, tokens, work, dtype))
         results[name] = {**summarise(rec, a.skip, flops, peak), "wall_s": round(time.perf_counter() - t0, 1)}
         print(f"[vs_trl] {name}: {results[name]['tokens_per_s']:.1f} real tokens/s, peak RSS "
               f"{results[name]['peak_rss_gb']:.2f} GB, {results[name]['matmul_peak_share']:.1%} of matmul peak",
@@ -263,6 +271,10 @@ def main() -> int:
         m, l = results.get(f"ours_{path}_more"), results.get(f"ours_{path}_lora")
         if m and l:
             ratios[f"more_over_lora_time_{path}"] = l["tokens_per_s"] / m["tokens_per_s"]
+    for ratio, other in (("packed_attention_speedup_1p", "ours_1p_more_dense_mask"),
+                         ("dtype_auto_speedup_1p", "ours_1p_more_fp32")):
+        if "ours_1p_more" in results and other in results:
+            ratios[ratio] = results["ours_1p_more"]["tokens_per_s"] / results[other]["tokens_per_s"]
     if "ours_zero3_more" in results and "ours_1p_more" in results:
         ratios["zero3_2ranks_over_1p_tokens_per_s"] = (results["ours_zero3_more"]["tokens_per_s"]
                                                        / results["ours_1p_more"]["tokens_per_s"])
@@ -271,11 +283,12 @@ def main() -> int:
     import trl
 
     out = {"command": f"python bench/vs_trl.py --model {a.model}" + (" --quick" if a.quick else "")
-                      + (f" --tokens {a.tokens}" if a.tokens else ""),
+                      + (f" --tokens {a.tokens}" if a.tokens else "") + (f" --dtype {a.dtype}" if a.dtype != "auto" else ""),
            "model": a.model, "tokens_per_system": tokens,
            "row_len": ROW_LEN, "supervised_share": supervised_share, "useful_flops_per_token": flops,
            "matmul_peak_gflops": peak, "systems": results, "ratios": ratios, "skip_steps": a.skip,
-           "cpu": platform.processor() or platform.machine(), "cpu_flags": cpu_flags(), "cores": os.cpu_count(),
+           "cpu": platform.processor() or platform.machine(), "cpu_isa": cpu_isa(), "dtype": dtype,
+           "cpu_flags": sorted(f for f in cpu_flags() if f.startswith(("avx", "amx"))), "cores": os.cpu_count(),
            "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
                         "peft": peft.__version__}}
     out_path = Path(a.out or ROOT / "bench" / "results" / f"vs_trl{'_quick' if a.quick else ''}.json")

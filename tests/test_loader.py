@@ -1,4 +1,5 @@
-"""PackedDataset + PackedCollator: packed logits equal per-sample logits with the collator's mask (sdpa and eager)."""
+"""PackedDataset + PackedCollator: packed logits equal per-sample logits with the collator's mask (sdpa and eager)
+and with per-sample attention from the samples' boundaries (packed_sdpa, no mask)."""
 from __future__ import annotations
 
 import pytest
@@ -6,6 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from pipeline.data.loader import PackedCollator, PackedDataset, block_causal_mask
+from pipeline.models.packed_attention import packed_segments
 from pipeline.models.tiny import build_tiny_llama
 
 
@@ -24,24 +26,28 @@ def _rows_with_many_samples(ds: PackedDataset, k: int = 2) -> list[dict]:
     return [mixed[0], mixed[-1]]
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager", "packed_sdpa"])
 def test_packed_logits_equal_per_sample_logits(prepared_builtin_data, tiny_model_dir, attn):
     ds = PackedDataset(prepared_builtin_data)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation=attn).eval()
     rows = _rows_with_many_samples(ds)
-    batch = PackedCollator(dtype=torch.float32)(rows)
+    dense = attn != "packed_sdpa"
+    batch = PackedCollator(dtype=torch.float32, dense_mask=dense)(rows)
     assert len(rows[0]["input_ids"]) < batch["input_ids"].shape[1]  # row 0 is padded
+    assert ("attention_mask" in batch) == dense
+    isolate = ({"attention_mask": batch["attention_mask"]} if dense
+               else {"packed_segments": packed_segments(batch["segment_ids"])})
     with torch.no_grad():
-        packed = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       position_ids=batch["position_ids"]).logits
+        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], **isolate).logits
         # Negative control: position ids alone do not isolate samples (sdpa and eager), so this test can fail.
-        leaky = model(input_ids=batch["input_ids"][1:], position_ids=batch["position_ids"][1:]).logits
+        leaky = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()(
+            input_ids=batch["input_ids"][1:], position_ids=batch["position_ids"][1:]).logits
         n_checked = 0
         for b, row in enumerate(rows):
             start = 0
             for n in row["seq_lens"].tolist():
                 ids = row["input_ids"][start:start + n][None]
-                alone = model(input_ids=ids).logits[0]
+                alone = model(input_ids=ids, **({} if dense else {"packed_segments": [[n]]})).logits[0]
                 torch.testing.assert_close(packed[b, start:start + n], alone, atol=1e-5, rtol=0)
                 if b == 1 and start > 0:
                     assert (leaky[0, start:start + n] - alone).abs().max() > 1e-3

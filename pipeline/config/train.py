@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from pipeline.config.base import StrictModel
 from pipeline.config.more import MoreConfig
@@ -17,9 +17,22 @@ SELECTOR_WARMUP_FRACTION = 0.2
 class ModelConfig(StrictModel):
     path: str  # local HF folder, or a hub id for users with network access
     quantization: Literal["nf4", "none"] = "nf4"
-    dtype: Literal["bf16", "fp32", "fp16"] = "bf16"  # NF4: compute and storage dtype; none: load dtype
-    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    # NF4: compute and storage dtype; none: load dtype. auto: bf16 on GPUs and AMX CPUs, fp32 on other CPUs
+    # (pipeline/models/cpu.py), resolved when the config loads.
+    dtype: Literal["auto", "bf16", "fp32", "fp16"] = Field(default="auto", validate_default=True)
+    # packed_sdpa: each packed sample attends within itself (pipeline/models/packed_attention.py), no L x L mask;
+    # sdpa / eager: the collator's dense block-causal mask.
+    attn_implementation: Literal["packed_sdpa", "sdpa", "eager"] = "packed_sdpa"
     gradient_checkpointing: bool = True
+
+    @field_validator("dtype")
+    @classmethod
+    def _resolve_auto_dtype(cls, v: str) -> str:
+        if v != "auto":
+            return v
+        from pipeline.models.cpu import fastest_dtype
+
+        return fastest_dtype()
 
 
 class DataConfig(StrictModel):

@@ -122,12 +122,15 @@ class PackedCollator:
 
     Args:
         dtype: dtype of the additive attention mask (the model's compute dtype).
+        dense_mask: build the (B, 1, L, L) mask; off for attention that takes the sample boundaries from
+            `segment_ids` instead (attn_implementation="packed_sdpa").
         pad_token_id: id put into padded `input_ids` (never attended to by real tokens, never a label).
         pad_to_multiple_of: round the padded length up (e.g. 8 for tensor cores).
         max_length: if set, every batch is padded to exactly this length (static shapes).
     """
 
     dtype: torch.dtype = torch.float32
+    dense_mask: bool = True
     pad_token_id: int = 0
     pad_to_multiple_of: Optional[int] = None
     max_length: Optional[int] = None
@@ -157,5 +160,6 @@ class PackedCollator:
             batch["segment_ids"][b, :n] = torch.repeat_interleave(
                 torch.arange(next_segment, next_segment + len(lens)), lens)
             next_segment += len(lens)
-        batch["attention_mask"] = block_causal_mask(batch["segment_ids"], self.dtype)
+        if self.dense_mask:
+            batch["attention_mask"] = block_causal_mask(batch["segment_ids"], self.dtype)
         return batch

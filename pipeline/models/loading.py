@@ -16,6 +16,8 @@ from typing import Literal, Optional
 import torch
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+from pipeline.models import packed_attention  # noqa: F401  (registers attn_implementation="packed_sdpa")
+
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
 

@@ -18,6 +18,7 @@ from transformers.utils import ModelOutput
 
 from pipeline.config.more import MoreConfig
 from pipeline.data.mask import supervised_positions
+from pipeline.models.packed_attention import NAME as PACKED_ATTENTION, packed_segments
 from pipeline.more.inject import _register_external, inject_layers, parameter_report
 from pipeline.more.layer import MoreContext, MoreLinear, is_linear4bit
 from pipeline.more.selector import MoreSelector
@@ -280,14 +281,20 @@ class MoreCausalLM(nn.Module):
         want_hidden = bool(want_cl or output_hidden_states)
         if supervised_loss and labels is None:
             raise ValueError("MoreCausalLM.forward(supervised_loss=True) needs labels")
+        packed = {}
+        if self.base_model.config._attn_implementation == PACKED_ATTENTION:  # sample boundaries instead of a mask
+            if segment_ids is None:
+                raise ValueError(f"attn_implementation={PACKED_ATTENTION!r} needs segment_ids in the forward call")
+            packed, attention_mask = {"packed_segments": packed_segments(segment_ids)}, None
         if supervised_loss and self._plain_lm_head():
             out = self.base_model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
                                                 position_ids=position_ids, inputs_embeds=inputs_embeds,
-                                                use_cache=False, output_hidden_states=want_hidden)
+                                                use_cache=False, output_hidden_states=want_hidden, **packed)
             hidden = out.last_hidden_state
         else:
             out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                  inputs_embeds=inputs_embeds, use_cache=False, output_hidden_states=want_hidden)
+                                  inputs_embeds=inputs_embeds, use_cache=False, output_hidden_states=want_hidden,
+                                  **packed)
             hidden = None
         logits, token_loss, token_index = (None if supervised_loss else out.logits), None, None
         if supervised_loss:

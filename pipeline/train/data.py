@@ -12,6 +12,7 @@ from pipeline.config.base import ConfigError
 from pipeline.config.train import TrainConfig
 from pipeline.data.loader import PackedCollator, PackedDataset
 from pipeline.data.sampler import TaskSampler
+from pipeline.models.packed_attention import NAME as PACKED_ATTENTION
 
 
 def check_data(cfg: TrainConfig) -> list[str]:
@@ -94,7 +95,7 @@ class TrainData:
             self.train, sampling={"temperature": cfg.data.temperature, "caps": cfg.data.task_caps, "weights": weights},
             seed=cfg.seed, rank=dist_info.rank, world_size=dist_info.world_size)
         self._stream = iter(self.sampler)
-        self.collate = PackedCollator(dtype=dtype)
+        self.collate = PackedCollator(dtype=dtype, dense_mask=cfg.model.attn_implementation != PACKED_ATTENTION)
         eval_dir = Path(cfg.data.dir) / "eval"
         self.eval = PackedDataset(cfg.data.dir, "eval") if eval_dir.is_dir() else None
 

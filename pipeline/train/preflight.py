@@ -10,6 +10,9 @@ import torch
 from pipeline.config.base import ConfigError
 from pipeline.config.train import TrainConfig
 
+# The planner's attention models: per-sample packed attention holds no L x L mask or scores, like a varlen kernel.
+PLANNER_ATTENTION = {"packed_sdpa": "flash", "sdpa": "sdpa", "eager": "eager"}
+
 
 def check_fits(cfg: TrainConfig, ds_config: str, num_tasks: int, nodes: int, gpus_per_node: int, gpu_mem_gb: float):
     """Plan the run's per-GPU memory; raise ConfigError with the planner's table when it does not fit."""
@@ -22,7 +25,7 @@ def check_fits(cfg: TrainConfig, ds_config: str, num_tasks: int, nodes: int, gpu
                   micro_batch=cfg.optim.micro_batch_size, grad_ckpt=cfg.model.gradient_checkpointing,
                   max_rank=cfg.more.max_rank, targets=targets if isinstance(targets, str) else ",".join(targets),
                   num_tasks=num_tasks, task_embedding=cfg.more.task_embedding,
-                  task_embedding_dim=cfg.more.task_embedding_dim, attn_impl=cfg.model.attn_implementation,
+                  task_embedding_dim=cfg.more.task_embedding_dim, attn_impl=PLANNER_ATTENTION[cfg.model.attn_implementation],
                   dtype=cfg.model.dtype)
     if not (result.fits and result.load_fits):
         raise ConfigError("the memory planner says this run will not fit (set preflight: false to try anyway):\n"
