@@ -230,8 +230,9 @@ def _check_task(opts, task, folder, base, spec, prompts, ref, ref_trained, out_d
     ref_dt = DTYPES[spec.dtype]
     model = load_merged(folder) if opts.format == "full" else load_peft(base, folder, spec)
     got = logits(model, prompts)
+    layers = int(getattr(model.config, "num_hidden_layers", 1) or 1)
     del model
-    res = judge(task, got, ref, out_dt, ref_dt, opts.check_rtol)
+    res = judge(task, got, ref, out_dt, ref_dt, opts.check_rtol, layers)
     if ref_trained is not None:
         res.vs_trained_max_abs_err = max(float((g - r).abs().max()) for g, r in zip(got, ref_trained))
     return res
