@@ -33,8 +33,8 @@ def fastest_dtype() -> str:
     (AVX512-BF16 or AMX), fp32 on other CPUs.
 
     Measured with SmolLM2-135M + MoRE on NF4, 1 process, 2 cores: bf16 trained 1.77x faster than fp32 on an
-    AVX512-BF16 EPYC (no AMX) and TOKENS_AMX on an AMX Xeon (bench/vs_trl.py); on an AVX2-only EPYC bf16 matmuls
-    ran ~10x slower than fp32."""
+    AVX512-BF16 EPYC (no AMX) and 1.48x on an AMX Xeon (bench/vs_trl.py); on an AVX2-only EPYC bf16 matmuls ran
+    ~10x slower than fp32."""
     if torch.cuda.is_available():
         return "bf16"
     return "bf16" if {"avx512_bf16", "amx_bf16"} & cpu_flags() else "fp32"
