@@ -14,7 +14,8 @@ precision on either side (output dtype, reference compute dtype):
   matmul input/output and the merged weight itself is rounded (unit 4.9e-4 fp16, 3.9e-3 bf16); the roundings
   differ between the two sides and grow through the residual stream: measured 0.5% of the max logit on the
   2-layer test Llamas, 1.7% on a d=1024, 8-layer one (NF4 bf16 base, bf16 output; bound 4.2%) and 4.2-5.7% over
-  the five demo tasks on the 30-layer SmolLM2-135M (trained on NF4 in bf16, merged to fp32; bound 8.2%). `--check-rtol` overrides rel (recorded in
+  the five demo tasks on the 30-layer SmolLM2-135M (trained on NF4 in bf16, merged to fp32; bound 8.2%), but 13%
+  after a 3-step bf16 run (every tensor exact): on that model a bf16 logits check is not yet a reliable test. `--check-rtol` overrides rel (recorded in
   the report). The bound still catches a missing delta or a corrupted tensor (tests/test_merge_cli.py), and the
   tensor check below sees every layer whatever the depth.
 
