@@ -78,7 +78,7 @@ def train(out: Path, model: Path, data: Path, steps: int, seed: int, extra: list
             f"optim.max_steps={steps}", f"optim.warmup_steps={max(1, steps // 15)}",
             f"optim.micro_batch_size={ROWS_PER_STEP}", "optim.grad_accum=1", "checkpoint.every=0",
             "checkpoint.keep=1", "eval.every=0", "eval.max_batches=4",
-            "model.dtype=fp32", *extra]  # fp32 on every CPU, as every row so far (dtype auto is bf16 on AMX)
+            "model.dtype=fp32", *extra]  # fp32 on every CPU, as every row so far
     run([PY, "launch/train.py", "--deepspeed", "ds_configs/zero3.json", "--config", TRAIN_CONFIG, "--no-resume",
          *[a for s in sets for a in ("--set", s)]], log)
     summary = json.loads((out / "train_summary.json").read_text())

@@ -39,7 +39,7 @@ from pipeline.config.prep import PrepConfig  # noqa: E402
 from pipeline.data.loader import PackedCollator, PackedDataset  # noqa: E402
 from pipeline.data.prep import run_prep  # noqa: E402
 from pipeline.models import load_base_model  # noqa: E402
-from pipeline.models.cpu import cpu_flags  # noqa: E402
+from pipeline.models.cpu import vector_flags  # noqa: E402
 from pipeline.more import inject  # noqa: E402
 from pipeline.train.loss import lm_loss_sums, token_loss_sums  # noqa: E402
 
@@ -119,14 +119,13 @@ def main(argv=None) -> int:
     real = int(sum(int((b["segment_ids"] >= 0).sum()) for b in batches))
     supervised_tokens = int(sum(int((b["labels"] != -100).sum()) for b in batches))
     med = {k: statistics.median(v) for k, v in times.items()}
-    vector_flags = sorted(f for f in cpu_flags() if f.startswith(("avx", "amx")))
     result = {
         "model": str(model_dir) if not args.quick else "tiny random Llama (quick)",
         "rows_per_step": args.rows, "seq_len": args.seq_len, "steps_per_pass": args.steps, "repeats": args.repeats,
         "real_tokens_per_pass": real, "supervised_tokens_per_pass": supervised_tokens,
         "seconds_per_pass": med, "tokens_per_s": {k: real / v for k, v in med.items()},
         "speedup_supervised_vs_full": med["full_logits"] / med["supervised_only"],
-        "threads": args.threads, "cpu": platform.processor() or platform.machine(), "cpu_flags": vector_flags,
+        "threads": args.threads, "cpu": platform.processor() or platform.machine(), "cpu_flags": vector_flags(),
         "torch": torch.__version__,
         "command": "python bench/lm_head.py" + (" --quick" if args.quick else f" --model {args.model}"),
     }

@@ -236,7 +236,8 @@ def vs_trl(r) -> list[str]:
     dtype = r.get("dtype", "fp32")  # runs before --dtype existed computed in fp32
     isa = r.get("cpu_isa") or ("AVX-512" if "avx512f" in r["cpu_flags"] else "AVX2")
     lines = [f"## Training throughput against TRL + PEFT, {isa} CPU, {dtype} (`" + r["command"] + "`)",
-             f"{r['model']} on an NF4 base, {dtype} compute, gradient checkpointing off everywhere, the same GLUE samples "
+             f"{r['model']} on an NF4 base, {dtype} compute, gradient checkpointing off everywhere, the same GLUE "
+             f"samples "
              f"(chat template, loss on the answer: {r['supervised_share']:.1%} of real tokens), about "
              f"{r['tokens_per_system']:,} real training tokens per system, rows of {r['row_len']}; rates over the "
              f"steps after the first {r['skip_steps']}. Matmul peak measured in the same run: "

@@ -16,15 +16,17 @@ data and number of real training tokens.
                       2 rows per step). On CPU attention TRL cannot isolate the packed samples (no varlen kernel),
                       so this mode is faster than it is correct; it is measured because a user would try it.
 
-Every system computes in --dtype: auto is bf16 on a CPU with AMX and fp32 elsewhere (pipeline/models/cpu.py), for
-TRL too (in bf16 it keeps its defaults, bf16 autocast and bf16 LoRA weights; in fp32 its LoRA is cast to fp32).
+Every system computes in --dtype: auto is bf16 on a CPU with AVX512-BF16 or AMX and fp32 elsewhere
+(pipeline/models/cpu.py), for TRL too (in bf16 it keeps its defaults, bf16 autocast and bf16 LoRA weights; in fp32
+its LoRA is cast to fp32).
 
 Every system: gradient checkpointing off (the model fits easily; each tool at its fastest setting), the loss on the
 answer tokens only, the same GLUE samples (configs/prep/glue.yaml through SmolLM2's chat template). MoRE's selector
 learns from step 1 (no warm-up), its slower mode. Measured per system: real (non-pad) tokens/s over the steps after
-the first --skip, peak RSS of a training process, and the share of the machine's matmul peak in that dtype (measured
-in the same run) that the model's useful FLOPs reach: 4 x (decoder linear weights) per real token (forward, and backward
-to the inputs; the base is frozen) plus the head at supervised positions; attention's few % are left out.
+the first --skip, peak RSS of a training process, and the share of the machine's matmul peak in that dtype
+(measured in the same run) that the model's useful FLOPs reach: 4 x (decoder linear weights) per real token
+(forward, and backward to the inputs; the base is frozen) plus the head at supervised positions; attention's few %
+are left out.
 
     .venv/bin/python bench/vs_trl.py --model models/smollm2-135m-instruct   # make model first; ~16 min, 2 cores
     .venv/bin/python bench/vs_trl.py --quick --model DIR                    # a few steps (the test)
@@ -48,7 +50,7 @@ sys.path.insert(0, str(ROOT))
 
 from glue_variants import run  # noqa: E402  (a stage command with its log; a failure stops with the log's tail)
 from pipeline.atomic import atomic_write  # noqa: E402
-from pipeline.models.cpu import cpu_flags, cpu_isa, fastest_dtype  # noqa: E402
+from pipeline.models.cpu import cpu_isa, fastest_dtype, vector_flags  # noqa: E402
 
 TRAIN_CONFIG = "configs/train/smollm2-glue.yaml"
 ROW_LEN = 512
@@ -194,7 +196,7 @@ def trl_worker(spec: dict) -> None:
                       callbacks=[Clock()])
     # TRL casts a quantized model's LoRA weights to bf16 (the QLoRA paper's choice) and autocasts to bf16 by default.
     # On a CPU without fast bf16 matmuls (AVX2) that made a step of 16 padded samples take over 4 minutes: there
-    # both tools compute in fp32; on an AMX CPU both keep TRL's bf16.
+    # both tools compute in fp32; on a CPU with bf16 instructions both keep TRL's bf16.
     for p in trainer.model.parameters():
         if p.requires_grad and not bf16:
             p.data = p.data.float()
@@ -221,7 +223,7 @@ def main() -> int:
     ap.add_argument("--skip", type=int, default=2, help="first steps left out of the rate (warm-up)")
     ap.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated subset")
     ap.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
-                    help="compute dtype of every system (auto: bf16 on an AMX CPU, fp32 elsewhere)")
+                    help="compute dtype of every system (auto: bf16 on AVX512-BF16/AMX CPUs, fp32 elsewhere)")
     ap.add_argument("--work", default="runs/bench-vs-trl")
     ap.add_argument("--out", default=None, help="default bench/results/vs_trl[_quick].json")
     ap.add_argument("--trl-worker", default=None, help=argparse.SUPPRESS)
@@ -283,12 +285,13 @@ def main() -> int:
     import trl
 
     out = {"command": f"python bench/vs_trl.py --model {a.model}" + (" --quick" if a.quick else "")
-                      + (f" --tokens {a.tokens}" if a.tokens else "") + (f" --dtype {a.dtype}" if a.dtype != "auto" else ""),
+                      + (f" --tokens {a.tokens}" if a.tokens else "")
+                      + (f" --dtype {a.dtype}" if a.dtype != "auto" else ""),
            "model": a.model, "tokens_per_system": tokens,
            "row_len": ROW_LEN, "supervised_share": supervised_share, "useful_flops_per_token": flops,
            "matmul_peak_gflops": peak, "systems": results, "ratios": ratios, "skip_steps": a.skip,
            "cpu": platform.processor() or platform.machine(), "cpu_isa": cpu_isa(), "dtype": dtype,
-           "cpu_flags": sorted(f for f in cpu_flags() if f.startswith(("avx", "amx"))), "cores": os.cpu_count(),
+           "cpu_flags": vector_flags(), "cores": os.cpu_count(),
            "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
                         "peft": peft.__version__}}
     out_path = Path(a.out or ROOT / "bench" / "results" / f"vs_trl{'_quick' if a.quick else ''}.json")

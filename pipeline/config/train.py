@@ -17,8 +17,8 @@ SELECTOR_WARMUP_FRACTION = 0.2
 class ModelConfig(StrictModel):
     path: str  # local HF folder, or a hub id for users with network access
     quantization: Literal["nf4", "none"] = "nf4"
-    # NF4: compute and storage dtype; none: load dtype. auto: bf16 on GPUs and AMX CPUs, fp32 on other CPUs
-    # (pipeline/models/cpu.py), resolved when the config loads.
+    # NF4: compute and storage dtype; none: load dtype. auto: bf16 on GPUs and on CPUs with AVX512-BF16 or AMX,
+    # fp32 on other CPUs (pipeline/models/cpu.py), resolved when the config loads.
     dtype: Literal["auto", "bf16", "fp32", "fp16"] = Field(default="auto", validate_default=True)
     # packed_sdpa: each packed sample attends within itself (pipeline/models/packed_attention.py), no L x L mask;
     # sdpa / eager: the collator's dense block-causal mask.

@@ -15,9 +15,9 @@ precision on either side (output dtype, reference compute dtype):
   differ between the two sides and grow through the residual stream: measured 0.5% of the max logit on the
   2-layer test Llamas, 1.7% on a d=1024, 8-layer one (NF4 bf16 base, bf16 output; bound 4.2%) and 4.2-5.7% over
   the five demo tasks on the 30-layer SmolLM2-135M (trained on NF4 in bf16, merged to fp32; bound 8.2%), but 13%
-  after a 3-step bf16 run (every tensor exact): on that model a bf16 logits check is not yet a reliable test. `--check-rtol` overrides rel (recorded in
-  the report). The bound still catches a missing delta or a corrupted tensor (tests/test_merge_cli.py), and the
-  tensor check below sees every layer whatever the depth.
+  after a 3-step bf16 run (every tensor exact): on that model a bf16 logits check is not yet a reliable test.
+  `--check-rtol` overrides rel (recorded in the report). The bound still catches a missing delta or a corrupted
+  tensor (tests/test_merge_cli.py), and the tensor check below sees every layer whatever the depth.
 
 The logits check alone cannot see one wrong layer in a 16-bit merge: a layer's delta can move the logits by less
 than the bf16 tolerance. So a full merge is also checked tensor by tensor (`check_tensors`), in fp32, without any

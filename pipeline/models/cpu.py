@@ -21,6 +21,11 @@ def cpu_flags() -> frozenset[str]:
     return frozenset(text.split("flags", 1)[1].split("\n", 1)[0].lstrip(" \t:").split())
 
 
+def vector_flags() -> list[str]:
+    """The AVX and AMX flags, sorted: what a benchmark result records of its CPU."""
+    return sorted(f for f in cpu_flags() if f.startswith(("avx", "amx")))
+
+
 def cpu_isa() -> str:
     """The extensions the kernels branch on, in words ("AVX-512 AVX512-BF16 AMX", "AVX2"): results record it."""
     flags = cpu_flags()

@@ -20,19 +20,7 @@ NAME = "packed_sdpa"
 def packed_segments(segment_ids: torch.Tensor) -> list[list[int]]:
     """(B, L) segment ids (-1 = padding, each row's samples contiguous from position 0) -> per row, its samples'
     lengths in order."""
-    rows = []
-    for seg in segment_ids.tolist():
-        lens: list[int] = []
-        prev = None
-        for s in seg:
-            if s < 0:
-                break
-            if s != prev:
-                lens.append(0)
-                prev = s
-            lens[-1] += 1
-        rows.append(lens)
-    return rows
+    return [torch.unique_consecutive(row[row >= 0], return_counts=True)[1].tolist() for row in segment_ids]
 
 
 def packed_sdpa_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,

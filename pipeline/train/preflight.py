@@ -25,8 +25,8 @@ def check_fits(cfg: TrainConfig, ds_config: str, num_tasks: int, nodes: int, gpu
                   micro_batch=cfg.optim.micro_batch_size, grad_ckpt=cfg.model.gradient_checkpointing,
                   max_rank=cfg.more.max_rank, targets=targets if isinstance(targets, str) else ",".join(targets),
                   num_tasks=num_tasks, task_embedding=cfg.more.task_embedding,
-                  task_embedding_dim=cfg.more.task_embedding_dim, attn_impl=PLANNER_ATTENTION[cfg.model.attn_implementation],
-                  dtype=cfg.model.dtype)
+                  task_embedding_dim=cfg.more.task_embedding_dim,
+                  attn_impl=PLANNER_ATTENTION[cfg.model.attn_implementation], dtype=cfg.model.dtype)
     if not (result.fits and result.load_fits):
         raise ConfigError("the memory planner says this run will not fit (set preflight: false to try anyway):\n"
                           + format_plan(result))
