@@ -63,6 +63,7 @@ class CheckpointConfig(StrictModel):
 
 class EvalConfig(StrictModel):
     every: int = Field(default=50, ge=0)  # steps between held-out evaluations; 0 = only at the end
+    at_start: bool = False  # also evaluate before the first step: the base's loss, where each curve starts
     max_batches: Optional[int] = Field(default=None, gt=0)
 
 

@@ -264,8 +264,8 @@ class Trainer:
         t_start, tokens_start = time.time(), self.tokens_seen
         final: dict[str, float] = {}
         try:
-            if self.eval_pending:  # the eval of the step the previous run was preempted at
-                self._eval_and_log(monitor)
+            if self.eval_pending or (cfg.eval.at_start and self.step == 0):  # step 0, or the eval of the step
+                self._eval_and_log(monitor)                                  # a preempted run was stopped at
                 self.eval_pending = False
             while self.step < cfg.optim.max_steps:
                 t0 = time.time()
