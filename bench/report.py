@@ -245,13 +245,20 @@ def vs_trl(r) -> list[str]:
              f"{r['useful_flops_per_token'] / 1e6:.0f} MFLOP per real token. trl {v['trl']}, peft {v['peft']}, "
              f"transformers {v['transformers']}, torch {v['torch']}; CPU flags: "
              f"{' '.join(r['cpu_flags'])}.", "",
-             "| system | steps | real tokens/s | × TRL's best | peak RSS per process (GB) | share of matmul peak |",
-             "|---|---|---|---|---|---|"]
+             "| system | steps | real tokens/s | × TRL's best | peak RSS per process (GB) | share of matmul peak "
+             "| s to the target loss |",
+             "|---|---|---|---|---|---|---|"]
     best = max((x["tokens_per_s"] for n, x in S.items() if n.startswith("trl")), default=None)
     for n, x in S.items():
         ratio = f"{x['tokens_per_s'] / best:.2f}" if best else "–"
+        to_loss = x.get("seconds_to_target_loss")  # runs before it was measured have none
         lines.append(f"| {label.get(n, n)} | {x['steps']} | {x['tokens_per_s']:.0f} | {ratio} | "
-                     f"{x['peak_rss_gb']:.2f} | {x['matmul_peak_share']:.1%} |")
+                     f"{x['peak_rss_gb']:.2f} | {x['matmul_peak_share']:.1%} | "
+                     f"{'–' if to_loss is None else f'{to_loss:.0f}'} |")
+    if "target_loss" in r:
+        lines += ["", f"Target loss {r['target_loss']:.3f}: the highest final held-out loss of any system (answer tokens "
+                      f"of {r['eval_samples']} held-out samples, evaluated at step 0 and every {r['eval_every']} "
+                      f"steps); seconds of training, evaluations not counted."]
     notes = []
     for path, what in (("zero3", "ZeRO-3, 2 ranks"), ("1p", "1 process")):
         if f"more_over_lora_time_{path}" in R:
@@ -261,6 +268,10 @@ def vs_trl(r) -> list[str]:
                      f"{R['packed_attention_speedup_1p']:.2f}")
     if "dtype_auto_speedup_1p" in R and dtype != "fp32":
         notes.append(f"{dtype} / fp32, MoRE 1 process tokens/s: {R['dtype_auto_speedup_1p']:.2f}")
+    for n in S:
+        if f"{n}_time_to_loss_speedup_vs_trl_best" in R:
+            notes.append(f"TRL's best time to the target loss / {label.get(n, n)}'s: "
+                         f"{R[f'{n}_time_to_loss_speedup_vs_trl_best']:.2f}")
     if "zero3_2ranks_over_1p_tokens_per_s" in R:
         notes.append(f"ZeRO-3 on 2 ranks / 1 process, MoRE tokens/s: {R['zero3_2ranks_over_1p_tokens_per_s']:.2f}")
     return lines + ([""] + [f"- {n}" for n in notes] if notes else [])

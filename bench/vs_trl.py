@@ -26,7 +26,10 @@ learns from step 1 (no warm-up), its slower mode. Measured per system: real (non
 the first --skip, peak RSS of a training process, and the share of the machine's matmul peak in that dtype
 (measured in the same run) that the model's useful FLOPs reach: 4 x (decoder linear weights) per real token
 (forward, and backward to the inputs; the base is frozen) plus the head at supervised positions; attention's few %
-are left out.
+are left out. And the seconds of training (evaluations not counted) each system takes to reach one fixed held-out
+loss, the highest final loss of any system (so every system reaches it): the answer tokens' CE over the same held-out
+samples (the prep's eval split), at step 0 and every --eval-every steps; TRL's is computed sample by sample in the
+same worker, ours is the trainer's eval/loss (packed rows, per-sample attention: the same value).
 
     .venv/bin/python bench/vs_trl.py --model models/smollm2-135m-instruct   # make model first; ~16 min, 2 cores
     .venv/bin/python bench/vs_trl.py --quick --model DIR                    # a few steps (the test)
@@ -105,14 +108,14 @@ def prepare_data(model_dir: Path, out: Path, per_task: int) -> Path:
         return Path(run_prep(cfg))
 
 
-def samples_dataset(data_dir: Path, out: Path) -> Path:
+def samples_dataset(data_dir: Path, out: Path, split: str = "train") -> Path:
     """The packed rows' samples, one per example (input_ids, labels with -100 on the prompt), saved for TRL."""
     import datasets
 
     from pipeline.data.loader import PackedDataset, split_samples
 
     if not (out / "dataset_info.json").is_file():
-        ds = PackedDataset(data_dir, "train")
+        ds = PackedDataset(data_dir, split)
         samples = [s for i in range(len(ds)) for s in split_samples(ds[i])]
         datasets.Dataset.from_dict({"input_ids": [s["input_ids"].tolist() for s in samples],
                                     "labels": [s["labels"].tolist() for s in samples]}).save_to_disk(str(out))
@@ -120,8 +123,9 @@ def samples_dataset(data_dir: Path, out: Path) -> Path:
 
 
 def run_ours(name: str, ranks: int, extra: list[str], model: Path, data: Path, tokens: int, work: Path,
-             port: int, dtype: str) -> dict:
-    """Train through the project's own command; tokens/s from its per-step metrics, RSS from rank 0's."""
+             port: int, dtype: str, eval_every: int) -> dict:
+    """Train through the project's own command; tokens/s from its per-step metrics, RSS from rank 0's, the held-out
+    loss (the whole eval split) at step 0 and every `eval_every` steps from its eval rows."""
     from pipeline.data.loader import PackedDataset
 
     ds = PackedDataset(data, "train")
@@ -130,7 +134,7 @@ def run_ours(name: str, ranks: int, extra: list[str], model: Path, data: Path, t
     out = work / "runs" / name
     sets = [f"output_dir={out}", f"model.path={model}", f"data.dir={data}", f"optim.max_steps={steps}",
             f"optim.micro_batch_size={2 // ranks}", "optim.grad_accum=1", "optim.warmup_steps=1",
-            "checkpoint.every=0", "eval.every=0", "eval.max_batches=1", "log_every=1",
+            "checkpoint.every=0", f"eval.every={eval_every}", "eval.at_start=true", "log_every=1",
             "more.selector_warmup_steps=0", f"model.dtype={dtype}", *extra]
     launch = ([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port", str(port)]
               if ranks > 1 else [sys.executable])
@@ -138,14 +142,17 @@ def run_ours(name: str, ranks: int, extra: list[str], model: Path, data: Path, t
            "--no-resume", *[a for s in sets for a in ("--set", s)]]
     run(cmd, work / f"{name}.log")
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = {r["step"]: r["eval/loss"] for r in rows if "eval/loss" in r}
     rows = [r for r in rows if "train/tokens" in r]
     return {"steps": [(r["train/tokens"], r["train/tokens"] / r["train/tokens_per_s"]) for r in rows],
-            "peak_rss_gb": max(r["train/peak_rss_gb"] for r in rows)}
+            "peak_rss_gb": max(r["train/peak_rss_gb"] for r in rows), "eval": sorted(evals.items())}
 
 
-def run_trl(name: str, rows_per_step: int, model: Path, samples: Path, tokens: int, work: Path, dtype: str) -> dict:
+def run_trl(name: str, rows_per_step: int, model: Path, samples: Path, eval_samples: Path, tokens: int, work: Path,
+            dtype: str, eval_every: int) -> dict:
     """TRL in its own process (its own threads and RSS): `--trl-worker` below."""
-    spec = {"name": name, "model": str(model), "samples": str(samples), "tokens": tokens, "dtype": dtype,
+    spec = {"name": name, "model": str(model), "samples": str(samples), "eval_samples": str(eval_samples),
+            "eval_every": eval_every, "tokens": tokens, "dtype": dtype,
             "batch": rows_per_step, "packed": name == "trl_packed", "out": str(work / f"{name}.json")}
     run([sys.executable, __file__, "--trl-worker", json.dumps(spec)], work / f"{name}.log")
     return json.loads(Path(spec["out"]).read_text())
@@ -174,6 +181,8 @@ def trl_worker(spec: dict) -> None:
                      report_to="none", save_strategy="no", use_cpu=True, dataloader_num_workers=0, seed=0,
                      bf16=bf16)  # SFTConfig's default is bf16 autocast; in fp32 like ours where fp32 is faster
     log: list[tuple[float, float]] = []  # per optimizer step: (real tokens, seconds)
+    held_out = datasets.load_from_disk(spec["eval_samples"])
+    evals: list[tuple[int, float]] = []  # (step, held-out loss)
 
     class Trainer(SFTTrainer):
         real = 0
@@ -187,8 +196,13 @@ def trl_worker(spec: dict) -> None:
         def on_step_begin(self, *a, **k):
             self.t0, self.n0 = time.perf_counter(), Trainer.real
 
-        def on_step_end(self, *a, **k):
-            log.append((Trainer.real - self.n0, time.perf_counter() - self.t0))
+        def on_train_begin(self, args, state, control, model=None, **k):
+            evals.append((0, held_out_loss(model, held_out)))
+
+        def on_step_end(self, args, state, control, model=None, **k):
+            log.append((Trainer.real - self.n0, time.perf_counter() - self.t0))  # the clock stops before the eval
+            if state.global_step % spec["eval_every"] == 0 or state.global_step == state.max_steps:
+                evals.append((state.global_step, held_out_loss(model, held_out)))
 
     trainer = Trainer(model=model, args=args, train_dataset=samples,
                       processing_class=AutoTokenizer.from_pretrained(spec["model"]),
@@ -202,17 +216,42 @@ def trl_worker(spec: dict) -> None:
             p.data = p.data.float()
     trainer.train()
     Path(spec["out"]).write_text(json.dumps(
-        {"steps": log, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
+        {"steps": log, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "eval": evals}))
+
+
+@torch.no_grad()
+def held_out_loss(model, samples) -> float:
+    """Token-weighted CE of the answer tokens over the held-out samples, each sample alone: what our trainer's
+    eval/loss computes on the same samples (packed, with per-sample attention)."""
+    was = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for ids, labels in zip(samples["input_ids"], samples["labels"]):
+        logits = model(input_ids=torch.tensor([ids])).logits[0, :-1].float()
+        target = torch.tensor(labels[1:])
+        total += float(torch.nn.functional.cross_entropy(logits, target, ignore_index=-100, reduction="sum"))
+        count += int((target != -100).sum())
+    model.train(was)
+    return total / max(count, 1)
 
 
 def summarise(rec: dict, skip: int, flops_per_token: float, peak_gflops: float) -> dict:
     steady = rec["steps"][skip:] or rec["steps"]
     tokens, seconds = sum(n for n, _ in steady), sum(s for _, s in steady)
     rate = tokens / seconds
+    elapsed = [0.0]  # training seconds after each step (evaluations not counted)
+    for _, t in rec["steps"]:
+        elapsed.append(elapsed[-1] + t)
     return {"steps": len(rec["steps"]), "real_tokens": int(sum(n for n, _ in rec["steps"])),
             "measured_steps": len(steady), "tokens_per_s": rate, "peak_rss_gb": rec["peak_rss_gb"],
             "matmul_peak_share": rate * flops_per_token / (peak_gflops * 1e9),
-            "step_log": [[n, round(t, 4)] for n, t in rec["steps"]]}  # per step: real tokens, seconds
+            "step_log": [[n, round(t, 4)] for n, t in rec["steps"]],  # per step: real tokens, seconds
+            "eval_curve": [[step, round(elapsed[step], 3), loss] for step, loss in rec["eval"]]}  # step, s, loss
+
+
+def seconds_to_loss(curve: list, target: float):
+    """Training seconds until the first held-out evaluation at or below `target` (None: never reached)."""
+    return next((s for _, s, loss in curve if loss <= target), None)
 
 
 def main() -> int:
@@ -221,6 +260,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="a few steps on a few samples (the test; any --model)")
     ap.add_argument("--tokens", type=int, default=None, help="real training tokens per system (12k; quick 1.5k)")
     ap.add_argument("--skip", type=int, default=2, help="first steps left out of the rate (warm-up)")
+    ap.add_argument("--eval-every", type=int, default=2, help="held-out loss every N optimizer steps (and at 0)")
     ap.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated subset")
     ap.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
                     help="compute dtype of every system (auto: bf16 on AVX512-BF16/AMX CPUs, fp32 elsewhere)")
@@ -244,6 +284,10 @@ def main() -> int:
     print(f"[vs_trl] data, model {model}", flush=True)
     data = prepare_data(model, work / "data", per_task=40 if a.quick else 400)
     samples = samples_dataset(data, work / "samples")
+    eval_samples = samples_dataset(data, work / "eval_samples", "eval")
+    import datasets
+
+    n_eval = len(datasets.load_from_disk(str(eval_samples)))
     from pipeline.data.loader import PackedDataset
 
     ds = PackedDataset(data, "train")
@@ -258,17 +302,27 @@ def main() -> int:
         kind, size, extra = SYSTEMS[name]
         print(f"[vs_trl] {name}", flush=True)
         t0 = time.perf_counter()
-        rec = (run_ours(name, size, extra, model, data, tokens, work, 29600 + i, dtype) if kind == "ours"
-               else run_trl(name, size, model, samples, tokens, work, dtype))
+        rec = (run_ours(name, size, extra, model, data, tokens, work, 29600 + i, dtype, a.eval_every)
+               if kind == "ours" else run_trl(name, size, model, samples, eval_samples, tokens, work, dtype,
+                                              a.eval_every))
         results[name] = {**summarise(rec, a.skip, flops, peak), "wall_s": round(time.perf_counter() - t0, 1)}
         print(f"[vs_trl] {name}: {results[name]['tokens_per_s']:.1f} real tokens/s, peak RSS "
               f"{results[name]['peak_rss_gb']:.2f} GB, {results[name]['matmul_peak_share']:.1%} of matmul peak",
               flush=True)
+    # The fixed loss every system reached: the highest of their final held-out losses.
+    target = max(r["eval_curve"][-1][2] for r in results.values())
+    for r in results.values():
+        r["seconds_to_target_loss"] = seconds_to_loss(r["eval_curve"], target)
     trl_best = max((r["tokens_per_s"] for n, r in results.items() if n.startswith("trl")), default=None)
+    trl_fastest = min((r["seconds_to_target_loss"] for n, r in results.items() if n.startswith("trl")),
+                      default=None)
     ratios = {}
     if trl_best:
         ratios.update({f"{n}_vs_trl_best": r["tokens_per_s"] / trl_best for n, r in results.items()
                        if n.startswith("ours")})
+    if trl_fastest:
+        ratios.update({f"{n}_time_to_loss_speedup_vs_trl_best": trl_fastest / r["seconds_to_target_loss"]
+                       for n, r in results.items() if n.startswith("ours") and r["seconds_to_target_loss"]})
     for path in ("zero3", "1p"):
         m, l = results.get(f"ours_{path}_more"), results.get(f"ours_{path}_lora")
         if m and l:
@@ -290,6 +344,7 @@ def main() -> int:
            "model": a.model, "tokens_per_system": tokens,
            "row_len": ROW_LEN, "supervised_share": supervised_share, "useful_flops_per_token": flops,
            "matmul_peak_gflops": peak, "systems": results, "ratios": ratios, "skip_steps": a.skip,
+           "target_loss": target, "eval_every": a.eval_every, "eval_samples": n_eval,
            "cpu": platform.processor() or platform.machine(), "cpu_isa": cpu_isa(), "dtype": dtype,
            "cpu_flags": vector_flags(), "cores": os.cpu_count(),
            "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,

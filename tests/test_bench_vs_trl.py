@@ -33,6 +33,15 @@ def test_quick_side_by_side_measures_both_tools_on_the_same_budget(tiny_chat_mod
             s["tokens_per_s"] * r["useful_flops_per_token"] / (r["matmul_peak_gflops"] * 1e9))
         assert 0 < s["peak_rss_gb"] < 24
         assert all(0 < n <= 2 * 512 for n, _ in log), (name, log)  # 2 rows of 512 per step, pads not counted
+        curve = s["eval_curve"]  # [step, training seconds, held-out loss] at 0, every 2 steps and the last step
+        assert [c[0] for c in curve] == sorted({*range(0, s["steps"], 2), s["steps"]}), (name, curve)
+        assert [c[1] for c in curve] == pytest.approx([sum(t for _, t in log[:c[0]]) for c in curve], abs=1e-2)
+        assert s["seconds_to_target_loss"] == next(c[1] for c in curve if c[2] <= r["target_loss"])
+    assert r["target_loss"] == max(s["eval_curve"][-1][2] for s in r["systems"].values())
+    # step 0 is the base alone (the adapters start at zero), on the same held-out samples: the same loss (in bf16,
+    # on a CPU where --dtype auto picks it, within bf16's error)
+    start = [s["eval_curve"][0][2] for s in r["systems"].values()]
+    assert max(start) == pytest.approx(min(start), rel=0.05), start
     # 4 x weights of the decoder's linears (hidden 64, 4 heads, 2 KV heads, MLP 128, 2 layers) + the head where
     # supervised: q, o 64x64; k, v 64x32; gate, up, down 64x128
     body = 2 * (2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 128)
@@ -49,4 +58,4 @@ def test_quick_side_by_side_measures_both_tools_on_the_same_budget(tiny_chat_mod
 
     section = "\n".join(report.vs_trl(r))
     assert "TRL SFTTrainer + PEFT LoRA r8, `packing=True`" in section and "| 1.00 |" in section
-    assert "MoRE / plain LoRA step time, 1 process" in section
+    assert "MoRE / plain LoRA step time, 1 process" in section and "s to the target loss" in section
