@@ -1,7 +1,7 @@
 """Training-stage schema: base model, data, MoRE adapter, optimisation, checkpoints, logging."""
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 from pydantic import Field, field_validator
 
@@ -23,7 +23,9 @@ class ModelConfig(StrictModel):
     # packed_sdpa: each packed sample attends within itself (pipeline/models/packed_attention.py), no L x L mask;
     # sdpa / eager: the collator's dense block-causal mask.
     attn_implementation: Literal["packed_sdpa", "sdpa", "eager"] = "packed_sdpa"
-    gradient_checkpointing: bool = True
+    # auto: recompute activations only when the memory planner says the run does not fit without (decided at
+    # launch, pipeline/train/preflight.py: the GPU's memory, or on CPU the host's RAM shared by its processes).
+    gradient_checkpointing: Union[bool, Literal["auto"]] = "auto"
 
     @field_validator("dtype")
     @classmethod

@@ -25,7 +25,7 @@ from pipeline.train.distributed import DistInfo, all_reduce_sum, any_rank, init_
 from pipeline.train.ds_config import fill_ds_config
 from pipeline.train.loss import token_loss_sums
 from pipeline.train.monitor import Monitor
-from pipeline.train.preflight import preflight
+from pipeline.train.preflight import checkpointing_fits_without, preflight
 from pipeline.train.schedule import make_scheduler
 
 EXIT_REQUEUE = 75  # EX_TEMPFAIL: preempted after a checkpoint; the SLURM script requeues on it
@@ -375,11 +375,28 @@ def _peak_memory_gb(device: torch.device) -> dict[str, float]:
     return {"peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
+def decide_checkpointing(cfg: TrainConfig, ds_config: str, num_tasks: int, dist_info: DistInfo) -> TrainConfig:
+    """`gradient_checkpointing: auto` -> on where any rank's memory needs it (a collective: ZeRO-3 ranks must all
+    recompute or none, or their parameter gathers would differ), off where the planner fits the run without."""
+    if cfg.model.gradient_checkpointing != "auto":
+        return cfg
+    try:
+        fits = checkpointing_fits_without(cfg, ds_config, num_tasks)
+        why = f"the memory planner {'fits' if fits else 'does not fit'} the run without recomputation"
+    except Exception as e:  # a model the planner cannot read: recompute, the setting that needs the least memory
+        fits, why = False, f"the memory planner could not plan this model: {type(e).__name__}: {e}"
+    needed = any_rank(not fits, dist_info.device)
+    if dist_info.is_main:
+        print(f"gradient_checkpointing auto: {'on' if needed else 'off'} ({why})", flush=True)
+    return cfg.model_copy(update={"model": cfg.model.model_copy(update={"gradient_checkpointing": needed})})
+
+
 def train(cfg: TrainConfig, ds_config: str, local_rank: Optional[int] = None) -> int:
     """Validate, start the process group, train. Returns the process exit code."""
     task_names = validate(cfg, ds_config)
     preflight(cfg, ds_config, len(task_names))
     dist_info = init_distributed(cfg.dist_timeout_s, local_rank)
+    cfg = decide_checkpointing(cfg, ds_config, len(task_names), dist_info)
     trainer = Trainer(cfg, ds_config, task_names, dist_info)
     code = trainer.run()
     shutdown(trainer.engine)

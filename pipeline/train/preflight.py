@@ -1,4 +1,5 @@
-"""Refuse a GPU run the memory planner says will not fit, before any model is built or process group started."""
+"""The memory planner at launch: refuse a GPU run that will not fit, before any model is built or process group
+started, and decide `gradient_checkpointing: auto` (recompute only where memory needs it)."""
 from __future__ import annotations
 
 import json
@@ -14,30 +15,55 @@ from pipeline.config.train import TrainConfig
 PLANNER_ATTENTION = {"packed_sdpa": "flash", "sdpa": "sdpa", "eager": "eager"}
 
 
-def check_fits(cfg: TrainConfig, ds_config: str, num_tasks: int, nodes: int, gpus_per_node: int, gpu_mem_gb: float):
-    """Plan the run's per-GPU memory; raise ConfigError with the planner's table when it does not fit."""
-    from pipeline.plan import format_plan, plan
+def plan_run(cfg: TrainConfig, ds_config: str, num_tasks: int, nodes: int, gpus_per_node: int, gpu_mem_gb: float,
+             grad_ckpt: bool):
+    from pipeline.plan import plan
 
     seq_len = json.loads((Path(cfg.data.dir) / "manifest.json").read_text())["max_seq_len"]
     targets = cfg.more.target_modules
-    result = plan(cfg.model.path, ds_config=ds_config, nodes=nodes, gpus_per_node=gpus_per_node,
-                  gpu_mem_gb=gpu_mem_gb, quant=cfg.model.quantization, seq_len=seq_len,
-                  micro_batch=cfg.optim.micro_batch_size, grad_ckpt=cfg.model.gradient_checkpointing,
-                  max_rank=cfg.more.max_rank, targets=targets if isinstance(targets, str) else ",".join(targets),
-                  num_tasks=num_tasks, task_embedding=cfg.more.task_embedding,
-                  task_embedding_dim=cfg.more.task_embedding_dim,
-                  attn_impl=PLANNER_ATTENTION[cfg.model.attn_implementation], dtype=cfg.model.dtype)
+    return plan(cfg.model.path, ds_config=ds_config, nodes=nodes, gpus_per_node=gpus_per_node,
+                gpu_mem_gb=gpu_mem_gb, quant=cfg.model.quantization, seq_len=seq_len,
+                micro_batch=cfg.optim.micro_batch_size, grad_ckpt=grad_ckpt,
+                max_rank=cfg.more.max_rank, targets=targets if isinstance(targets, str) else ",".join(targets),
+                num_tasks=num_tasks, task_embedding=cfg.more.task_embedding,
+                task_embedding_dim=cfg.more.task_embedding_dim,
+                attn_impl=PLANNER_ATTENTION[cfg.model.attn_implementation], dtype=cfg.model.dtype)
+
+
+def check_fits(cfg: TrainConfig, ds_config: str, num_tasks: int, nodes: int, gpus_per_node: int, gpu_mem_gb: float):
+    """Plan the run's per-GPU memory; raise ConfigError with the planner's table when it does not fit (`auto`
+    checkpointing: not even with recomputation)."""
+    from pipeline.plan import format_plan
+
+    result = plan_run(cfg, ds_config, num_tasks, nodes, gpus_per_node, gpu_mem_gb,
+                      cfg.model.gradient_checkpointing in (True, "auto"))
     if not (result.fits and result.load_fits):
         raise ConfigError("the memory planner says this run will not fit (set preflight: false to try anyway):\n"
                           + format_plan(result))
     return result
 
 
+def memory_budget() -> tuple[int, int, float]:
+    """(nodes, processes per node, GiB per process): a GPU's memory, or on CPU the host's RAM over its processes."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if torch.cuda.is_available():
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", str(min(world, torch.cuda.device_count()))))
+        gb = torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", "0"))).total_memory / 2**30
+    else:
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+        gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30 / max(per_node, 1)
+    return max(1, world // max(per_node, 1)), per_node, gb
+
+
 def preflight(cfg: TrainConfig, ds_config: str, num_tasks: int):
     """On CUDA, check this launch's GPUs; on CPU there is no device budget to check (returns None)."""
     if not (cfg.preflight and torch.cuda.is_available()):
         return None
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", str(min(world, torch.cuda.device_count()))))
-    gpu_gb = torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", "0"))).total_memory / 2**30
-    return check_fits(cfg, ds_config, num_tasks, max(1, world // per_node), per_node, gpu_gb)
+    return check_fits(cfg, ds_config, num_tasks, *memory_budget())
+
+
+def checkpointing_fits_without(cfg: TrainConfig, ds_config: str, num_tasks: int) -> bool:
+    """For `gradient_checkpointing: auto`: does the planner fit this process's share of memory without
+    recomputation? (Every rank must then agree: the caller takes any rank's "no", see train.loop.)"""
+    result = plan_run(cfg, ds_config, num_tasks, *memory_budget(), grad_ckpt=False)
+    return bool(result.fits and result.load_fits)
