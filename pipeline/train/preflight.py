@@ -17,6 +17,7 @@ PLANNER_ATTENTION = {"packed_sdpa": "flash", "sdpa": "sdpa", "eager": "eager"}
 
 def plan_run(cfg: TrainConfig, ds_config: str, num_tasks: int, nodes: int, gpus_per_node: int, gpu_mem_gb: float,
              grad_ckpt: bool):
+    """The planner's memory plan of this training config on the given machines."""
     from pipeline.plan import plan
 
     seq_len = json.loads((Path(cfg.data.dir) / "manifest.json").read_text())["max_seq_len"]
