@@ -278,7 +278,8 @@ def vs_trl(r) -> list[str]:
 
 
 SECTIONS = [("prep", prep), ("packing", packing), ("adapter_step", adapter_step),
-            ("train_throughput", train_throughput), ("lm_head", lm_head), ("vs_trl", vs_trl), ("vs_trl_avx2", vs_trl),
+            ("train_throughput", train_throughput), ("lm_head", lm_head), ("vs_trl", vs_trl), ("vs_trl_time_to_loss", vs_trl),
+            ("vs_trl_avx2", vs_trl),
             ("merge", merge),
             ("fidelity", fidelity), ("glue_variants", glue_variants), ("glue_variants_quick", glue_variants)]
 

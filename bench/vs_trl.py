@@ -340,7 +340,9 @@ def main() -> int:
 
     out = {"command": f"python bench/vs_trl.py --model {a.model}" + (" --quick" if a.quick else "")
                       + (f" --tokens {a.tokens}" if a.tokens else "")
-                      + (f" --dtype {a.dtype}" if a.dtype != "auto" else ""),
+                      + (f" --dtype {a.dtype}" if a.dtype != "auto" else "")
+                      + (f" --systems {a.systems}" if chosen != list(SYSTEMS) else "")
+                      + (f" --out {a.out}" if a.out else ""),
            "model": a.model, "tokens_per_system": tokens,
            "row_len": ROW_LEN, "supervised_share": supervised_share, "useful_flops_per_token": flops,
            "matmul_peak_gflops": peak, "systems": results, "ratios": ratios, "skip_steps": a.skip,
