@@ -42,6 +42,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -132,6 +133,7 @@ def run_ours(name: str, ranks: int, extra: list[str], model: Path, data: Path, t
     row_tokens = sum(ds.lengths()) / len(ds)
     steps = max(4, round(tokens / (2 * row_tokens)))  # 2 rows per step on either layout
     out = work / "runs" / name
+    shutil.rmtree(out, ignore_errors=True)  # a run stopped earlier leaves a checkpoint that --no-resume refuses
     sets = [f"output_dir={out}", f"model.path={model}", f"data.dir={data}", f"optim.max_steps={steps}",
             f"optim.micro_batch_size={2 // ranks}", "optim.grad_accum=1", "optim.warmup_steps=1",
             "checkpoint.every=0", f"eval.every={eval_every}", "eval.at_start=true", "log_every=1",
