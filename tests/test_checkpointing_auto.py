@@ -20,8 +20,7 @@ def _decide(cfg):
     return loop.decide_checkpointing(cfg, DS, 5, DistInfo(0, 0, 1, torch.device("cpu")))
 
 
-def test_auto_is_the_default_and_only_auto_or_a_bool_is_accepted(tiny_train_setup):
-    cfg = load_config(TrainConfig, tiny_train_setup["config"], ["model.gradient_checkpointing=auto"])
+def test_auto_is_the_default_and_only_auto_or_a_bool_is_accepted(cfg, tiny_train_setup):
     assert cfg.model.gradient_checkpointing == "auto"
     data = cfg.model.model_dump()
     data.pop("gradient_checkpointing")
