@@ -167,6 +167,8 @@ def trl_worker(spec: dict) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
+    from pipeline.models.loading import keep_nf4_layout
+
     samples = datasets.load_from_disk(spec["samples"])
     mean_len = sum(len(x) for x in samples["input_ids"]) / len(samples)
     per_step = spec["batch"] * (ROW_LEN * 0.97 if spec["packed"] else mean_len)
@@ -177,6 +179,11 @@ def trl_worker(spec: dict) -> None:
         spec["model"], dtype=dt, device_map="cpu",
         quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                bnb_4bit_compute_dtype=dt))
+    # On a CPU with AVX512-BF16, bitsandbytes repacks an NF4 weight in place at its first eval-mode forward; the
+    # forward stays right, but the gradients of a later training step are not (measured: after one held-out eval,
+    # the same batch's LoRA gradient norm fell from 5.79 to 0.59 and TRL stopped learning). Our loader switches the
+    # repack off (pipeline/models/loading.py); the held-out evaluations here need TRL's model to have it off too.
+    keep_nf4_layout(model)
     args = SFTConfig(output_dir=str(Path(spec["out"]).parent / spec["name"]), max_steps=steps,
                      per_device_train_batch_size=spec["batch"], learning_rate=1e-3, warmup_steps=1,
                      gradient_checkpointing=False, packing=spec["packed"], max_length=ROW_LEN, logging_steps=1,
@@ -217,6 +224,11 @@ def trl_worker(spec: dict) -> None:
         if p.requires_grad and not bf16:
             p.data = p.data.float()
     trainer.train()
+    repacked = [n for n, m in trainer.model.named_modules()
+                if getattr(getattr(getattr(m, "weight", None), "quant_state", None), "packing_format_for_cpu", False)]
+    if repacked:
+        raise RuntimeError(f"{len(repacked)} NF4 layers were repacked for CPU inference during training, e.g. "
+                           f"{repacked[0]}: their gradients are wrong")
     Path(spec["out"]).write_text(json.dumps(
         {"steps": log, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "eval": evals}))
 
