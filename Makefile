@@ -108,6 +108,7 @@ bench: model
 	$(PYTHON) bench/train_throughput.py
 	$(PYTHON) bench/lm_head.py --model $(MODEL_DIR)
 	$(PYTHON) bench/vs_trl.py --model $(MODEL_DIR)
+	$(PYTHON) bench/step_profile.py --model $(MODEL_DIR)
 	$(PYTHON) bench/merge.py
 	$(PYTHON) bench/fidelity.py
 	$(PYTHON) bench/glue_variants.py --quick

@@ -277,9 +277,27 @@ def vs_trl(r) -> list[str]:
     return lines + ([""] + [f"- {n}" for n in notes] if notes else [])
 
 
+def step_profile(r) -> list[str]:
+    m = r["machine"]
+    lines = [f"## One training step by phase and operator kind, {m['isa']} CPU, {r['dtype']} (`{r['command']}`)",
+             f"vs_trl's `ours_1p_more` step (2 packed rows of 512, {r['real_tokens_per_step']:.0f} real tokens) under "
+             f"torch.profiler, mean of {r['steps']} steps after the warm-up: {r['step_seconds']:.2f} s per step "
+             f"({r['tokens_per_s']:.0f} real tokens/s with the profiler on), {m['threads']} threads.", "",
+             "| phase | s/step |", "|---|---|"]
+    lines += [f"| {k} | {v:.3f} |" for k, v in r["phases_s"].items()]
+    lines += ["", "| operator kind (self time) | s/step |", "|---|---|"]
+    lines += [f"| {k} | {v:.3f} |" for k, v in sorted(r["op_kinds_self_s"].items(), key=lambda kv: -kv[1])]
+    lines += ["", f"- matmuls: {r['matmul_share_of_op_time']:.0%} of operator time, running at "
+                  f"{r['matmul_gflops']:.0f} GFLOP/s = {r['matmul_rate_vs_peak']:.0%} of the "
+                  f"{r['matmul_peak_gflops']:.0f} GFLOP/s GEMM peak measured in the same run",
+              "- top operators (self s/step, calls/step): " + "; ".join(
+                  f"{e['name']} {e['self_s_per_step']:.3f} ({e['calls_per_step']:.0f})" for e in r["top_ops"][:8])]
+    return lines
+
+
 SECTIONS = [("prep", prep), ("packing", packing), ("adapter_step", adapter_step),
-            ("train_throughput", train_throughput), ("lm_head", lm_head), ("vs_trl", vs_trl), ("vs_trl_time_to_loss", vs_trl),
-            ("vs_trl_avx2", vs_trl),
+            ("train_throughput", train_throughput), ("lm_head", lm_head), ("vs_trl", vs_trl), ("vs_trl_avx2", vs_trl),
+            ("step_profile", step_profile),
             ("merge", merge),
             ("fidelity", fidelity), ("glue_variants", glue_variants), ("glue_variants_quick", glue_variants)]
 

@@ -31,7 +31,7 @@ loss, the highest final loss of any system (so every system reaches it): the ans
 samples (the prep's eval split), at step 0 and every --eval-every steps; TRL's is computed sample by sample in the
 same worker, ours is the trainer's eval/loss (packed rows, per-sample attention: the same value).
 
-    .venv/bin/python bench/vs_trl.py --model models/smollm2-135m-instruct   # make model first; ~16 min, 2 cores
+    .venv/bin/python bench/vs_trl.py --model models/smollm2-135m-instruct   # make model first; ~35 min, 2 cores
     .venv/bin/python bench/vs_trl.py --quick --model DIR                    # a few steps (the test)
 """
 from __future__ import annotations
