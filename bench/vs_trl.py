@@ -181,8 +181,8 @@ def trl_worker(spec: dict) -> None:
                                                bnb_4bit_compute_dtype=dt))
     # On a CPU with AVX512-BF16, bitsandbytes repacks an NF4 weight in place at its first eval-mode forward; the
     # forward stays right, but the gradients of a later training step are not (measured: after one held-out eval,
-    # the same batch's LoRA gradient norm fell from 5.79 to 0.59 and TRL stopped learning). Our loader switches the
-    # repack off (pipeline/models/loading.py); the held-out evaluations here need TRL's model to have it off too.
+    # the same batch's LoRA gradient norm fell from 5.79 to 0.59; TRL's held-out loss barely moved). Our loader
+    # switches the repack off (pipeline/models/loading.py); the held-out evaluations here need the same for TRL.
     keep_nf4_layout(model)
     args = SFTConfig(output_dir=str(Path(spec["out"]).parent / spec["name"]), max_steps=steps,
                      per_device_train_batch_size=spec["batch"], learning_rate=1e-3, warmup_steps=1,
