@@ -5,8 +5,9 @@ The same run as vs_trl's `ours_1p_more` (SmolLM2 on an NF4 base, the GLUE mix th
 rows of 512 per step, 1 process under ZeRO-3, gradient checkpointing off, --dtype auto), built in this process with
 the trainer's own classes. After --warmup steps, --steps steps run under torch.profiler:
 - phases (wall seconds per step): batch (data), forward, backward, optimizer (DeepSpeed's step), rest;
-- operator kinds (self CPU seconds per step): matmul, NF4 dequantization, attention, LoRA/selector small ops are
-  not separable from the model's other element-wise work and count as `elementwise/other`;
+- operator kinds (self CPU seconds per step, by operator name): matmul, NF4 dequantization, attention, optimizer;
+  LoRA/selector small ops are not separable from the model's other element-wise work and count as
+  `elementwise/other`;
 - the matmul operators' own rate (their FLOPs over their self time) against the GEMM peak measured in the same run:
   whether the matmuls are slow themselves (small shapes) or the time goes elsewhere.
 
@@ -38,7 +39,7 @@ KINDS = {  # operator kind: substrings of profiler event names (self time; first
     "matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::_addmm_activation"),
     "nf4_dequantize": ("bitsandbytes", "dequantize"),
     "attention": ("scaled_dot_product", "flash_attention", "_efficient_attention"),
-    "optimizer": ("adam", "Adam"),
+    "optimizer": ("adam", "Adam", "_foreach_"),  # Adam's kernels and the foreach ops of its step and clipping
 }
 
 
