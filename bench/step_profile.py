@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from vs_trl import TRAIN_CONFIG, matmul_peak_gflops, prepare_data  # noqa: E402
+from vs_trl import TRAIN_CONFIG, matmul_peak_gflops, ours_overrides, prepare_data  # noqa: E402
 from pipeline.atomic import atomic_write  # noqa: E402
 from pipeline.models.cpu import cpu_isa, fastest_dtype, vector_flags  # noqa: E402
 
@@ -73,19 +73,11 @@ def build_trainer(model: Path, data: Path, out: Path, dtype: str):
     """The trainer of `python launch/train.py` with vs_trl's ours_1p_more settings, in this process."""
     from pipeline.config.base import load_config
     from pipeline.config.train import TrainConfig
-    from pipeline.train.distributed import init_distributed
-    from pipeline.train.loop import Trainer, decide_checkpointing, validate
+    from pipeline.train.loop import build_trainer as build
 
-    sets = [f"output_dir={out}", f"model.path={model}", f"data.dir={data}", "optim.max_steps=1000",
-            "optim.micro_batch_size=2", "optim.grad_accum=1", "optim.warmup_steps=1", "checkpoint.every=0",
-            "eval.every=0", "log_every=1", "more.selector_warmup_steps=0", f"model.dtype={dtype}"]
+    sets = [*ours_overrides(out, model, data, 1000, 1, dtype), "eval.every=0"]
     with contextlib.chdir(ROOT):
-        cfg = load_config(TrainConfig, TRAIN_CONFIG, sets)
-        ds_config = str(ROOT / "ds_configs/zero3.json")
-        task_names = validate(cfg, ds_config)
-        dist_info = init_distributed(cfg.dist_timeout_s)
-        cfg = decide_checkpointing(cfg, ds_config, len(task_names), dist_info)
-        return Trainer(cfg, ds_config, task_names, dist_info)
+        return build(load_config(TrainConfig, TRAIN_CONFIG, sets), str(ROOT / "ds_configs/zero3.json"))
 
 
 def main() -> int:

@@ -123,6 +123,14 @@ def samples_dataset(data_dir: Path, out: Path, split: str = "train") -> Path:
     return out
 
 
+def ours_overrides(out: Path, model: Path, data: Path, steps: int, ranks: int, dtype: str) -> list[str]:
+    """Our trainer's settings here (over TRAIN_CONFIG): 2 packed rows per step on 1 or 2 ranks, no checkpoints, the
+    selector learning from step 1."""
+    return [f"output_dir={out}", f"model.path={model}", f"data.dir={data}", f"optim.max_steps={steps}",
+            f"optim.micro_batch_size={2 // ranks}", "optim.grad_accum=1", "optim.warmup_steps=1",
+            "checkpoint.every=0", "log_every=1", "more.selector_warmup_steps=0", f"model.dtype={dtype}"]
+
+
 def run_ours(name: str, ranks: int, extra: list[str], model: Path, data: Path, tokens: int, work: Path,
              port: int, dtype: str, eval_every: int) -> dict:
     """Train through the project's own command; tokens/s from its per-step metrics, RSS from rank 0's, the held-out
@@ -134,10 +142,8 @@ def run_ours(name: str, ranks: int, extra: list[str], model: Path, data: Path, t
     steps = max(4, round(tokens / (2 * row_tokens)))  # 2 rows per step on either layout
     out = work / "runs" / name
     shutil.rmtree(out, ignore_errors=True)  # a run stopped earlier leaves a checkpoint that --no-resume refuses
-    sets = [f"output_dir={out}", f"model.path={model}", f"data.dir={data}", f"optim.max_steps={steps}",
-            f"optim.micro_batch_size={2 // ranks}", "optim.grad_accum=1", "optim.warmup_steps=1",
-            "checkpoint.every=0", f"eval.every={eval_every}", "eval.at_start=true", "log_every=1",
-            "more.selector_warmup_steps=0", f"model.dtype={dtype}", *extra]
+    sets = [*ours_overrides(out, model, data, steps, ranks, dtype), f"eval.every={eval_every}", "eval.at_start=true",
+            *extra]
     launch = ([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port", str(port)]
               if ranks > 1 else [sys.executable])
     cmd = [*launch, "launch/train.py", "--deepspeed", "ds_configs/zero3.json", "--config", TRAIN_CONFIG,

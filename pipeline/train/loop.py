@@ -391,13 +391,19 @@ def decide_checkpointing(cfg: TrainConfig, ds_config: str, num_tasks: int, dist_
     return cfg.model_copy(update={"model": cfg.model.model_copy(update={"gradient_checkpointing": needed})})
 
 
-def train(cfg: TrainConfig, ds_config: str, local_rank: Optional[int] = None) -> int:
-    """Validate, start the process group, train. Returns the process exit code."""
+def build_trainer(cfg: TrainConfig, ds_config: str, local_rank: Optional[int] = None) -> Trainer:
+    """Validate, check the memory, start the process group, build the engine and data (bench/step_profile.py
+    drives the same trainer step by step)."""
     task_names = validate(cfg, ds_config)
     preflight(cfg, ds_config, len(task_names))
     dist_info = init_distributed(cfg.dist_timeout_s, local_rank)
     cfg = decide_checkpointing(cfg, ds_config, len(task_names), dist_info)
-    trainer = Trainer(cfg, ds_config, task_names, dist_info)
+    return Trainer(cfg, ds_config, task_names, dist_info)
+
+
+def train(cfg: TrainConfig, ds_config: str, local_rank: Optional[int] = None) -> int:
+    """Build the trainer, train. Returns the process exit code."""
+    trainer = build_trainer(cfg, ds_config, local_rank)
     code = trainer.run()
     shutdown(trainer.engine)
     return code
