@@ -109,6 +109,7 @@ bench: model
 	$(PYTHON) bench/lm_head.py --model $(MODEL_DIR)
 	$(PYTHON) bench/vs_trl.py --model $(MODEL_DIR)
 	$(PYTHON) bench/step_profile.py --model $(MODEL_DIR)
+	$(PYTHON) bench/loader_memory.py
 	$(PYTHON) bench/merge.py
 	$(PYTHON) bench/fidelity.py
 	$(PYTHON) bench/glue_variants.py --quick
