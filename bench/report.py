@@ -208,19 +208,25 @@ def glue_variants(r) -> list[str]:
                   + " |",
                   "| score, routed | " + " | ".join(spread([x["routed_scores"][t] for x in rec]) for t in names) + " |"]
         stem = "glue_variants" + ("_quick" if "--quick" in r["command"] else "")
-        frozen = seeds[0] in have.get("more_frozen", [])
-        lines += ["", f"Rank maps (a row per task, a column per adapted layer; colour = chosen rank), seed {seeds[0]}: "
-                  "MoRE (learned)" + (", then the frozen selector:" if frozen else ":"), "",
-                  f"![MoRE rank map](results/{stem}_more_seed{seeds[0]}.png)"]
-        if frozen:
-            lines += ["", f"![frozen selector rank map](results/{stem}_more_frozen_seed{seeds[0]}.png)"]
-    m = {v: sum(means[v]) / len(means[v]) for v in variants}
-    if {"more", "per_task_lora", "shared_lora", "more_frozen"} <= set(m):
-        lines += ["", f"Goals: MoRE mean >= per-task LoRA mean: {'yes' if m['more'] >= m['per_task_lora'] else 'NO'}; "
-                  f"> shared LoRA: {'yes' if m['more'] > m['shared_lora'] else 'NO'}; > frozen selector: "
-                  f"{'yes' if m['more'] > m['more_frozen'] else 'NO'}"
-                  + (f"; > the same adapter at max rank: {'yes' if m['more'] > m['more_max_rank'] else 'NO'}"
-                     if "more_max_rank" in m else "") + " (means over seeds)."]
+        maps = [(f"MoRE (learned), seed {x}", f"{stem}_more_seed{x}.png") for x in have["more"]]
+        maps += [(f"frozen selector, seed {x}", f"{stem}_more_frozen_seed{x}.png") for x in have.get("more_frozen", [])]
+        maps = [(title, png) for title, png in maps if (RESULTS / png).is_file()]
+        lines += ["", "Rank maps (a row per task, a column per adapted layer; colour = chosen rank): "
+                  + ", then ".join(title for title, _ in maps) + "."]
+        lines += [line for title, png in maps for line in ("", f"![{title} rank map](results/{png})")]
+    goals = [("per_task_lora", ">=", "per-task LoRA"), ("shared_lora", ">", "shared LoRA"),
+             ("more_frozen", ">", "frozen selector"), ("more_max_rank", ">", "the same adapter at max rank")]
+    if "more" in variants and {"per_task_lora", "shared_lora", "more_frozen"} <= set(variants):
+        said = []
+        for v, op, label in [g for g in goals if g[0] in variants]:
+            common = [x for x in have["more"] if x in have[v]]  # compare on the seeds both variants have
+            if not common:
+                continue
+            ours, theirs = (sum(mean_score(V[k][x]) for x in common) / len(common) for k in ("more", v))
+            ok = ours >= theirs if op == ">=" else ours > theirs
+            said.append(f"{op} {label} ({ours:.3f} vs {theirs:.3f}, seed{'s' if len(common) > 1 else ''} "
+                        f"{', '.join(common)}): {'yes' if ok else 'NO'}")
+        lines += ["", "Goals, MoRE's mean " + "; ".join(said) + "."]
     return lines
 
 
