@@ -236,6 +236,7 @@ def vs_trl(r) -> list[str]:
              "ours_1p_more": "this project, MoRE, 1 process", "ours_1p_lora": "this project, plain LoRA r8, 1 process",
              "ours_1p_more_dense_mask": "this project, MoRE, 1 process, dense block-causal mask (before)",
              "ours_1p_more_fp32": "this project, MoRE, 1 process, fp32",
+             "ours_1p_more_zero2": "this project, MoRE, 1 process, ZeRO-2 instead of ZeRO-3",
              "trl_padded": "TRL SFTTrainer + PEFT LoRA r8, padded batches of 16",
              "trl_packed": "TRL SFTTrainer + PEFT LoRA r8, `packing=True` (samples not isolated on CPU)"}
     v, S, R = r["versions"], r["systems"], r["ratios"]
@@ -278,6 +279,8 @@ def vs_trl(r) -> list[str]:
         if f"{n}_time_to_loss_speedup_vs_trl_best" in R:
             notes.append(f"TRL's best time to the target loss / {label.get(n, n)}'s: "
                          f"{R[f'{n}_time_to_loss_speedup_vs_trl_best']:.2f}")
+    if "zero2_over_zero3_1p_tokens_per_s" in R:
+        notes.append(f"ZeRO-2 / ZeRO-3 in 1 process, MoRE tokens/s: {R['zero2_over_zero3_1p_tokens_per_s']:.2f}")
     if "zero3_2ranks_over_1p_tokens_per_s" in R:
         notes.append(f"ZeRO-3 on 2 ranks / 1 process, MoRE tokens/s: {R['zero3_2ranks_over_1p_tokens_per_s']:.2f}")
     return lines + ([""] + [f"- {n}" for n in notes] if notes else [])
@@ -317,6 +320,7 @@ def loader_memory(r) -> list[str]:
 
 SECTIONS = [("prep", prep), ("packing", packing), ("adapter_step", adapter_step),
             ("train_throughput", train_throughput), ("lm_head", lm_head), ("vs_trl", vs_trl), ("vs_trl_avx2", vs_trl),
+            ("vs_trl_zero2", vs_trl),
             ("step_profile", step_profile), ("loader_memory", loader_memory),
             ("merge", merge),
             ("fidelity", fidelity), ("glue_variants", glue_variants), ("glue_variants_quick", glue_variants)]

@@ -11,6 +11,8 @@ data and number of real training tokens.
     ours_1p_more_dense_mask   ours_1p_more with sdpa over the dense (B, 1, L, L) block-causal mask instead of
                       per-sample attention (`model.attn_implementation=sdpa`): what that change gained
     ours_1p_more_fp32 ours_1p_more in fp32: what --dtype auto's choice gained on a CPU where it picks bf16
+    ours_1p_more_zero2  ours_1p_more under ZeRO-2 (ds_configs/zero2.json): what ZeRO-3's module hooks cost in one
+                      process (fp32: the same losses as ZeRO-3; bf16: the same until the first update, then within 2%)
     trl_padded        SFTTrainer + PEFT LoRA rank 8 (all linears), padded batches of 16 samples
     trl_packed        the same with `packing=True` (TRL's best-fit-decreasing packing into rows of 512, padding-free,
                       2 rows per step). On CPU attention TRL cannot isolate the packed samples (no varlen kernel),
@@ -67,9 +69,12 @@ SYSTEMS = {  # name: (kind, ranks or rows per step, extra overrides)
     "ours_1p_more_dense_mask": ("ours", 1, ["model.attn_implementation=sdpa"]),  # before per-sample attention
     "ours_1p_more_fp32": ("ours", 1, ["model.dtype=fp32"]),  # the dtype choice measured (same as ours_1p_more on
                                                               # a CPU where --dtype auto is fp32)
+    "ours_1p_more_zero2": ("ours", 1, []),  # ZeRO-2 instead of ZeRO-3 in one process (DS_CONFIGS)
     "trl_padded": ("trl", 16, []),
     "trl_packed": ("trl", 2, []),
 }
+
+DS_CONFIGS = {"ours_1p_more_zero2": "ds_configs/zero2.json"}  # every other `ours` system: ds_configs/zero3.json
 
 
 def matmul_peak_gflops(dtype: torch.dtype, seconds: float = 3.0) -> float:
@@ -146,8 +151,8 @@ def run_ours(name: str, ranks: int, extra: list[str], model: Path, data: Path, t
             *extra]
     launch = ([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port", str(port)]
               if ranks > 1 else [sys.executable])
-    cmd = [*launch, "launch/train.py", "--deepspeed", "ds_configs/zero3.json", "--config", TRAIN_CONFIG,
-           "--no-resume", *[a for s in sets for a in ("--set", s)]]
+    cmd = [*launch, "launch/train.py", "--deepspeed", DS_CONFIGS.get(name, "ds_configs/zero3.json"),
+           "--config", TRAIN_CONFIG, "--no-resume", *[a for s in sets for a in ("--set", s)]]
     run(cmd, work / f"{name}.log")
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     evals = {r["step"]: r["eval/loss"] for r in rows if "eval/loss" in r}
@@ -351,6 +356,9 @@ def main() -> int:
                          ("dtype_auto_speedup_1p", "ours_1p_more_fp32")):
         if "ours_1p_more" in results and other in results:
             ratios[ratio] = results["ours_1p_more"]["tokens_per_s"] / results[other]["tokens_per_s"]
+    if "ours_1p_more" in results and "ours_1p_more_zero2" in results:
+        ratios["zero2_over_zero3_1p_tokens_per_s"] = (results["ours_1p_more_zero2"]["tokens_per_s"]
+                                                      / results["ours_1p_more"]["tokens_per_s"])
     if "ours_zero3_more" in results and "ours_1p_more" in results:
         ratios["zero3_2ranks_over_1p_tokens_per_s"] = (results["ours_zero3_more"]["tokens_per_s"]
                                                        / results["ours_1p_more"]["tokens_per_s"])
