@@ -69,15 +69,16 @@ class PhaseClock:
         setattr(obj, attr, timed)
 
 
-def build_trainer(model: Path, data: Path, out: Path, dtype: str):
-    """The trainer of `python launch/train.py` with vs_trl's ours_1p_more settings, in this process."""
+def build_trainer(model: Path, data: Path, out: Path, dtype: str, zero: int = 3):
+    """The trainer of `python launch/train.py` with vs_trl's ours_1p_more settings (ZeRO stage `zero`), in this
+    process."""
     from pipeline.config.base import load_config
     from pipeline.config.train import TrainConfig
     from pipeline.train.loop import build_trainer as build
 
     sets = [*ours_overrides(out, model, data, 1000, 1, dtype), "eval.every=0"]
     with contextlib.chdir(ROOT):
-        return build(load_config(TrainConfig, TRAIN_CONFIG, sets), str(ROOT / "ds_configs/zero3.json"))
+        return build(load_config(TrainConfig, TRAIN_CONFIG, sets), str(ROOT / f"ds_configs/zero{zero}.json"))
 
 
 def main() -> int:
@@ -87,6 +88,7 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=None, help="steps before profiling (3; quick 1)")
     ap.add_argument("--steps", type=int, default=None, help="profiled steps (3; quick 1)")
     ap.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto")
+    ap.add_argument("--zero", type=int, choices=[2, 3], default=3, help="ds_configs/zero{2,3}.json (3)")
     ap.add_argument("--work", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
@@ -98,7 +100,7 @@ def main() -> int:
     torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
 
     data = prepare_data(args.model.resolve(), work / "data", 40 if args.quick else 400)
-    trainer = build_trainer(args.model.resolve(), data, work / "run", dtype)
+    trainer = build_trainer(args.model.resolve(), data, work / "run", dtype, args.zero)
     peak = matmul_peak_gflops(torch_dtype, 1.0 if args.quick else 3.0)
     for _ in range(warmup):
         trainer.train_step()
@@ -130,7 +132,7 @@ def main() -> int:
         "command": "python bench/step_profile.py " + " ".join(sys.argv[1:]),
         "machine": {"cpu": platform.processor() or platform.machine(), "isa": cpu_isa(), "flags": vector_flags(),
                     "threads": torch.get_num_threads()},
-        "dtype": dtype, "steps": steps, "real_tokens_per_step": tokens / steps,
+        "dtype": dtype, "zero_stage": args.zero, "steps": steps, "real_tokens_per_step": tokens / steps,
         "step_seconds": wall / steps, "tokens_per_s": tokens / wall,
         "phases_s": phases, "op_kinds_self_s": dict(by_kind),
         "matmul_share_of_op_time": by_kind["matmul"] / max(profiled, 1e-9),

@@ -85,10 +85,13 @@ def test_forced_max_rank_equals_plain_lora():
     torch.testing.assert_close(y, lora, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("path", ["fused", "wrapped"])  # a trainable base weight takes the wrapped path
 @pytest.mark.parametrize("ste", ["all_experts", "selected"])
-def test_gradients_reach_everything_and_match_autograd(ste):
+def test_gradients_reach_everything_and_match_autograd(ste, path):
     cfg = MoreConfig(max_rank=8, gate_init="random", ste=ste)
     layer, ctx = _layer(cfg)
+    layer.base_layer.requires_grad_(path == "wrapped")
+    assert layer._fused_ok() == (path == "fused")
     x = torch.randn(2, 9, 32, requires_grad=True)
     tid = _tasks((2, 9), seed=3)
     set_tokens(ctx, tid)

@@ -39,6 +39,9 @@ def test_inject_report_and_freezing():
     assert {id(p) for p in m.selector_parameters()}.isdisjoint({id(p) for p in m.adapter_parameters()})
     groups = m.param_groups(1e-3)
     assert groups[1]["lr"] == pytest.approx(1e-3 * m.config.selector_lr_multiplier)
+    # ZeRO-3 is told that every layer reads the selector's shared task table (deepspeed's external parameters)
+    emb = m.selector.task_embedding
+    assert all(any(p is emb for _, p in layer.ds_external_parameters()) for layer in m.layers.values())
 
 
 def test_target_matching():

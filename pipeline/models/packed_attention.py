@@ -35,17 +35,16 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, dropout: fl
     if query.device.type == "cpu":  # CPU sdpa in bf16 ran 1.5-5x slower than in fp32 per sample (AMX machine)
         query, key, value = query.float(), key.float(), value.float()
     rows = []
-    for b, lens in enumerate(packed_segments):
-        parts, start = [], 0
-        for n in lens:
-            end = start + n
-            o = F.scaled_dot_product_attention(query[b:b + 1, :, start:end], key[b:b + 1, :, start:end],
-                                               value[b:b + 1, :, start:end], dropout_p=dropout, scale=scaling,
-                                               is_causal=True, enable_gqa=gqa)
-            parts.append(o[0].transpose(0, 1))  # (n, H, D)
-            start = end
-        if start < L:
-            parts.append(query.new_zeros(L - start, H, value.shape[-1]))
+    # split/unbind, not per-sample slicing: slicing's backward fills and adds a full-size (B, H, L, D) gradient per
+    # sample and tensor; split's backward is one cat per row
+    for q, k, v, lens in zip(query.unbind(0), key.unbind(0), value.unbind(0), packed_segments):
+        sizes = [*lens, L - sum(lens)]  # the last piece is the row's padding (possibly empty)
+        samples = zip(q.split(sizes, 1)[:-1], k.split(sizes, 1)[:-1], v.split(sizes, 1)[:-1])
+        parts = [F.scaled_dot_product_attention(qs[None], ks[None], vs[None], dropout_p=dropout, scale=scaling,
+                                                is_causal=True, enable_gqa=gqa)[0].transpose(0, 1)  # (n, H, D)
+                 for qs, ks, vs in samples]
+        if sizes[-1]:  # padding positions: zero output
+            parts.append(query.new_zeros(sizes[-1], H, value.shape[-1]))
         rows.append(torch.cat(parts) if len(parts) > 1 else parts[0])
     return torch.stack(rows).to(out_dtype), None
 

@@ -51,10 +51,10 @@ def _layer_seed(seed: int, name: str) -> int:
 def _register_external(layer: nn.Module, param: nn.Parameter) -> None:
     """Tell ZeRO-3 that `layer`'s forward reads `param` (owned elsewhere); harmless without ZeRO-3."""
     try:
-        from deepspeed.zero import register_external_parameter
-    except Exception:  # deepspeed absent: nothing to coordinate
+        import deepspeed
+    except ImportError:  # deepspeed absent: nothing to coordinate
         return
-    register_external_parameter(layer, param)
+    deepspeed.zero.register_external_parameter(layer, param)
 
 
 def inject_layers(model: nn.Module, config: MoreConfig, num_tasks: int, context: MoreContext) -> Dict[str, MoreLinear]:
