@@ -9,7 +9,7 @@ Two execution paths, same numbers:
   addmm(bias, x, W.T) and adds the adapter's up-projection into that output in place (`addmm_`); in backward the
   adapter's input gradient is added into gy @ W in place. No extra pass over activations for the adds.
 - wrapped (bitsandbytes Linear4bit, ZeRO-3 partitioned weights, trainable base): y = base_layer(x) (its own hooks,
-  so ZeRO-3 gathers the weight), then one autograd Function adds the adapter.
+  so ZeRO-3 gathers the weight), then one autograd Function adds the adapter into y in place.
 """
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ class _FusedMoreLinear(torch.autograd.Function):
 
 
 class _AdapterAdd(torch.autograd.Function):
-    """y += ((xa A^T) * M) B^T in place (no copy of y), y being the base layer's output (N, out), read by nothing else."""
+    """y += ((xa A^T) * M) B^T in place (no copy of y); y is the base layer's output (N, out), read by nothing else."""
 
     @staticmethod
     def forward(ctx, y, xa, A, B, M):
