@@ -9,7 +9,7 @@ Two execution paths, same numbers:
   addmm(bias, x, W.T) and adds the adapter's up-projection into that output in place (`addmm_`); in backward the
   adapter's input gradient is added into gy @ W in place. No extra pass over activations for the adds.
 - wrapped (bitsandbytes Linear4bit, ZeRO-3 partitioned weights, trainable base): y = base_layer(x) (its own hooks,
-  so ZeRO-3 gathers the weight), then one autograd Function adds the adapter into y in place.
+  so ZeRO-3 gathers the weight), then one autograd Function adds the adapter into y (in place unless y is a view).
 """
 from __future__ import annotations
 
@@ -63,26 +63,37 @@ class _FusedMoreLinear(torch.autograd.Function):
 
 
 class _AdapterAdd(torch.autograd.Function):
-    """y += ((xa A^T) * M) B^T in place (no copy of y); y is the base layer's output (N, out), read by nothing else."""
+    """y + ((xa A^T) * M) B^T, written into y in place when y (..., out), the base layer's output, is not a view.
+
+    Writing through a view (nn.Linear's output for 3-D input with a bias is one) makes autograd copy the whole gradient
+    back through CopySlices/AsStrided nodes in backward, which costs more than the copy the in-place add saves.
+    """
 
     @staticmethod
     def forward(ctx, y, xa, A, B, M):
-        u = xa @ A.t()
+        xa2 = xa.reshape(-1, xa.shape[-1])
+        u = xa2 @ A.t()
         v = u * M
-        y.addmm_(v, B.t())
-        ctx.mark_dirty(y)
-        ctx.save_for_backward(xa, A, B, M, u, v)
-        return y
+        if y._is_view():
+            out = torch.addmm(y.reshape(-1, y.shape[-1]), v, B.t()).view(y.shape)
+        else:
+            out = y
+            y.view(-1, y.shape[-1]).addmm_(v, B.t())
+            ctx.mark_dirty(y)
+        ctx.save_for_backward(xa2, A, B, M, u, v)
+        ctx.xa_shape = xa.shape
+        return out
 
     @staticmethod
     def backward(ctx, gy):
         xa, A, B, M, u, v = ctx.saved_tensors
         _, need_xa, need_A, need_B, need_M = ctx.needs_input_grad
-        gv = gy @ B
+        gy2 = gy.reshape(-1, gy.shape[-1])
+        gv = gy2 @ B
         gu = gv * M
-        gxa = gu @ A if need_xa else None
+        gxa = (gu @ A).view(ctx.xa_shape) if need_xa else None
         gA = gu.t() @ xa if need_A else None
-        gB = gy.t() @ v if need_B else None
+        gB = gy2.t() @ v if need_B else None
         gM = _grad_M(gv, u, M) if need_M else None
         return gy, gxa, gA, gB, gM
 
@@ -225,16 +236,17 @@ class MoreLinear(nn.Module):
         else:
             raise RuntimeError("MoRE layer called without task ids: call MoreCausalLM.forward(task_ids=...), "
                                "use model.task_context(t), or model.disable_adapters()")
-        xa = self.dropout(x2) if (self.dropout is not None and self.training) else x2
+        dropout = self.dropout is not None and self.training
         if self._fused_ok() and self.base_layer.weight.dtype == x2.dtype:
             dt = x2.dtype
             b = self.base_layer
+            xa = self.dropout(x2) if dropout else x2
             y = _FusedMoreLinear.apply(x2, xa, b.weight, b.bias, self.lora_A.to(dt), self.lora_B.to(dt), M.to(dt))
-        else:
-            y = self.base_layer(x).reshape(-1, self.out_features)
-            dt = y.dtype
-            y = _AdapterAdd.apply(y, xa.to(dt), self.lora_A.to(dt), self.lora_B.to(dt), M.to(dt))
-        return y.view(*shape[:-1], self.out_features)
+            return y.view(*shape[:-1], self.out_features)
+        y = self.base_layer(x)
+        dt = y.dtype
+        xa = self.dropout(x) if dropout else x
+        return _AdapterAdd.apply(y, xa.to(dt), self.lora_A.to(dt), self.lora_B.to(dt), M.to(dt))
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, max_rank={self.max_rank}, "
