@@ -160,8 +160,7 @@ def test_adapted_linears_are_zero3_units_whose_inputs_need_gradients():
 
     m = inject(tiny_llama(0), MoreConfig(gate_init="random"), TASKS).train()
     assert gather_adapted_linears_whole(m) == len(m.layers)
-    assert all(z3_leaf_module(layer) for layer in m.layers.values())
-    assert not any(z3_leaf_module(mod) for mod in m.modules() if mod not in set(m.layers.values()))
+    assert {mod for mod in m.modules() if z3_leaf_module(mod)} == set(m.layers.values())
     needs_grad = {}
     for name, layer in m.layers.items():
         layer.register_forward_pre_hook(lambda mod, args, name=name: needs_grad.__setitem__(name, args[0].requires_grad))
