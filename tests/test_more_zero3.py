@@ -146,26 +146,29 @@ def test_zero3_two_ranks_matches_single_process(tmp_path, reentrant, layout):
         assert torch.equal(tensors[n], p.detach()), n
 
 
-def test_adapted_linears_are_zero3_units_whose_inputs_need_gradients():
-    """The trainer makes each MoreLinear one ZeRO-3 unit. A leaf reduces its gradients when its inputs' gradients
-    exist, or, where no input needs one, before its own parameters' gradients are accumulated (DeepSpeed then fails
-    on an empty released tensor); so every adapted linear's input must need a gradient, layer 0's q_proj included,
-    whose input comes straight from the frozen embeddings."""
+def test_decoder_layers_are_zero3_units_whose_inputs_need_gradients():
+    """The trainer makes each decoder layer one ZeRO-3 unit (its MoRE linears inside it). A leaf reduces its gradients
+    when its inputs' gradients exist, or, where no input needs one, before its own parameters' gradients are
+    accumulated (DeepSpeed then fails on an empty released tensor); so every layer's input must need a gradient,
+    layer 0's included, whose input comes straight from the frozen embeddings."""
     from deepspeed.utils import z3_leaf_module
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
     from more_fixtures import tiny_llama
     from pipeline.config.more import MoreConfig
     from pipeline.more import inject
-    from pipeline.train.zero3_units import gather_adapted_linears_whole
+    from pipeline.train.zero3_units import make_zero3_units
 
     m = inject(tiny_llama(0), MoreConfig(gate_init="random"), TASKS).train()
-    assert gather_adapted_linears_whole(m) == len(m.layers)
-    assert {mod for mod in m.modules() if z3_leaf_module(mod)} == set(m.layers.values())
+    layers = [mod for mod in m.modules() if isinstance(mod, LlamaDecoderLayer)]
+    assert len(layers) == m.base_model.config.num_hidden_layers and m.layers
+    assert make_zero3_units(m) == len(layers)
+    assert [mod for mod in m.modules() if z3_leaf_module(mod)] == layers
     needs_grad = {}
-    for name, layer in m.layers.items():
-        layer.register_forward_pre_hook(lambda mod, args, name=name: needs_grad.__setitem__(name, args[0].requires_grad))
+    for i, layer in enumerate(layers):
+        layer.register_forward_pre_hook(lambda mod, args, i=i: needs_grad.__setitem__(i, args[0].requires_grad))
     m(**mixed_batch())
-    assert needs_grad and all(needs_grad.values()), needs_grad
+    assert len(needs_grad) == len(layers) and all(needs_grad.values()), needs_grad
 
 
 if __name__ == "__main__":

@@ -33,6 +33,19 @@ def test_meta_param_counts_of_shipped_configs(name):
     assert inv.quantizable_numel + inv.other_numel == inv.num_params
 
 
+def test_zero3_fetch_unit_is_a_whole_decoder_layer_or_the_embedding():
+    """The trainer gathers each decoder layer as one ZeRO-3 unit (train/zero3_units.py): the planner's gathered
+    memory starts from the larger of one layer (NF4 weights at 4 per 16-bit element, norms) and the embedding."""
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(hidden_size=1024, intermediate_size=4096, num_attention_heads=8, num_hidden_layers=2,
+                      vocab_size=1000)
+    linears, norms = 4 * 1024 * 1024 + 3 * 1024 * 4096, 2 * 1024
+    assert inventory(meta_model(cfg)).largest_fetch_unit_numel == linears // 4 + norms
+    assert inventory(meta_model(cfg), quant="none").largest_fetch_unit_numel == linears + norms
+    assert inventory(meta_model(resolve_config("llama-2-70b"))).largest_fetch_unit_numel == 32000 * 8192
+
+
 def test_more_param_count_llama2_7b():
     m = meta_model(resolve_config("llama-2-7b"))
     all_lin = more_param_count(m, max_rank=8, targets="all-linear", num_tasks=8)

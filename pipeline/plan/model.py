@@ -69,7 +69,8 @@ class ModelInventory:
     head_dim: int
     vocab: int
     params: tuple[ParamInfo, ...]
-    largest_module_numel: int  # largest set of direct parameters of one module, in stored elements (16-bit)
+    largest_fetch_unit_numel: int  # what ZeRO-3 gathers at once, in stored elements (16-bit): one decoder layer
+    # (a leaf, train/zero3_units.py) or, outside the layers, one module's direct parameters
     largest_linear_numel: int  # largest quantizable Linear weight (the NF4 dequantization scratch)
     linear_names: tuple[str, ...]  # short names of the Linear modules inside the blocks (q_proj, ...)
 
@@ -99,7 +100,15 @@ def inventory(model, name: str = "", quant: str = "nf4") -> ModelInventory:
     skip = _output_embedding_names(model)
     params, seen = [], set()
     largest_module, largest_linear, linear_names = 0, 0, set()
-    for mod_name, mod in model.named_modules():
+    layer_names = set(getattr(model, "_no_split_modules", None) or [])
+    layer_numel: dict[str, int] = {}  # decoder layer -> its stored elements
+    layer = None
+    for mod_name, mod in model.named_modules():  # pre-order: a layer comes before its submodules
+        if type(mod).__name__ in layer_names:
+            layer = mod_name
+            layer_numel[layer] = 0
+        elif layer is not None and not mod_name.startswith(layer + "."):
+            layer = None
         is_q_linear = isinstance(mod, nn.Linear) and mod_name not in skip
         if is_q_linear:
             linear_names.add(mod_name.rsplit(".", 1)[-1])
@@ -112,7 +121,10 @@ def inventory(model, name: str = "", quant: str = "nf4") -> ModelInventory:
             q = is_q_linear and pname == "weight" and quant == "nf4"
             params.append(ParamInfo(f"{mod_name}.{pname}", p.numel(), q))
             direct += p.numel() // 4 if q else p.numel()  # NF4 in a 16-bit container: 4 values per element
-        largest_module = max(largest_module, direct)
+        if layer is not None:
+            layer_numel[layer] += direct
+        else:
+            largest_module = max(largest_module, direct)
     heads = cfg.num_attention_heads
     hidden = cfg.hidden_size
     return ModelInventory(
@@ -127,7 +139,7 @@ def inventory(model, name: str = "", quant: str = "nf4") -> ModelInventory:
         head_dim=getattr(cfg, "head_dim", None) or hidden // heads,
         vocab=cfg.vocab_size,
         params=tuple(params),
-        largest_module_numel=largest_module,
+        largest_fetch_unit_numel=max(largest_module, *layer_numel.values()),
         largest_linear_numel=largest_linear,
         linear_names=tuple(sorted(linear_names)),
     )

@@ -157,9 +157,9 @@ def _evaluate(inp: PlanInputs, inv: ModelInventory, adapter: AdapterCount, adapt
                            head_dim=inv.head_dim, vocab=inv.vocab, layers=inv.num_layers, act_bytes=d,
                            adapted=adapted, rank=inp.max_rank, attn_impl=inp.attn_impl,
                            dropout=inp.adapter_dropout)
-    gathered = (inv.largest_module_numel + z.prefetch_bucket_size
+    gathered = (inv.largest_fetch_unit_numel + z.prefetch_bucket_size
                 + min(z.max_reuse_distance, z.max_live_parameters, container_total)) * d
-    gathered = min(gathered, (container_total + inv.largest_module_numel) * d) if W > 1 else 0  # 1 rank: no gather
+    gathered = min(gathered, (container_total + inv.largest_fetch_unit_numel) * d) if W > 1 else 0  # 1 rank: no gather
     reduce_bucket = (z.reduce_bucket_size if z.contiguous_gradients else min(z.reduce_bucket_size, t_total)) * d
     scratch = inv.largest_linear_numel * d if inp.quant == "nf4" else 0
     wq = "NF4" if inp.quant == "nf4" else inp.dtype
@@ -182,7 +182,8 @@ def _evaluate(inp: PlanInputs, inv: ModelInventory, adapter: AdapterCount, adapt
                 f"no ckpt {act.no_ckpt / GiB:.1f} GiB / ckpt {act.ckpt / GiB:.1f} GiB; logits+loss "
                 f"{act.logits_peak / GiB:.2f} GiB"),
         MemLine("gathered", "ZeRO-3 gathered params", gathered,
-                f"largest module {inv.largest_module_numel * d / GiB:.2f} GiB + prefetch bucket + reuse window"),
+                f"largest fetch unit (a decoder layer) {inv.largest_fetch_unit_numel * d / GiB:.2f} GiB + prefetch "
+                f"bucket + reuse window"),
         MemLine("reduce_bucket", "ZeRO-3 reduce bucket", reduce_bucket, f"{z.reduce_bucket_size:,} elements"),
         MemLine("dequant", "NF4 dequantization scratch", scratch, "largest Linear in 16-bit"),
         MemLine("overhead", "CUDA context + NCCL", int(inp.overhead_gb * GiB)),

@@ -27,7 +27,7 @@ from pipeline.train.loss import token_loss_sums
 from pipeline.train.monitor import Monitor
 from pipeline.train.preflight import checkpointing_fits_without, preflight
 from pipeline.train.schedule import make_scheduler
-from pipeline.train.zero3_units import gather_adapted_linears_whole
+from pipeline.train.zero3_units import make_zero3_units
 
 EXIT_REQUEUE = 75  # EX_TEMPFAIL: preempted after a checkpoint; the SLURM script requeues on it
 
@@ -93,7 +93,7 @@ class Trainer:
         model = build_model(cfg, task_names, dist_info)
         ds = fill_ds_config(ds_config, cfg, dist_info.world_size)
         if ds.get("zero_optimization", {}).get("stage") == 3:
-            gather_adapted_linears_whole(model)
+            make_zero3_units(model)
         o = cfg.optim
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, model_parameters=model.param_groups(o.lr, o.weight_decay), config=ds,

@@ -1,24 +1,35 @@
-"""ZeRO-3 fetch granularity: each adapted linear (its NF4 base, LoRA pair and gate) is gathered as one unit.
+"""ZeRO-3 fetch granularity: each decoder layer (its NF4 linears, LoRA pairs, gates and norms) is one unit.
 
-DeepSpeed installs gather/release hooks and two autograd nodes on every module; a MoRE linear holds three (itself,
-its base layer, its gate), so as a ZeRO-3 leaf it runs one module's hooks instead of three for the same parameters
-(2 ranks, SmolLM2-135M NF4, bf16, 10 steps, alternated 3 times: 1.01x, 1.04x, 1.20x tokens/s, identical losses).
+DeepSpeed installs gather/release hooks and autograd nodes on every module that holds parameters, and gathers each
+module's parameters with its own collective. A decoder layer holds ~20 such modules (7 MoRE linears with their base
+layers and gates, 2 norms); as a ZeRO-3 leaf it runs one module's hooks and one coalesced all-gather instead.
+SmolLM2-135M NF4, bf16, 10 steps, A/B against one unit per MoRE linear alternated 3 times on 2 ranks: 1.02x, 1.07x,
+1.12x real tokens/s (1 process, twice: 1.08x, 1.12x); fp32 losses identical. The price is a whole layer gathered at
+once (Llama-2-70B: ~0.43 GB in NF4), which the memory planner counts (`plan/model.py`, largest fetch unit).
+Models that name no decoder-layer class (`_no_split_modules`) fall back to one unit per MoRE linear.
+
 A leaf reduces its gradients from a full backward hook, which fires once the gradients of the module's inputs exist,
 or, if no input needs one, as soon as its output's gradient does, before its own parameters' gradients are
-accumulated. So the embeddings' output is made to require a gradient: then every adapted linear's input does
-(layer 0's included).
+accumulated. So the embeddings' output is made to require a gradient: then every layer's input does (layer 0's too).
 """
 from __future__ import annotations
 
 from torch import nn
 
 
-def gather_adapted_linears_whole(model: nn.Module) -> int:
-    """Mark every MoreLinear of `model` (a MoreCausalLM) a ZeRO-3 leaf before `deepspeed.initialize`; returns how many."""
+def decoder_layer_classes(model: nn.Module) -> list[type]:
+    """The classes of `model`'s modules that its `_no_split_modules` names (HF: the decoder layer)."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    return list({type(m) for m in model.modules() if type(m).__name__ in names})
+
+
+def make_zero3_units(model: nn.Module) -> int:
+    """Mark each decoder layer of `model` (a MoreCausalLM) a ZeRO-3 leaf before `deepspeed.initialize`; returns
+    how many leaves."""
     from deepspeed.utils import set_z3_leaf_modules
 
     from pipeline.more.layer import MoreLinear
 
-    leaves = set_z3_leaf_modules(model, [MoreLinear])
+    leaves = set_z3_leaf_modules(model, decoder_layer_classes(model.base_model) or [MoreLinear])
     model.base_model.enable_input_require_grads()
     return len(leaves)
