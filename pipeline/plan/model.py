@@ -83,6 +83,14 @@ class ModelInventory:
         return sum(p.numel for p in self.params if not p.quantized)
 
 
+def decoder_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Qualified name -> module for every decoder layer of an HF causal LM: the modules whose class its
+    `_no_split_modules` names (the unit transformers keeps whole on one device); empty if it names none. The trainer
+    makes each one ZeRO-3 unit (train/zero3_units.py), so the planner counts one gathered whole."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    return {n: m for n, m in model.named_modules() if type(m).__name__ in names}
+
+
 def _output_embedding_names(model) -> set[str]:
     out = set()
     get = getattr(model, "get_output_embeddings", None)
@@ -100,15 +108,9 @@ def inventory(model, name: str = "", quant: str = "nf4") -> ModelInventory:
     skip = _output_embedding_names(model)
     params, seen = [], set()
     largest_module, largest_linear, linear_names = 0, 0, set()
-    layer_names = set(getattr(model, "_no_split_modules", None) or [])
-    layer_numel: dict[str, int] = {}  # decoder layer -> its stored elements
-    layer = None
-    for mod_name, mod in model.named_modules():  # pre-order: a layer comes before its submodules
-        if type(mod).__name__ in layer_names:
-            layer = mod_name
-            layer_numel[layer] = 0
-        elif layer is not None and not mod_name.startswith(layer + "."):
-            layer = None
+    layer_numel = dict.fromkeys(decoder_layers(model), 0)  # decoder layer -> its stored elements
+    for mod_name, mod in model.named_modules():
+        layer = next((n for n in layer_numel if mod_name == n or mod_name.startswith(n + ".")), None)
         is_q_linear = isinstance(mod, nn.Linear) and mod_name not in skip
         if is_q_linear:
             linear_names.add(mod_name.rsplit(".", 1)[-1])

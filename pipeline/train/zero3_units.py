@@ -5,7 +5,8 @@ module's parameters with its own collective. A decoder layer holds ~20 such modu
 layers and gates, 2 norms); as a ZeRO-3 leaf it runs one module's hooks and one coalesced all-gather instead.
 SmolLM2-135M NF4, bf16, 10 steps, A/B against one unit per MoRE linear alternated 3 times on 2 ranks: 1.02x, 1.07x,
 1.12x real tokens/s (1 process, twice: 1.08x, 1.12x); fp32 losses identical. The price is a whole layer gathered at
-once (Llama-2-70B: ~0.43 GB in NF4), which the memory planner counts (`plan/model.py`, largest fetch unit).
+once (Llama-2-70B: ~0.43 GB in NF4, less than its 16-bit embedding, 0.52 GB, gathered whole anyway), which the
+memory planner counts (`plan/model.py`, largest fetch unit).
 Models that name no decoder-layer class (`_no_split_modules`) fall back to one unit per MoRE linear.
 
 A leaf reduces its gradients from a full backward hook, which fires once the gradients of the module's inputs exist,
@@ -16,11 +17,7 @@ from __future__ import annotations
 
 from torch import nn
 
-
-def decoder_layer_classes(model: nn.Module) -> list[type]:
-    """The classes of `model`'s modules that its `_no_split_modules` names (HF: the decoder layer)."""
-    names = set(getattr(model, "_no_split_modules", None) or [])
-    return list({type(m) for m in model.modules() if type(m).__name__ in names})
+from pipeline.plan.model import decoder_layers
 
 
 def make_zero3_units(model: nn.Module) -> int:
@@ -30,6 +27,7 @@ def make_zero3_units(model: nn.Module) -> int:
 
     from pipeline.more.layer import MoreLinear
 
-    leaves = set_z3_leaf_modules(model, decoder_layer_classes(model.base_model) or [MoreLinear])
+    classes = list({type(m) for m in decoder_layers(model.base_model).values()})
+    leaves = set_z3_leaf_modules(model, classes or [MoreLinear])
     model.base_model.enable_input_require_grads()
     return len(leaves)
