@@ -111,8 +111,6 @@ def test_more_param_count_per_layer_with_input_wide_embeddings_matches_the_injec
     assert sorted(c.tensor_numels) == real["numels"]
 
 
-@pytest.mark.xfail(strict=True, reason="planner bug found by measuring the real model: more_param_count leaves out "
-                                       "the shared layout's contrastive head selector.proj (hidden x dim)")
 def test_more_param_count_total_includes_the_contrastive_head():
     model, more, meta = _injected("all-linear")
     real = _real(model)
@@ -122,9 +120,6 @@ def test_more_param_count_total_includes_the_contrastive_head():
     assert c.total == real["trainable"] and sorted(c.tensor_numels) == real["numels"]
 
 
-@pytest.mark.xfail(strict=True, reason="planner bug found by measuring the real model: per_layer MoRE ignores "
-                                       "task_embedding_dim (embeddings and gates are in_features wide), the planner "
-                                       "counts it at the configured dim, which preflight passes (16 by default)")
 def test_more_param_count_per_layer_with_the_trainers_dim():
     model, more, meta = _injected("all-linear", task_embedding="per_layer")
     c = more_param_count(meta, max_rank=more.max_rank, targets="all-linear", num_tasks=len(model.task_names),

@@ -2,8 +2,9 @@
 
 Per adapted Linear (in -> out): one LoRA pair A (R x in) and B (out x R) whose rank prefixes are the experts, and a
 gate Linear(d, K) + bias choosing among K experts from a task embedding of width d. The task embedding is one
-table (num_tasks x d) shared by every layer ("shared"), or one per adapted Linear ("per_layer"; with
-task_embedding_dim=None its width is the Linear's in_features, as in the MoRE reference code).
+table (num_tasks x task_embedding_dim) shared by every layer, with the contrastive head Linear(hidden, d, no bias)
+("shared"), or one per adapted Linear, as wide as its input ("per_layer", as in the MoRE reference code; the
+trainer's task_embedding_dim does not apply there).
 """
 from __future__ import annotations
 
@@ -18,12 +19,13 @@ class AdapterCount:
     lora: int
     gate: int
     task_embedding: int
+    head: int  # the shared layout's contrastive projection (hidden x d); 0 in per_layer
     modules: int  # number of adapted Linear layers
     tensor_numels: tuple[int, ...]  # every trainable tensor's size (ZeRO-3 persistence is decided per tensor)
 
     @property
     def total(self) -> int:
-        return self.lora + self.gate + self.task_embedding
+        return self.lora + self.gate + self.task_embedding + self.head
 
 
 def parse_targets(targets: str | Iterable[str]) -> list[str] | None:
@@ -62,12 +64,13 @@ def more_param_count(model: nn.Module, max_rank: int = 8, targets: str | Iterabl
     if task_embedding not in ("shared", "per_layer"):
         raise ValueError(f"task_embedding must be 'shared' or 'per_layer', got {task_embedding!r}")
     k = num_experts or max_rank
-    lora = gate = emb = 0
+    lora = gate = emb = head = 0
+    dim = task_embedding_dim or 16
     numels: list[int] = []
     linears = target_linears(model, targets)
     for _, lin in linears:
         a, b = max_rank * lin.in_features, lin.out_features * max_rank
-        d = task_embedding_dim or lin.in_features
+        d = lin.in_features if task_embedding == "per_layer" else dim
         lora += a + b
         gate += d * k + k
         numels += [a, b, d * k, k]
@@ -75,6 +78,6 @@ def more_param_count(model: nn.Module, max_rank: int = 8, targets: str | Iterabl
             emb += num_tasks * d
             numels.append(num_tasks * d)
     if task_embedding == "shared":
-        emb = num_tasks * (task_embedding_dim or 16)
-        numels.append(emb)
-    return AdapterCount(lora, gate, emb, len(linears), tuple(numels))
+        emb, head = num_tasks * dim, model.config.hidden_size * dim
+        numels += [emb, head]
+    return AdapterCount(lora, gate, emb, head, len(linears), tuple(numels))

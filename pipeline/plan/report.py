@@ -18,7 +18,7 @@ def format_plan(p: MemoryPlan) -> str:
         f"grad ckpt={'on' if i.grad_ckpt else 'off'}, offload={'on' if i.offload else 'off'}",
         f"MoRE: rank {i.max_rank} on {a.modules} Linear layers ({i.targets}), {i.num_tasks} tasks, "
         f"{i.task_embedding} task embedding: {a.lora / 1e6:.2f}M LoRA + {a.gate / 1e6:.3f}M gate + "
-        f"{a.task_embedding / 1e6:.3f}M task-emb",
+        f"{a.task_embedding / 1e6:.3f}M task-emb" + (f" + {a.head / 1e6:.3f}M contrastive head" if a.head else ""),
         f"ZeRO-3 ({p.zero_source}): reduce bucket {p.zero.reduce_bucket_size:,.0f}, prefetch bucket "
         f"{p.zero.prefetch_bucket_size:,.0f}, persistence threshold {p.zero.param_persistence_threshold:,.0f}, "
         f"reuse distance {p.zero.max_reuse_distance:,.0f} elements",
