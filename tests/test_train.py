@@ -240,6 +240,40 @@ def test_one_process_with_accumulation_matches_two_ranks(tiny_train_setup, unint
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("layout", ["shared", "per_layer"])
+def test_zero3_units_reduce_every_gradient_as_zero2_in_one_process(tiny_train_setup, tmp_path, layout):
+    """2 ZeRO-3 ranks, each decoder layer one fetch unit (train/zero3_units.py), against 1 process under ZeRO-2 (no
+    units, no partitioning) with the same global batch: the same losses and, after 3 updates with the selector
+    learning from step 1, the same value of every trained tensor. per_layer is the reference's layout, whose task
+    embeddings the contrastive loss reads again outside the layer's forward (one unit per MoRE linear made
+    DeepSpeed reduce them twice and assert)."""
+    args = ["--config", str(tiny_train_setup["config"]), "--set", f"more.task_embedding={layout}",
+            "--set", "more.selector_warmup_steps=0", "--set", "optim.max_steps=3",
+            "--set", "model.gradient_checkpointing=false"]
+    two = tmp_path / "two"
+    two.mkdir()
+    codes = wait_all(spawn_ranks(2, [*args, "--set", f"output_dir={two}"], two))
+    assert codes == [0, 0], _logs(two)
+    one = tmp_path / "one"
+    proc = subprocess.run([sys.executable, str(TRAIN), "--deepspeed", str(ROOT / "ds_configs" / "zero2.json"), *args,
+                           "--set", f"output_dir={one}", "--set", "optim.grad_accum=2"],
+                          env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    single, reference = step_losses(one), step_losses(two)
+    assert sorted(single) == sorted(reference) == [1, 2, 3]
+    for step in (1, 2, 3):
+        assert single[step] == pytest.approx(reference[step], rel=1e-4), (step, single, reference)
+    from pipeline.more.io import read_adapter
+    _, _, got = read_adapter(two / "adapter")
+    _, _, want = read_adapter(one / "adapter")
+    assert sorted(got) == sorted(want)
+    assert any("task_embedding" in k for k in got)
+    # fp32, gradients reduced in another order: equal to float rounding, relative to each tensor's scale
+    rel = {k: float((got[k] - want[k]).abs().max() / want[k].abs().max().clamp_min(1e-12)) for k in want}
+    assert max(rel.values()) < 1e-4, {k: v for k, v in rel.items() if v >= 1e-4}
+
+
+@pytest.mark.slow
 def test_nan_on_one_rank_stops_every_rank_before_the_update_and_is_never_checkpointed(tiny_train_setup, tmp_path,
                                                                                      monkeypatch):
     run = tmp_path / "nan"
