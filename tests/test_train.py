@@ -21,6 +21,7 @@ from pipeline.train.distributed import free_port
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "launch" / "train.py"
 ZERO3 = ROOT / "ds_configs" / "zero3.json"
+ZERO2 = ROOT / "ds_configs" / "zero2.json"
 
 
 def _env() -> dict:
@@ -255,7 +256,7 @@ def test_zero3_units_reduce_every_gradient_as_zero2_in_one_process(tiny_train_se
     codes = wait_all(spawn_ranks(2, [*args, "--set", f"output_dir={two}"], two))
     assert codes == [0, 0], _logs(two)
     one = tmp_path / "one"
-    proc = subprocess.run([sys.executable, str(TRAIN), "--deepspeed", str(ROOT / "ds_configs" / "zero2.json"), *args,
+    proc = subprocess.run([sys.executable, str(TRAIN), "--deepspeed", str(ZERO2), *args,
                            "--set", f"output_dir={one}", "--set", "optim.grad_accum=2"],
                           env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
