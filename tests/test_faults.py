@@ -12,6 +12,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import pytest
 import torch
 
 from pipeline.train.distributed import free_port
-from pipeline.train.faults import Fault, configured
+from pipeline.train.faults import Fault, configured, point
 from test_train import ROOT, TRAIN, ZERO3, _env, _logs, spawn_ranks, wait_all
 
 ZERO2 = ZERO3.parent / "zero2.json"
@@ -121,6 +122,23 @@ def _resume_finishes(setup, run: Path, logs: Path, expect_from: int | None) -> N
 
 
 # --------------------------------------------------------------------------------------------- the hook itself
+
+
+def test_pause_waits_for_an_outside_sigterm_and_hands_it_to_the_trainer(monkeypatch):
+    monkeypatch.setenv("PIPELINE_FAULT", "pause@0:3")
+    seen = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))
+    trainer_handler = signal.getsignal(signal.SIGTERM)
+    try:
+        point("step", 0, 2)  # not its step: returns at once
+        timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM))
+        t0 = time.time()
+        timer.start()
+        point("step", 0, 3)
+        assert time.time() - t0 >= 0.25 and seen == [signal.SIGTERM]
+        assert signal.getsignal(signal.SIGTERM) is trainer_handler  # restored
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def test_fault_spec_parsing(monkeypatch):

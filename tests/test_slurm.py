@@ -140,20 +140,27 @@ def test_prep_array_and_pipeline_chain(slurm, tmp_path):
 
 
 def test_real_trainer_under_slurm(slurm, tiny_train_setup, tmp_path):
-    """The real trainer through train.sbatch: 2 CPU ranks, preempted by TERM, requeued, resumed, finished."""
+    """The real trainer through train.sbatch: 2 CPU ranks, preempted by TERM, requeued, resumed, finished.
+
+    The ranks wait at the start of step 3 for the TERM (PIPELINE_FAULT=pause): the tiny model trains 6 steps in
+    under a second, faster than the signal travels, so without the pause the TERM may land after training ended."""
     run, steps = tmp_path / "run", 6
-    _, job = submit_train(slurm, tmp_path, 1, 2, real_train_cmd(tiny_train_setup["config"], run, steps), wait=False)
-    metrics = run / "metrics.jsonl"
+    _, job = submit_train(slurm, tmp_path, 1, 2, real_train_cmd(tiny_train_setup["config"], run, steps), wait=False,
+                          env={"PIPELINE_FAULT": "pause@*:3"})
+
+    def logs() -> str:
+        return sbatch_log(tmp_path) + "\n".join(p.read_text()[-3000:] for p in sorted(tmp_path.glob("logs/*/*")))
+
     deadline = time.time() + 300
-    while not (metrics.is_file() and metrics.read_text().count("train/loss") >= 1):
-        assert time.time() < deadline and slurm.job_field(job, "JobState") in ("PENDING", "RUNNING"), \
-            sbatch_log(tmp_path) + "\n".join(p.read_text()[-2000:] for p in tmp_path.glob("logs/*/*"))
+    while logs().count("[faults] pause on rank") < 2:
+        assert time.time() < deadline and slurm.job_field(job, "JobState") in ("PENDING", "RUNNING"), logs()
         time.sleep(0.5)
     preempt_and_release(slurm, job, tmp_path, timeout=300)
     state = slurm.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED"}, 600)
-    logs = sbatch_log(tmp_path) + "\n".join(p.read_text()[-2000:] for p in tmp_path.glob("logs/*/*"))
-    assert state == "COMPLETED", logs
-    assert "ranks finished with exit code 75" in logs and "requeueing job" in logs
+    assert state == "COMPLETED", logs()
+    assert "ranks finished with exit code 75" in logs() and "requeueing job" in logs(), logs()
+    assert "SIGTERM: checkpoint saved at step 3" in logs(), logs()  # the step it was preempted in, then resumed
+    metrics = run / "metrics.jsonl"
     recorded = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if "train/loss" in line]
     assert recorded == list(range(1, steps + 1)), recorded  # resumed where it stopped: no step twice, none lost
     summary = json.loads((run / "train_summary.json").read_text())

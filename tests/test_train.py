@@ -30,14 +30,14 @@ def _env() -> dict:
     return env
 
 
-def spawn_ranks(world: int, args: list[str], log_dir: Path) -> list[subprocess.Popen]:
+def spawn_ranks(world: int, args: list[str], log_dir: Path, env_extra: dict | None = None) -> list[subprocess.Popen]:
     """One process per rank, as srun starts them (RANK / LOCAL_RANK / WORLD_SIZE / MASTER_*)."""
     port = str(free_port())
     procs = []
     for rank in range(world):
         env = _env()
         env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=port)
+                   MASTER_PORT=port, **(env_extra or {}))
         log = open(log_dir / f"rank{rank}.log", "w")
         procs.append(subprocess.Popen([sys.executable, str(TRAIN), *args], env=env, stdout=log,
                                       stderr=subprocess.STDOUT, cwd=ROOT))
@@ -194,22 +194,22 @@ def uninterrupted_run(tiny_train_setup):
 def test_sigterm_checkpoint_and_resume_reproduce_uninterrupted_losses(tiny_train_setup, uninterrupted_run, tmp_path):
     """The resumed run continues the preempted one (its logs are kept, it starts after the checkpoint's step, logs
     no step twice) and together they log what the uninterrupted run logs, evals included: with an eval after every
-    step the signal always lands on an eval step, whose eval the resumed run owes."""
+    step the signal always lands on an eval step, whose eval the resumed run owes. The ranks wait at the start of
+    step 3 for the signal (PIPELINE_FAULT=pause), so it lands mid-run however fast the steps are."""
     run = tmp_path / "preempted"
     run.mkdir()
     args = ["--config", str(tiny_train_setup["config"]), "--set", f"output_dir={run}", "--set", "eval.every=1"]
-    procs = spawn_ranks(2, args, run)
+    procs = spawn_ranks(2, args, run, {"PIPELINE_FAULT": "pause@*:3"})
     deadline = time.time() + 600
-    while time.time() < deadline and not (run / "metrics.jsonl").is_file():
-        time.sleep(0.2)
-    while time.time() < deadline and len(step_losses(run)) < 2:
+    while not all("[faults] pause on rank" in (run / f"rank{r}.log").read_text() for r in (0, 1)):
+        assert time.time() < deadline and all(p.poll() is None for p in procs), _logs(run)
         time.sleep(0.2)
     for p in procs:  # SLURM sends the signal to every task of the step
         p.send_signal(signal.SIGTERM)
     codes = wait_all(procs)
     assert codes == [75, 75], _logs(run)
     stopped_at = max(step_losses(run))
-    assert stopped_at < 6, "the run finished before the signal arrived; nothing was resumed"
+    assert stopped_at == 3, _logs(run)
     assert (run / "checkpoints" / f"step_{stopped_at}" / "meta.json").is_file()
     before = (run / "metrics.jsonl").read_text()
 

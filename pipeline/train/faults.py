@@ -1,11 +1,13 @@
 """Test hook, not a feature: make one rank (or all) fail at one precise point of a training run.
 
-    PIPELINE_FAULT=ACTION@RANK:STEP[:PHASE]        e.g. kill@1:2:backward   stall@0:3   term@*:0:load
+    PIPELINE_FAULT=ACTION@RANK:STEP[:PHASE]        e.g. kill@1:2:backward   stall@0:3   term@*:0:load   pause@*:3
 
 ACTION  raise  a RuntimeError (a Python error on that rank)
         kill   SIGKILL to itself (what the OOM killer or a lost node does: no handler, no traceback)
         stall  sleep forever (a hung rank)
         term   SIGTERM to itself (SLURM's preemption signal)
+        pause  wait for a SIGTERM from outside, pass it to the trainer's handler, go on (holds a run at a known
+               step until a test's real preemption arrives, however fast the steps are)
 RANK    a global rank, or * for every rank
 STEP    the optimizer step (1-based) the fault fires in
 PHASE   step (default)  the start of step STEP, before its first batch
@@ -30,7 +32,7 @@ from typing import Iterator, NamedTuple, Optional
 import torch
 
 PHASES = ("step", "backward", "optimizer", "checkpoint", "load")
-_SPEC = re.compile(r"(raise|kill|stall|term)@(\*|\d+):(\d+)(?::(" + "|".join(PHASES) + r"))?")
+_SPEC = re.compile(r"(raise|kill|stall|term|pause)@(\*|\d+):(\d+)(?::(" + "|".join(PHASES) + r"))?")
 
 
 class Fault(NamedTuple):
@@ -54,7 +56,7 @@ def configured() -> Optional[Fault]:
     m = _SPEC.fullmatch(spec.strip())
     if m is None:
         raise ValueError(f"PIPELINE_FAULT={spec!r}: expected ACTION@RANK:STEP[:PHASE], "
-                         f"ACTION raise|kill|stall|term, PHASE {'|'.join(PHASES)}")
+                         f"ACTION raise|kill|stall|term|pause, PHASE {'|'.join(PHASES)}")
     action, rank, step, phase = m.groups()
     return Fault(action, None if rank == "*" else int(rank), int(step), phase or "step")
 
@@ -71,6 +73,26 @@ def fire(fault: Fault, rank: int, step: int) -> None:
     if fault.action == "stall":
         while True:
             time.sleep(3600)
+    if fault.action == "pause":
+        _wait_for_sigterm()
+
+
+def _wait_for_sigterm() -> None:
+    got = []
+    handler = signal.getsignal(signal.SIGTERM)
+
+    def relay(signum, frame):
+        got.append(signum)
+        if callable(handler):
+            handler(signum, frame)
+
+    signal.signal(signal.SIGTERM, relay)
+    try:
+        while not got:
+            time.sleep(0.05)
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+    print(f"[faults] pause ended by SIGTERM at t={time.time():.3f}", flush=True)
 
 
 def point(phase: str, rank: int, step: int) -> None:
