@@ -275,6 +275,23 @@ def test_zero3_units_reduce_every_gradient_as_zero2_in_one_process(tiny_train_se
 
 
 @pytest.mark.slow
+def test_evals_between_zero3_steps_leave_no_parameter_in_flight(tiny_train_setup, tmp_path):
+    """After training steps ZeRO-3 prefetches along the step's recorded order; an eval (forward only) left some of
+    those all-gathers in flight and the rank map's gather after it asserted. A prefetch bucket smaller than a
+    decoder layer shows it on the tiny model, as the default bucket does on a ~1B one."""
+    ds = json.loads(ZERO3.read_text())
+    ds["zero_optimization"]["stage3_prefetch_bucket_size"] = 1000
+    (tmp_path / "zero3.json").write_text(json.dumps(ds))
+    run = tmp_path / "run"
+    proc = subprocess.run([sys.executable, str(TRAIN), "--deepspeed", str(tmp_path / "zero3.json"),
+                           "--config", str(tiny_train_setup["config"]), "--set", f"output_dir={run}",
+                           "--set", "optim.max_steps=4", "--set", "eval.every=2", "--set", "eval.at_start=true"],
+                          env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert [s for s, _ in logged(run, "eval/loss")] == [0, 2, 4] and sorted(step_losses(run)) == [1, 2, 3, 4]
+
+
+@pytest.mark.slow
 def test_nan_on_one_rank_stops_every_rank_before_the_update_and_is_never_checkpointed(tiny_train_setup, tmp_path,
                                                                                      monkeypatch):
     run = tmp_path / "nan"

@@ -251,6 +251,10 @@ class Trainer:
 
         result = eval_loss(self.engine, self.data.eval_batches(), len(self.task_names), self.task_names,
                            self.dist.device, reduce=all_reduce_sum)
+        # ZeRO-3 prefetches parameters along the training step's recorded order; a forward-only pass leaves some
+        # of those all-gathers in flight, and the next gather outside a step (rank_map, save_adapter) then
+        # asserts "Cannot partition a param in flight". Wait for them and release every gathered parameter.
+        self.engine.empty_partition_cache()
         self.engine.train()
         return result
 
