@@ -128,13 +128,12 @@ def smollm2_import(tmp_path_factory) -> ImportedModel:
 
 @pytest.fixture(scope="session")
 def tiny_chat_model(smollm2_import, tmp_path_factory):
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    """A 2-layer random model with SmolLM2's architecture, tied head and tokenizer (chat template)."""
+    import torch
 
-    tok = AutoTokenizer.from_pretrained(smollm2_import.folder)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                      tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    from pipeline.models.tiny import build_random_like
+
     folder = tmp_path_factory.mktemp("tiny_chat") / "model"
-    LlamaForCausalLM(cfg).save_pretrained(folder)
-    tok.save_pretrained(folder)
+    build_random_like(smollm2_import.folder, folder, dtype=torch.float32, hidden_size=64, intermediate_size=128,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
     return folder

@@ -59,3 +59,19 @@ def test_quick_side_by_side_measures_both_tools_on_the_same_budget(tiny_chat_mod
     section = "\n".join(report.vs_trl(r))
     assert "TRL SFTTrainer + PEFT LoRA r8, `packing=True`" in section and "| 1.00 |" in section
     assert "MoRE / plain LoRA step time, 1 process" in section and "s to the target loss" in section
+
+
+def test_random_like_keeps_the_family_and_tokenizer_at_a_new_shape(smollm2_import, tiny_chat_model):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline.models.tiny import build_random_like
+
+    src, got = AutoConfig.from_pretrained(smollm2_import.folder), AutoConfig.from_pretrained(tiny_chat_model)
+    assert (got.hidden_size, got.intermediate_size, got.num_hidden_layers, got.head_dim) == (64, 128, 2, 16)
+    assert (got.model_type, got.vocab_size, got.tie_word_embeddings) == (src.model_type, src.vocab_size, True)
+    assert AutoTokenizer.from_pretrained(tiny_chat_model).chat_template
+    model = AutoModelForCausalLM.from_pretrained(tiny_chat_model)
+    assert sum(p.numel() for p in model.parameters()) == src.vocab_size * 64 + 2 * (
+        2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 128 + 2 * 64) + 64
+    with pytest.raises(ValueError, match="no field"):
+        build_random_like(smollm2_import.folder, tiny_chat_model.parent / "x", hidden_sizes=64)

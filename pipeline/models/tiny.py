@@ -1,6 +1,7 @@
 """Small Llama-shaped models built from a config, so tests and the default run never download weights."""
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
@@ -34,4 +35,31 @@ def build_tiny_llama(out_dir: str | Path, vocab_size: int, seed: int = 0, tokeni
     model.save_pretrained(out)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
+    return out
+
+
+def build_random_like(src_dir: str | Path, out_dir: str | Path, seed: int = 0, dtype: torch.dtype = torch.bfloat16,
+                      **shape) -> Path:
+    """A randomly initialised model of `src_dir`'s architecture and tokenizer at another size (`shape`: config
+    fields such as hidden_size, intermediate_size, num_hidden_layers, num_attention_heads, num_key_value_heads), in
+    `dtype`: a throughput stand-in for a bigger model of that family, where matmuls take a larger share of a step."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(src_dir)
+    unknown = sorted(k for k in shape if not hasattr(config, k))
+    if unknown:
+        raise ValueError(f"{src_dir}/config.json has no field(s) {unknown}")
+    for key, value in shape.items():
+        setattr(config, key, value)
+    if hasattr(config, "head_dim"):
+        config.head_dim = config.hidden_size // config.num_attention_heads
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    out = Path(out_dir)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(src_dir).save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.replace(out)
     return out
