@@ -366,6 +366,8 @@ def main() -> int:
                       + (f" --tokens {a.tokens}" if a.tokens else "")
                       + (f" --dtype {a.dtype}" if a.dtype != "auto" else "")
                       + (f" --systems {a.systems}" if chosen != list(SYSTEMS) else "")
+                      + (f" --eval-every {a.eval_every}" if a.eval_every != 2 else "")
+                      + (f" --work {a.work}" if a.work != "runs/bench-vs-trl" else "")
                       + (f" --out {a.out}" if a.out else ""),
            "model": a.model, "tokens_per_system": tokens,
            "row_len": ROW_LEN, "supervised_share": supervised_share, "useful_flops_per_token": flops,
