@@ -108,9 +108,11 @@ def inventory(model, name: str = "", quant: str = "nf4") -> ModelInventory:
     skip = _output_embedding_names(model)
     params, seen = [], set()
     largest_module, largest_linear, linear_names = 0, 0, set()
-    layer_numel = dict.fromkeys(decoder_layers(model), 0)  # decoder layer -> its stored elements
+    layers = decoder_layers(model)
+    layer_numel = dict.fromkeys(layers, 0)  # decoder layer -> its stored elements
+    layer_of = {sub: n for n, layer in layers.items() for sub, _ in layer.named_modules(prefix=n)}
     for mod_name, mod in model.named_modules():
-        layer = next((n for n in layer_numel if mod_name == n or mod_name.startswith(n + ".")), None)
+        layer = layer_of.get(mod_name)
         is_q_linear = isinstance(mod, nn.Linear) and mod_name not in skip
         if is_q_linear:
             linear_names.add(mod_name.rsplit(".", 1)[-1])
