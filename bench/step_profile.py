@@ -1,7 +1,7 @@
 """Where one training step's time goes: the documented trainer's step on the real model, timed by phase and by
 operator kind, so that the distance to the machine's matmul peak (bench/vs_trl.py) can be attributed.
 
-The same run as vs_trl's `ours_1p_more` (SmolLM2 on an NF4 base, the GLUE mix through its chat template, 2 packed
+The same run as vs_trl's `ours_1p_more` (SmolLM2 on an NF4 base, the GLUE mix through its chat template, 4 packed
 rows of 512 per step, 1 process under ZeRO-3, gradient checkpointing off, --dtype auto), built in this process with
 the trainer's own classes. After --warmup steps, --steps steps run under torch.profiler:
 - phases (wall seconds per step): batch (data), forward, backward, optimizer (DeepSpeed's step), rest;

@@ -3,20 +3,27 @@ would otherwise pick for QLoRA fine-tuning, in ONE run on the same machine, mode
 data and number of real training tokens.
 
     ours_zero3_more   MoRE (max rank 8, all linears), `deepspeed launch/train.py` on 2 ranks under ZeRO-3 (the
-                      documented path), 1 packed row of 512 per rank and step
+                      documented path), --rows-per-step packed rows of 512 per step split over the ranks (4: 2 per
+                      rank, as configs/train/smollm2-glue.yaml)
     ours_zero3_lora   the same trainer with plain LoRA rank 8 (`more.expert_ranks=[8]`, no selector, no contrastive
                       loss): MoRE's cost at model level on the same path
-    ours_1p_more      MoRE, `python launch/train.py` in 1 process (ZeRO-3 of one), 2 packed rows of 512 per step
+    ours_1p_more      MoRE, `python launch/train.py` in 1 process (ZeRO-3 of one), the same rows per step
     ours_1p_lora      plain LoRA rank 8, 1 process
     ours_1p_more_dense_mask   ours_1p_more with sdpa over the dense (B, 1, L, L) block-causal mask instead of
                       per-sample attention (`model.attn_implementation=sdpa`): what that change gained
     ours_1p_more_fp32 ours_1p_more in fp32: what --dtype auto's choice gained on a CPU where it picks bf16
     ours_1p_more_zero2  ours_1p_more under ZeRO-2 (ds_configs/zero2.json): what ZeRO-3's module hooks cost in one
                       process (fp32: the same losses as ZeRO-3; bf16: the same until the first update, then within 2%)
-    trl_padded        SFTTrainer + PEFT LoRA rank 8 (all linears), padded batches of 16 samples
-    trl_packed        the same with `packing=True` (TRL's best-fit-decreasing packing into rows of 512, padding-free,
-                      2 rows per step). On CPU attention TRL cannot isolate the packed samples (no varlen kernel),
-                      so this mode is faster than it is correct; it is measured because a user would try it.
+    trl_padded        SFTTrainer + PEFT LoRA rank 8 (all linears), padded micro-batches of 16 samples (~2 rows of
+                      real tokens), accumulated to about --rows-per-step rows per optimizer step
+    trl_packed        the same with `packing=True` (TRL's best-fit-decreasing packing into rows of 512, padding-free),
+                      micro-batches of --trl-micro-rows rows (1: its fastest; its padding-free batch is one sequence,
+                      so its attention grows with the batch) accumulated to --rows-per-step rows per optimizer step.
+                      On CPU attention TRL cannot isolate the packed samples (no varlen kernel), so this mode is
+                      faster than it is correct; it is measured because a user would try it.
+
+Every system takes the same real tokens per optimizer step (--rows-per-step rows of 512), so the held-out curves
+compare the same number of updates.
 
 Every system computes in --dtype: auto is bf16 on a CPU with AVX512-BF16 or AMX and fp32 elsewhere
 (pipeline/models/cpu.py), for TRL too (in bf16 it keeps its defaults, bf16 autocast and bf16 LoRA weights; in fp32
@@ -30,8 +37,9 @@ the first --skip, peak RSS of a training process, and the share of the machine's
 (forward, and backward to the inputs; the base is frozen) plus the head at supervised positions; attention's few %
 are left out. And the seconds of training (evaluations not counted) each system takes to reach one fixed held-out
 loss, the highest final loss of any system (so every system reaches it): the answer tokens' CE over the same held-out
-samples (the prep's eval split), at step 0 and every --eval-every steps; TRL's is computed sample by sample in the
-same worker, ours is the trainer's eval/loss (packed rows, per-sample attention: the same value).
+samples (the prep's eval split), at step 0 and every --eval-every steps (TRL: after as many real tokens as our
+--eval-every steps, whatever its batch); TRL's is computed sample by sample in the same worker, ours is the
+trainer's eval/loss (packed rows, per-sample attention: the same value).
 
     .venv/bin/python bench/vs_trl.py --model models/smollm2-135m-instruct   # make model first; ~35 min, 2 cores
     .venv/bin/python bench/vs_trl.py --quick --model DIR                    # a few steps (the test)
@@ -70,8 +78,8 @@ SYSTEMS = {  # name: (kind, ranks or rows per step, extra overrides)
     "ours_1p_more_fp32": ("ours", 1, ["model.dtype=fp32"]),  # the dtype choice measured (same as ours_1p_more on
                                                               # a CPU where --dtype auto is fp32)
     "ours_1p_more_zero2": ("ours", 1, []),  # ZeRO-2 instead of ZeRO-3 in one process (DS_CONFIGS)
-    "trl_padded": ("trl", 16, []),
-    "trl_packed": ("trl", 2, []),
+    "trl_padded": ("trl", 16, []),  # samples per micro-batch
+    "trl_packed": ("trl", None, []),  # rows per micro-batch: --trl-micro-rows
 }
 
 DS_CONFIGS = {"ours_1p_more_zero2": "ds_configs/zero2.json"}  # every other `ours` system: ds_configs/zero3.json
@@ -128,27 +136,30 @@ def samples_dataset(data_dir: Path, out: Path, split: str = "train") -> Path:
     return out
 
 
-def ours_overrides(out: Path, model: Path, data: Path, steps: int, ranks: int, dtype: str) -> list[str]:
-    """Our trainer's settings here (over TRAIN_CONFIG): 2 packed rows per step on 1 or 2 ranks, no checkpoints, the
-    selector learning from step 1."""
+def ours_overrides(out: Path, model: Path, data: Path, steps: int, ranks: int, dtype: str,
+                   rows_per_step: int = 4) -> list[str]:
+    """Our trainer's settings here (over TRAIN_CONFIG): `rows_per_step` packed rows per step split over 1 or 2 ranks,
+    no checkpoints, the selector learning from step 1."""
+    if rows_per_step % ranks:
+        raise ValueError(f"--rows-per-step {rows_per_step} does not split over {ranks} ranks")
     return [f"output_dir={out}", f"model.path={model}", f"data.dir={data}", f"optim.max_steps={steps}",
-            f"optim.micro_batch_size={2 // ranks}", "optim.grad_accum=1", "optim.warmup_steps=1",
+            f"optim.micro_batch_size={rows_per_step // ranks}", "optim.grad_accum=1", "optim.warmup_steps=1",
             "checkpoint.every=0", "log_every=1", "more.selector_warmup_steps=0", f"model.dtype={dtype}"]
 
 
 def run_ours(name: str, ranks: int, extra: list[str], model: Path, data: Path, tokens: int, work: Path,
-             port: int, dtype: str, eval_every: int) -> dict:
+             port: int, dtype: str, eval_every: int, rows_per_step: int) -> dict:
     """Train through the project's own command; tokens/s from its per-step metrics, RSS from rank 0's, the held-out
     loss (the whole eval split) at step 0 and every `eval_every` steps from its eval rows."""
     from pipeline.data.loader import PackedDataset
 
     ds = PackedDataset(data, "train")
     row_tokens = sum(ds.lengths()) / len(ds)
-    steps = max(4, round(tokens / (2 * row_tokens)))  # 2 rows per step on either layout
+    steps = max(4, round(tokens / (rows_per_step * row_tokens)))  # the same rows per step on either layout
     out = work / "runs" / name
     shutil.rmtree(out, ignore_errors=True)  # a run stopped earlier leaves a checkpoint that --no-resume refuses
-    sets = [*ours_overrides(out, model, data, steps, ranks, dtype), f"eval.every={eval_every}", "eval.at_start=true",
-            *extra]
+    sets = [*ours_overrides(out, model, data, steps, ranks, dtype, rows_per_step), f"eval.every={eval_every}",
+            "eval.at_start=true", *extra]
     launch = ([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port", str(port)]
               if ranks > 1 else [sys.executable])
     cmd = [*launch, "launch/train.py", "--deepspeed", DS_CONFIGS.get(name, "ds_configs/zero3.json"),
@@ -158,15 +169,18 @@ def run_ours(name: str, ranks: int, extra: list[str], model: Path, data: Path, t
     evals = {r["step"]: r["eval/loss"] for r in rows if "eval/loss" in r}
     rows = [r for r in rows if "train/tokens" in r]
     return {"steps": [(r["train/tokens"], r["train/tokens"] / r["train/tokens_per_s"]) for r in rows],
-            "peak_rss_gb": max(r["train/peak_rss_gb"] for r in rows), "eval": sorted(evals.items())}
+            "peak_rss_gb": max(r["train/peak_rss_gb"] for r in rows), "eval": sorted(evals.items()),
+            "eval_every_steps": eval_every}
 
 
-def run_trl(name: str, rows_per_step: int, model: Path, samples: Path, eval_samples: Path, tokens: int, work: Path,
-            dtype: str, eval_every: int) -> dict:
-    """TRL in its own process (its own threads and RSS): `--trl-worker` below."""
+def run_trl(name: str, micro_batch: int, accum: int, model: Path, samples: Path, eval_samples: Path, tokens: int,
+            work: Path, dtype: str, eval_tokens: float) -> dict:
+    """TRL in its own process (its own threads and RSS): `--trl-worker` below; `micro_batch` rows (packed) or
+    samples, `accum` of them per optimizer step. It evaluates after about every `eval_tokens` training tokens (our
+    systems' --eval-every steps)."""
     spec = {"name": name, "model": str(model), "samples": str(samples), "eval_samples": str(eval_samples),
-            "eval_every": eval_every, "tokens": tokens, "dtype": dtype,
-            "batch": rows_per_step, "packed": name == "trl_packed", "out": str(work / f"{name}.json")}
+            "eval_tokens": eval_tokens, "tokens": tokens, "dtype": dtype,
+            "batch": micro_batch, "accum": accum, "packed": name == "trl_packed", "out": str(work / f"{name}.json")}
     run([sys.executable, __file__, "--trl-worker", json.dumps(spec)], work / f"{name}.log")
     return json.loads(Path(spec["out"]).read_text())
 
@@ -182,8 +196,9 @@ def trl_worker(spec: dict) -> None:
 
     samples = datasets.load_from_disk(spec["samples"])
     mean_len = sum(len(x) for x in samples["input_ids"]) / len(samples)
-    per_step = spec["batch"] * (ROW_LEN * 0.97 if spec["packed"] else mean_len)
+    per_step = spec["batch"] * spec["accum"] * (ROW_LEN * 0.97 if spec["packed"] else mean_len)
     steps = max(4, round(spec["tokens"] / per_step))
+    eval_every = max(1, round(spec["eval_tokens"] / per_step))
     bf16 = spec["dtype"] == "bf16"
     dt = torch.bfloat16 if bf16 else torch.float32
     model = AutoModelForCausalLM.from_pretrained(
@@ -196,7 +211,8 @@ def trl_worker(spec: dict) -> None:
     # switches the repack off (pipeline/models/loading.py); the held-out evaluations here need the same for TRL.
     keep_nf4_layout(model)
     args = SFTConfig(output_dir=str(Path(spec["out"]).parent / spec["name"]), max_steps=steps,
-                     per_device_train_batch_size=spec["batch"], learning_rate=1e-3, warmup_steps=1,
+                     per_device_train_batch_size=spec["batch"], gradient_accumulation_steps=spec["accum"],
+                     learning_rate=1e-3, warmup_steps=1,
                      gradient_checkpointing=False, packing=spec["packed"], max_length=ROW_LEN, logging_steps=1,
                      report_to="none", save_strategy="no", use_cpu=True, dataloader_num_workers=0, seed=0,
                      bf16=bf16)  # SFTConfig's default is bf16 autocast; in fp32 like ours where fp32 is faster
@@ -221,7 +237,7 @@ def trl_worker(spec: dict) -> None:
 
         def on_step_end(self, args, state, control, model=None, **k):
             log.append((Trainer.real - self.n0, time.perf_counter() - self.t0))  # the clock stops before the eval
-            if state.global_step % spec["eval_every"] == 0 or state.global_step == state.max_steps:
+            if state.global_step % eval_every == 0 or state.global_step == state.max_steps:
                 evals.append((state.global_step, held_out_loss(model, held_out)))
 
     trainer = Trainer(model=model, args=args, train_dataset=samples,
@@ -241,7 +257,8 @@ def trl_worker(spec: dict) -> None:
         raise RuntimeError(f"{len(repacked)} NF4 layers were repacked for CPU inference during training, e.g. "
                            f"{repacked[0]}: their gradients are wrong")
     Path(spec["out"]).write_text(json.dumps(
-        {"steps": log, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "eval": evals}))
+        {"steps": log, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "eval": evals,
+         "eval_every_steps": eval_every}))
 
 
 @torch.no_grad()
@@ -271,6 +288,7 @@ def summarise(rec: dict, skip: int, flops_per_token: float, peak_gflops: float) 
             "measured_steps": len(steady), "tokens_per_s": rate, "peak_rss_gb": rec["peak_rss_gb"],
             "matmul_peak_share": rate * flops_per_token / (peak_gflops * 1e9),
             "step_log": [[n, round(t, 4)] for n, t in rec["steps"]],  # per step: real tokens, seconds
+            "eval_every_steps": rec["eval_every_steps"],
             "eval_curve": [[step, round(elapsed[step], 3), loss] for step, loss in rec["eval"]]}  # step, s, loss
 
 
@@ -285,7 +303,13 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="a few steps on a few samples (the test; any --model)")
     ap.add_argument("--tokens", type=int, default=None, help="real training tokens per system (12k; quick 1.5k)")
     ap.add_argument("--skip", type=int, default=2, help="first steps left out of the rate (warm-up)")
-    ap.add_argument("--eval-every", type=int, default=2, help="held-out loss every N optimizer steps (and at 0)")
+    ap.add_argument("--rows-per-step", type=int, default=4,
+                    help="packed rows of 512 per optimizer step, every system (ours on 2 ranks: half per rank)")
+    ap.add_argument("--trl-micro-rows", type=int, default=1,
+                    help="trl_packed's rows per micro-batch (1: its fastest; measured 1/2/4 rows per step: "
+                         "280/264/243 real tokens/s on SmolLM2-135M, 110/106/93 on the ~1B model)")
+    ap.add_argument("--eval-every", type=int, default=2,
+                    help="held-out loss every N of our optimizer steps and at 0 (TRL: after as many real tokens)")
     ap.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated subset")
     ap.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
                     help="compute dtype of every system (auto: bf16 on AVX512-BF16/AMX CPUs, fp32 elsewhere)")
@@ -297,6 +321,9 @@ def main() -> int:
         trl_worker(json.loads(a.trl_worker))
         return 0
     chosen = a.systems.split(",")
+    if a.rows_per_step % (2 * a.trl_micro_rows):
+        sys.exit(f"--rows-per-step {a.rows_per_step}: must split over 2 ranks and into TRL micro-batches of "
+                 f"--trl-micro-rows {a.trl_micro_rows}")
     unknown = sorted(set(chosen) - set(SYSTEMS))
     if unknown:
         sys.exit(f"--systems: unknown {unknown} (known: {', '.join(SYSTEMS)})")
@@ -327,9 +354,12 @@ def main() -> int:
         kind, size, extra = SYSTEMS[name]
         print(f"[vs_trl] {name}", flush=True)
         t0 = time.perf_counter()
-        rec = (run_ours(name, size, extra, model, data, tokens, work, 29600 + i, dtype, a.eval_every)
-               if kind == "ours" else run_trl(name, size, model, samples, eval_samples, tokens, work, dtype,
-                                              a.eval_every))
+        rec = (run_ours(name, size, extra, model, data, tokens, work, 29600 + i, dtype, a.eval_every,
+                        a.rows_per_step)
+               if kind == "ours" else run_trl(name, size or a.trl_micro_rows,
+                                              max(1, a.rows_per_step // (a.trl_micro_rows if size is None else 2)),
+                                              model, samples, eval_samples,
+                                              tokens, work, dtype, a.eval_every * a.rows_per_step * ROW_LEN * 0.97))
         results[name] = {**summarise(rec, a.skip, flops, peak), "wall_s": round(time.perf_counter() - t0, 1)}
         print(f"[vs_trl] {name}: {results[name]['tokens_per_s']:.1f} real tokens/s, peak RSS "
               f"{results[name]['peak_rss_gb']:.2f} GB, {results[name]['matmul_peak_share']:.1%} of matmul peak",
@@ -366,10 +396,13 @@ def main() -> int:
                       + (f" --tokens {a.tokens}" if a.tokens else "")
                       + (f" --dtype {a.dtype}" if a.dtype != "auto" else "")
                       + (f" --systems {a.systems}" if chosen != list(SYSTEMS) else "")
+                      + (f" --rows-per-step {a.rows_per_step}" if a.rows_per_step != 4 else "")
+                      + (f" --trl-micro-rows {a.trl_micro_rows}" if a.trl_micro_rows != 1 else "")
                       + (f" --eval-every {a.eval_every}" if a.eval_every != 2 else "")
                       + (f" --work {a.work}" if a.work != "runs/bench-vs-trl" else "")
                       + (f" --out {a.out}" if a.out else ""),
-           "model": a.model, "tokens_per_system": tokens,
+           "model": a.model, "tokens_per_system": tokens, "rows_per_step": a.rows_per_step,
+           "trl_micro_rows": a.trl_micro_rows,
            "row_len": ROW_LEN, "supervised_share": supervised_share, "useful_flops_per_token": flops,
            "matmul_peak_gflops": peak, "systems": results, "ratios": ratios, "skip_steps": a.skip,
            "target_loss": target, "eval_every": a.eval_every, "eval_samples": n_eval,

@@ -23,6 +23,8 @@ def test_quick_side_by_side_measures_both_tools_on_the_same_budget(tiny_chat_mod
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     r = json.loads(out.read_text())
+    # the defaults: smollm2-glue.yaml's 4 rows per step, for TRL as 4 micro-batches of 1 row (its fastest)
+    assert (r["rows_per_step"], r["trl_micro_rows"]) == (4, 1)
     assert list(r["systems"]) == ["ours_1p_more", "ours_1p_lora", "trl_packed"]
     for name, s in r["systems"].items():
         log = s["step_log"]
@@ -32,11 +34,15 @@ def test_quick_side_by_side_measures_both_tools_on_the_same_budget(tiny_chat_mod
         assert s["matmul_peak_share"] == pytest.approx(
             s["tokens_per_s"] * r["useful_flops_per_token"] / (r["matmul_peak_gflops"] * 1e9))
         assert 0 < s["peak_rss_gb"] < 24
-        assert all(0 < n <= 2 * 512 for n, _ in log), (name, log)  # 2 rows of 512 per step, pads not counted
-        curve = s["eval_curve"]  # [step, training seconds, held-out loss] at 0, every 2 steps and the last step
-        assert [c[0] for c in curve] == sorted({*range(0, s["steps"], 2), s["steps"]}), (name, curve)
+        assert all(0 < n <= 4 * 512 for n, _ in log), (name, log)  # 4 rows of 512 per step, pads not counted
+        # [step, training seconds, held-out loss] at 0, every 2 steps (TRL: after as many tokens) and the last step
+        every = s["eval_every_steps"]
+        assert every == 2, name
+        curve = s["eval_curve"]
+        assert [c[0] for c in curve] == sorted({*range(0, s["steps"], every), s["steps"]}), (name, curve)
         assert [c[1] for c in curve] == pytest.approx([sum(t for _, t in log[:c[0]]) for c in curve], abs=1e-2)
         assert s["seconds_to_target_loss"] == next(c[1] for c in curve if c[2] <= r["target_loss"])
+    assert max(n for n, _ in r["systems"]["trl_packed"]["step_log"]) > 512  # TRL's 1-row micro-batches accumulate
     assert r["target_loss"] == max(s["eval_curve"][-1][2] for s in r["systems"].values())
     # step 0 is the base alone (the adapters start at zero), on the same held-out samples: the same loss (in bf16,
     # on a CPU where --dtype auto picks it, within bf16's error)
