@@ -237,7 +237,7 @@ def vs_trl(r) -> list[str]:
              "ours_1p_more_dense_mask": "this project, MoRE, 1 process, dense block-causal mask (before)",
              "ours_1p_more_fp32": "this project, MoRE, 1 process, fp32",
              "ours_1p_more_zero2": "this project, MoRE, 1 process, ZeRO-2 instead of ZeRO-3",
-             "trl_padded": "TRL SFTTrainer + PEFT LoRA r8, padded batches of 16",
+             "trl_padded": "TRL SFTTrainer + PEFT LoRA r8, padded micro-batches of 16",
              "trl_packed": "TRL SFTTrainer + PEFT LoRA r8, `packing=True` (samples not isolated on CPU)"}
     v, S, R = r["versions"], r["systems"], r["ratios"]
     dtype = r.get("dtype", "fp32")  # runs before --dtype existed computed in fp32
@@ -246,7 +246,10 @@ def vs_trl(r) -> list[str]:
              f"{r['model']} on an NF4 base, {dtype} compute, gradient checkpointing off everywhere, the same GLUE "
              f"samples "
              f"(chat template, loss on the answer: {r['supervised_share']:.1%} of real tokens), about "
-             f"{r['tokens_per_system']:,} real training tokens per system, rows of {r['row_len']}; rates over the "
+             f"{r['tokens_per_system']:,} real training tokens per system, rows of {r['row_len']}, "
+             f"{r.get('rows_per_step', 2)} rows per optimizer step"
+             + (f" (TRL packed: micro-batches of {r['trl_micro_rows']} row, accumulated)" if "trl_micro_rows" in r
+                else "") + f"; rates over the "
              f"steps after the first {r['skip_steps']}. Matmul peak measured in the same run: "
              f"{r['matmul_peak_gflops']:.0f} GFLOP/s ({dtype} GEMM, {r['cores']} cores); useful work "
              f"{r['useful_flops_per_token'] / 1e6:.0f} MFLOP per real token. trl {v['trl']}, peft {v['peft']}, "
@@ -289,7 +292,7 @@ def vs_trl(r) -> list[str]:
 def step_profile(r) -> list[str]:
     m = r["machine"]
     lines = [f"## One training step by phase and operator kind, {m['isa']} CPU, {r['dtype']} (`{r['command']}`)",
-             f"vs_trl's `ours_1p_more` step (2 packed rows of 512, {r['real_tokens_per_step']:.0f} real tokens) under "
+             f"vs_trl's `ours_1p_more` step (packed rows of 512, {r['real_tokens_per_step']:.0f} real tokens) under "
              f"torch.profiler, mean of {r['steps']} steps after the warm-up: {r['step_seconds']:.2f} s per step "
              f"({r['tokens_per_s']:.0f} real tokens/s with the profiler on), {m['threads']} threads.", "",
              "| phase | s/step |", "|---|---|"]

@@ -301,7 +301,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="models/smollm2-135m-instruct", help="HF model folder (`make model`)")
     ap.add_argument("--quick", action="store_true", help="a few steps on a few samples (the test; any --model)")
-    ap.add_argument("--tokens", type=int, default=None, help="real training tokens per system (12k; quick 1.5k)")
+    ap.add_argument("--tokens", type=int, default=None, help="real training tokens per system (24k; quick 1.5k)")
     ap.add_argument("--skip", type=int, default=2, help="first steps left out of the rate (warm-up)")
     ap.add_argument("--rows-per-step", type=int, default=4,
                     help="packed rows of 512 per optimizer step, every system (ours on 2 ranks: half per rank)")
@@ -332,7 +332,7 @@ def main() -> int:
         sys.exit(f"--model {model}: not a model folder (run `make model` first)")
     work = (ROOT / a.work / ("quick" if a.quick else "full")).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    tokens = a.tokens or (1500 if a.quick else 12_000)
+    tokens = a.tokens or (1500 if a.quick else 24_000)
     print(f"[vs_trl] data, model {model}", flush=True)
     data = prepare_data(model, work / "data", per_task=40 if a.quick else 400)
     samples = samples_dataset(data, work / "samples")
