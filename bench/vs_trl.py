@@ -69,7 +69,7 @@ from pipeline.models.cpu import cpu_isa, fastest_dtype, vector_flags  # noqa: E4
 TRAIN_CONFIG = "configs/train/smollm2-glue.yaml"
 ROW_LEN = 512
 LORA = ["more.expert_ranks=[8]", "more.contrastive.weight=0"]
-SYSTEMS = {  # name: (kind, ranks or rows per step, extra overrides)
+SYSTEMS = {  # name: (kind, ranks (ours) or micro-batch size (TRL; None: --trl-micro-rows), extra overrides)
     "ours_zero3_more": ("ours", 2, []),
     "ours_zero3_lora": ("ours", 2, LORA),
     "ours_1p_more": ("ours", 1, []),
