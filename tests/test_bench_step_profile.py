@@ -22,7 +22,7 @@ def test_quick_profile_accounts_for_the_step(tiny_chat_model, tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     r = json.loads(out.read_text())
-    assert r["steps"] == 2 and 0 < r["real_tokens_per_step"] <= 2 * 512
+    assert r["steps"] == 2 and 2 * 512 < r["real_tokens_per_step"] <= 4 * 512  # vs_trl's 4 rows of 512 per step
     phases = r["phases_s"]
     for phase in ("batch", "forward", "backward", "optimizer"):
         assert phases[phase] > 0, phases
