@@ -41,7 +41,7 @@ samples (the prep's eval split), at step 0 and every --eval-every steps (TRL: af
 --eval-every steps, whatever its batch); TRL's is computed sample by sample in the same worker, ours is the
 trainer's eval/loss (packed rows, per-sample attention: the same value).
 
-    .venv/bin/python bench/vs_trl.py --model models/smollm2-135m-instruct   # make model first; ~35 min, 2 cores
+    .venv/bin/python bench/vs_trl.py --model models/smollm2-135m-instruct   # make model first; ~15 min, 2 cores
     .venv/bin/python bench/vs_trl.py --quick --model DIR                    # a few steps (the test)
 """
 from __future__ import annotations
@@ -171,6 +171,14 @@ def run_ours(name: str, ranks: int, extra: list[str], model: Path, data: Path, t
     return {"steps": [(r["train/tokens"], r["train/tokens"] / r["train/tokens_per_s"]) for r in rows],
             "peak_rss_gb": max(r["train/peak_rss_gb"] for r in rows), "eval": sorted(evals.items()),
             "eval_every_steps": eval_every}
+
+
+def trl_batches(samples_per_micro_batch: int | None, rows_per_step: int, micro_rows: int) -> tuple[int, int]:
+    """(micro-batch, accumulation) that give TRL about `rows_per_step` rows per optimizer step: packed, micro-batches
+    of `micro_rows` rows; padded, of `samples_per_micro_batch` samples (16 samples hold about 2 rows' real tokens)."""
+    if samples_per_micro_batch is None:
+        return micro_rows, rows_per_step // micro_rows
+    return samples_per_micro_batch, max(1, rows_per_step // 2)
 
 
 def run_trl(name: str, micro_batch: int, accum: int, model: Path, samples: Path, eval_samples: Path, tokens: int,
@@ -356,10 +364,9 @@ def main() -> int:
         t0 = time.perf_counter()
         rec = (run_ours(name, size, extra, model, data, tokens, work, 29600 + i, dtype, a.eval_every,
                         a.rows_per_step)
-               if kind == "ours" else run_trl(name, size or a.trl_micro_rows,
-                                              max(1, a.rows_per_step // (a.trl_micro_rows if size is None else 2)),
-                                              model, samples, eval_samples,
-                                              tokens, work, dtype, a.eval_every * a.rows_per_step * ROW_LEN * 0.97))
+               if kind == "ours" else run_trl(name, *trl_batches(size, a.rows_per_step, a.trl_micro_rows), model,
+                                              samples, eval_samples, tokens, work, dtype,
+                                              a.eval_every * a.rows_per_step * ROW_LEN * 0.97))
         results[name] = {**summarise(rec, a.skip, flops, peak), "wall_s": round(time.perf_counter() - t0, 1)}
         print(f"[vs_trl] {name}: {results[name]['tokens_per_s']:.1f} real tokens/s, peak RSS "
               f"{results[name]['peak_rss_gb']:.2f} GB, {results[name]['matmul_peak_share']:.1%} of matmul peak",
