@@ -138,10 +138,8 @@ def samples_dataset(data_dir: Path, out: Path, split: str = "train") -> Path:
 
 def ours_overrides(out: Path, model: Path, data: Path, steps: int, ranks: int, dtype: str,
                    rows_per_step: int = 4) -> list[str]:
-    """Our trainer's settings here (over TRAIN_CONFIG): `rows_per_step` packed rows per step split over 1 or 2 ranks,
-    no checkpoints, the selector learning from step 1."""
-    if rows_per_step % ranks:
-        raise ValueError(f"--rows-per-step {rows_per_step} does not split over {ranks} ranks")
+    """Our trainer's settings here (over TRAIN_CONFIG): `rows_per_step` packed rows per step split over 1 or 2 ranks
+    (main() checks that they split), no checkpoints, the selector learning from step 1."""
     return [f"output_dir={out}", f"model.path={model}", f"data.dir={data}", f"optim.max_steps={steps}",
             f"optim.micro_batch_size={rows_per_step // ranks}", "optim.grad_accum=1", "optim.warmup_steps=1",
             "checkpoint.every=0", "log_every=1", "more.selector_warmup_steps=0", f"model.dtype={dtype}"]
