@@ -237,6 +237,7 @@ def vs_trl(r) -> list[str]:
              "ours_1p_more_dense_mask": "this project, MoRE, 1 process, dense block-causal mask (before)",
              "ours_1p_more_fp32": "this project, MoRE, 1 process, fp32",
              "ours_1p_more_zero2": "this project, MoRE, 1 process, ZeRO-2 instead of ZeRO-3",
+             "ours_zero3_more_eager_norms": "this project, MoRE, ZeRO-3, 2 ranks, eager RMSNorm (before)",
              "trl_padded": "TRL SFTTrainer + PEFT LoRA r8, padded micro-batches of 16",
              "trl_packed": "TRL SFTTrainer + PEFT LoRA r8, `packing=True` (samples not isolated on CPU)"}
     v, S, R = r["versions"], r["systems"], r["ratios"]
@@ -284,6 +285,8 @@ def vs_trl(r) -> list[str]:
                          f"{R[f'{n}_time_to_loss_speedup_vs_trl_best']:.2f}")
     if "zero2_over_zero3_1p_tokens_per_s" in R:
         notes.append(f"ZeRO-2 / ZeRO-3 in 1 process, MoRE tokens/s: {R['zero2_over_zero3_1p_tokens_per_s']:.2f}")
+    if "compiled_norms_speedup_zero3" in R:
+        notes.append(f"Compiled / eager RMSNorm, MoRE ZeRO-3 2 ranks tokens/s: {R['compiled_norms_speedup_zero3']:.2f}")
     if "zero3_2ranks_over_1p_tokens_per_s" in R:
         notes.append(f"ZeRO-3 on 2 ranks / 1 process, MoRE tokens/s: {R['zero3_2ranks_over_1p_tokens_per_s']:.2f}")
     return lines + ([""] + [f"- {n}" for n in notes] if notes else [])

@@ -14,6 +14,8 @@ data and number of real training tokens.
     ours_1p_more_fp32 ours_1p_more in fp32: what --dtype auto's choice gained on a CPU where it picks bf16
     ours_1p_more_zero2  ours_1p_more under ZeRO-2 (ds_configs/zero2.json): what ZeRO-3's module hooks cost in one
                       process (fp32: the same losses as ZeRO-3; bf16: the same until the first update, then within 2%)
+    ours_zero3_more_eager_norms  ours_zero3_more with eager RMSNorms (`model.compile_norms=false`): what the
+                      compiled norm (pipeline/models/compiled_norm.py) gains on the documented path
     trl_padded        SFTTrainer + PEFT LoRA rank 8 (all linears), padded micro-batches of 16 samples (~2 rows of
                       real tokens), accumulated to about --rows-per-step rows per optimizer step
     trl_packed        the same with `packing=True` (TRL's best-fit-decreasing packing into rows of 512, padding-free),
@@ -78,8 +80,10 @@ SYSTEMS = {  # name: (kind, ranks (ours) or micro-batch size (TRL; None: --trl-m
     "ours_1p_more_fp32": ("ours", 1, ["model.dtype=fp32"]),  # the dtype choice measured (same as ours_1p_more on
                                                               # a CPU where --dtype auto is fp32)
     "ours_1p_more_zero2": ("ours", 1, []),  # ZeRO-2 instead of ZeRO-3 in one process (DS_CONFIGS)
+    "ours_zero3_more_eager_norms": ("ours", 2, ["model.compile_norms=false"]),  # before the compiled RMSNorm
     "trl_padded": ("trl", 16, []),  # samples per micro-batch
     "trl_packed": ("trl", None, []),  # rows per micro-batch: --trl-micro-rows
+    "trl_packed_compiled": ("trl", None, ["torch_compile"]),  # the Trainer's torch_compile=True
 }
 
 DS_CONFIGS = {"ours_1p_more_zero2": "ds_configs/zero2.json"}  # every other `ours` system: ds_configs/zero3.json
@@ -179,14 +183,15 @@ def trl_batches(samples_per_micro_batch: int | None, rows_per_step: int, micro_r
     return samples_per_micro_batch, max(1, rows_per_step // 2)
 
 
-def run_trl(name: str, micro_batch: int, accum: int, model: Path, samples: Path, eval_samples: Path, tokens: int,
-            work: Path, dtype: str, eval_tokens: float) -> dict:
+def run_trl(name: str, extra: list[str], micro_batch: int, accum: int, model: Path, samples: Path,
+            eval_samples: Path, tokens: int, work: Path, dtype: str, eval_tokens: float) -> dict:
     """TRL in its own process (its own threads and RSS): `--trl-worker` below; `micro_batch` rows (packed) or
     samples, `accum` of them per optimizer step. It evaluates after about every `eval_tokens` training tokens (our
     systems' --eval-every steps)."""
     spec = {"name": name, "model": str(model), "samples": str(samples), "eval_samples": str(eval_samples),
             "eval_tokens": eval_tokens, "tokens": tokens, "dtype": dtype,
-            "batch": micro_batch, "accum": accum, "packed": name == "trl_packed", "out": str(work / f"{name}.json")}
+            "batch": micro_batch, "accum": accum, "packed": name.startswith("trl_packed"),
+            "torch_compile": "torch_compile" in extra, "out": str(work / f"{name}.json")}
     run([sys.executable, __file__, "--trl-worker", json.dumps(spec)], work / f"{name}.log")
     return json.loads(Path(spec["out"]).read_text())
 
@@ -221,6 +226,7 @@ def trl_worker(spec: dict) -> None:
                      learning_rate=1e-3, warmup_steps=1,
                      gradient_checkpointing=False, packing=spec["packed"], max_length=ROW_LEN, logging_steps=1,
                      report_to="none", save_strategy="no", use_cpu=True, dataloader_num_workers=0, seed=0,
+                     torch_compile=spec["torch_compile"],
                      bf16=bf16)  # SFTConfig's default is bf16 autocast; in fp32 like ours where fp32 is faster
     log: list[tuple[float, float]] = []  # per optimizer step: (real tokens, seconds)
     held_out = datasets.load_from_disk(spec["eval_samples"])
@@ -362,8 +368,8 @@ def main() -> int:
         t0 = time.perf_counter()
         rec = (run_ours(name, size, extra, model, data, tokens, work, 29600 + i, dtype, a.eval_every,
                         a.rows_per_step)
-               if kind == "ours" else run_trl(name, *trl_batches(size, a.rows_per_step, a.trl_micro_rows), model,
-                                              samples, eval_samples, tokens, work, dtype,
+               if kind == "ours" else run_trl(name, extra, *trl_batches(size, a.rows_per_step, a.trl_micro_rows),
+                                              model, samples, eval_samples, tokens, work, dtype,
                                               a.eval_every * a.rows_per_step * ROW_LEN * 0.97))
         results[name] = {**summarise(rec, a.skip, flops, peak), "wall_s": round(time.perf_counter() - t0, 1)}
         print(f"[vs_trl] {name}: {results[name]['tokens_per_s']:.1f} real tokens/s, peak RSS "
@@ -390,6 +396,7 @@ def main() -> int:
     for ratio, system, base in (("packed_attention_speedup_1p", "ours_1p_more", "ours_1p_more_dense_mask"),
                                ("dtype_auto_speedup_1p", "ours_1p_more", "ours_1p_more_fp32"),
                                ("zero2_over_zero3_1p_tokens_per_s", "ours_1p_more_zero2", "ours_1p_more"),
+                               ("compiled_norms_speedup_zero3", "ours_zero3_more", "ours_zero3_more_eager_norms"),
                                ("zero3_2ranks_over_1p_tokens_per_s", "ours_zero3_more", "ours_1p_more")):
         if system in results and base in results:  # tokens/s of `system` over `base`
             ratios[ratio] = results[system]["tokens_per_s"] / results[base]["tokens_per_s"]

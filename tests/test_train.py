@@ -132,15 +132,17 @@ def test_ds_config_auto_values_filled_and_conflicts_named(tiny_train_setup, tmp_
 def test_zero3_two_ranks_nf4_learns_and_adapter_reproduces_eval_loss(tiny_train_setup, tmp_path, bnb_cpu_path):
     """The README's main entry: `deepspeed launch/train.py --deepspeed ds_configs/zero3.json --config ...`, on both
     bitsandbytes CPU branches, with an in-training eval followed by a checkpoint (where the AVX512-BF16 repack
-    killed runs)."""
+    killed runs), and the compiled RMSNorms (under ZeRO-3 and recomputation; the adapter is then checked on eager
+    ones)."""
     run = tmp_path / "run"
     deepspeed = Path(sys.executable).parent / "deepspeed"
     cmd = [str(deepspeed), "--num_gpus", "2", "--master_port", str(free_port()), str(TRAIN), "--deepspeed", str(ZERO3),
            "--config", str(tiny_train_setup["config"]), "--set", f"output_dir={run}", "--set", "model.dtype=bf16",
-           "--set", "optim.max_steps=24", "--set", "eval.max_batches=null", "--set", "eval.every=12",
+           "--set", "model.compile_norms=true", "--set", "optim.max_steps=24", "--set", "eval.max_batches=null", "--set", "eval.every=12",
            "--set", "checkpoint.every=12"]
     proc = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "compile_norms: 5 RMSNorms compiled" in proc.stdout  # 2 per decoder layer, the final norm
 
     # Learning, judged on the whole eval split (the same rows each time) and on the train loss, which is noisy
     # per step at this size: over 12 steps the drop was 0.18, over 24 about twice that.

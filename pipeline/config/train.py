@@ -26,6 +26,9 @@ class ModelConfig(StrictModel):
     # auto: recompute activations only when the memory planner says the run does not fit without (decided at
     # launch, pipeline/train/preflight.py: the GPU's memory, or on CPU the host's RAM shared by its processes).
     gradient_checkpointing: Union[bool, Literal["auto"]] = "auto"
+    # RMSNorms through torch.compile (pipeline/models/compiled_norm.py); stays eager, with a warning, where
+    # torch.compile does not work (a CPU host without a C++ compiler).
+    compile_norms: bool = True
 
     @field_validator("dtype")
     @classmethod

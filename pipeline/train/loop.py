@@ -66,6 +66,7 @@ def seed_everything(seed: int) -> None:
 
 
 def build_model(cfg: TrainConfig, task_names: list[str], dist_info: DistInfo):
+    from pipeline.models.compiled_norm import compile_rms_norms
     from pipeline.models.loading import load_base_model
     from pipeline.more import inject
 
@@ -75,6 +76,10 @@ def build_model(cfg: TrainConfig, task_names: list[str], dist_info: DistInfo):
     faults.point("load", dist_info.rank, 0)
     base.config.use_cache = False
     model = inject(base, cfg.more_for_run(), task_names, base_model_id=cfg.model.path)
+    if cfg.model.compile_norms:
+        n = compile_rms_norms(model.base_model)
+        if dist_info.is_main:
+            print(f"compile_norms: {n} RMSNorms compiled", flush=True)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(use_reentrant=False)
     return model
