@@ -23,6 +23,9 @@ data and number of real training tokens.
                       so its attention grows with the batch) accumulated to --rows-per-step rows per optimizer step.
                       On CPU attention TRL cannot isolate the packed samples (no varlen kernel), so this mode is
                       faster than it is correct; it is measured because a user would try it.
+    trl_packed_compiled  trl_packed with the Trainer's `torch_compile=True` (TorchDynamo + Inductor over the whole
+                      model): its first steps compile for minutes (counted in its time to the target loss, left out
+                      of its tokens/s with the other warm-up steps)
 
 Every system takes the same real tokens per optimizer step (--rows-per-step rows of 512), so the held-out curves
 compare the same number of updates.
