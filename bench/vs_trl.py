@@ -46,7 +46,7 @@ samples (the prep's eval split), at step 0 and every --eval-every steps (TRL: af
 --eval-every steps, whatever its batch); TRL's is computed sample by sample in the same worker, ours is the
 trainer's eval/loss (packed rows, per-sample attention: the same value).
 
-    .venv/bin/python bench/vs_trl.py --model models/smollm2-135m-instruct   # make model first; ~15 min, 2 cores
+    .venv/bin/python bench/vs_trl.py --model models/smollm2-135m-instruct   # make model first; ~22 min, 2 cores
     .venv/bin/python bench/vs_trl.py --quick --model DIR                    # a few steps (the test)
 """
 from __future__ import annotations
