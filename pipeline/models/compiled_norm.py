@@ -35,11 +35,12 @@ def is_llama_rms_norm(module: nn.Module) -> bool:
             and isinstance(getattr(module, "weight", None), torch.Tensor))
 
 
-def _compiles(weight: torch.Tensor) -> str:
+def _compiles(norm: nn.Module) -> str:
     """'' when the compiled norm runs forward and backward here, else why not (e.g. no C++ compiler on a CPU host)."""
+    w = norm.weight.detach()
     try:
-        x = torch.randn(1, 8, weight.shape[-1], dtype=weight.dtype, device=weight.device, requires_grad=True)
-        _compiled(x, weight.detach(), 1e-6).sum().backward()
+        x = torch.randn(1, 8, w.shape[-1], dtype=w.dtype, device=w.device, requires_grad=True)
+        _compiled(x, w, norm.variance_epsilon).sum().backward()
     except Exception as e:  # torch.compile raises many types; any of them means: stay eager
         return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     return ""
@@ -51,7 +52,7 @@ def compile_rms_norms(model: nn.Module) -> int:
     norms = [m for m in model.modules() if is_llama_rms_norm(m)]
     if not norms:
         return 0
-    why = _compiles(norms[0].weight)
+    why = _compiles(norms[0])
     if why:
         warnings.warn(f"RMSNorm stays eager: torch.compile failed here ({why}); set model.compile_norms: false "
                       "to skip the attempt")
