@@ -75,8 +75,9 @@ def init_distributed(timeout_s: int = 600, local_rank_arg: int | None = None) ->
     _new_groups_default_to(timeout)
     info = DistInfo(dist.get_rank(), local_rank, dist.get_world_size(), device)
     if info.world_size > 1:
-        dist.barrier()  # past it, every rank has mapped its peers' DeepSpeed shm buffers
-        deepspeed_shm_buffer(info.rank).unlink(missing_ok=True)
+        if device.type == "cpu":  # DeepSpeed's shm all-reduce is its CPU path; GPUs have no such file
+            dist.barrier()  # past it, every rank has mapped its peers' shm buffers
+            deepspeed_shm_buffer(info.rank).unlink(missing_ok=True)
         _PeerWatch.start(info.rank)
     return info
 
