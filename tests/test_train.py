@@ -296,6 +296,55 @@ def test_evals_between_zero3_steps_leave_no_parameter_in_flight(tiny_train_setup
     assert [s for s, _ in logged(run, "eval/loss")] == [0, 2, 4] and sorted(step_losses(run)) == [1, 2, 3, 4]
 
 
+_RELEASES_AFTER_EVAL_AT_START = """
+import sys
+from collections import Counter
+from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator as Coordinator
+from pipeline.config.base import load_config
+from pipeline.config.train import TrainConfig
+from pipeline.train.loop import build_trainer
+
+released = Counter()  # (forward?, module class) -> parameters a module's release call partitioned
+release = Coordinator.release_sub_module
+def counting_release(self, module, forward=False):
+    params = list(module.parameters())
+    before = sum(p.ds_status == ZeroParamStatus.AVAILABLE for p in params)
+    release(self, module, forward)
+    released[forward, type(module).__name__] += before - sum(p.ds_status == ZeroParamStatus.AVAILABLE for p in params)
+Coordinator.release_sub_module = counting_release
+trainer = build_trainer(load_config(TrainConfig, sys.argv[1], sys.argv[3:]), sys.argv[2])
+if sys.argv[3] == "eval.at_start=true":
+    trainer.evaluate()
+for _ in range(3):
+    released.clear()
+    trainer.train_step()
+print("LAYER_RELEASES", released[True, "LlamaDecoderLayer"], released[False, "LlamaDecoderLayer"])
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("eval_at_start", [True, False])
+def test_eval_before_the_first_step_leaves_zero3_keeping_layers_for_backward(tiny_train_setup, tmp_path,
+                                                                            eval_at_start):
+    """ZeRO-3 keeps a layer's parameters gathered from its forward to its backward (reuse distance 1e9) and caches
+    that decision per (module, step) for good. An evaluation before the first training step recorded a forward-only
+    order whose answer, release everything after the forward, stayed cached: every later step gathered every layer
+    again in backward (train/zero3_trace.py). In the 3rd step, whether or not an eval came first, no layer releases
+    a parameter in its forward, and the backward releases all of them."""
+    script = tmp_path / "count_releases.py"
+    script.write_text(_RELEASES_AFTER_EVAL_AT_START)
+    proc = subprocess.run([sys.executable, str(script), str(tiny_train_setup["config"]), str(ZERO3),
+                           f"eval.at_start={str(eval_at_start).lower()}", f"output_dir={tmp_path / 'run'}",
+                           "model.gradient_checkpointing=false"],
+                          env=dict(_env(), PYTHONPATH=str(ROOT)), cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("LAYER_RELEASES")][-1]
+    in_forward, in_backward = map(int, line.split()[1:])
+    assert in_forward == 0 and in_backward > 0, line
+
+
 @pytest.mark.slow
 def test_nan_on_one_rank_stops_every_rank_before_the_update_and_is_never_checkpointed(tiny_train_setup, tmp_path,
                                                                                      monkeypatch):

@@ -27,6 +27,7 @@ from pipeline.train.loss import token_loss_sums
 from pipeline.train.monitor import Monitor
 from pipeline.train.preflight import checkpointing_fits_without, preflight
 from pipeline.train.schedule import make_scheduler
+from pipeline.train.zero3_trace import forget_forward_only_trace
 from pipeline.train.zero3_units import make_zero3_units
 
 EXIT_REQUEUE = 75  # EX_TEMPFAIL: preempted after a checkpoint; the SLURM script requeues on it
@@ -106,6 +107,7 @@ class Trainer:
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.model.dtype]
         self.data = TrainData(cfg, task_names, dist_info, self.dtype)
         self.step = 0
+        self.steps_this_process = 0  # ZeRO-3 records its module order in this process's first training step
         self.tokens_seen = 0
         self.preempt = Preempted()
         self.last_eval: dict[str, float] = {}
@@ -212,6 +214,7 @@ class Trainer:
                                      f"stopping (lower optim.lr or check the data)")
         all_reduce_sum(stats)
         self.step += 1
+        self.steps_this_process += 1
         self.tokens_seen += int(global_real)
         lm = stats[0].item() / global_tokens
         values = {"loss": lm, "contrastive": stats[1].item() / max(global_samples, 1.0),
@@ -260,6 +263,8 @@ class Trainer:
         # of those all-gathers in flight, and the next gather outside a step (rank_map, save_adapter) then
         # asserts "Cannot partition a param in flight". Wait for them and release every gathered parameter.
         self.engine.empty_partition_cache()
+        if self.steps_this_process == 0:  # the order recorded so far is this forward-only pass (zero3_trace.py)
+            forget_forward_only_trace(self.engine)
         self.engine.train()
         return result
 
