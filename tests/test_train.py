@@ -296,7 +296,7 @@ def test_evals_between_zero3_steps_leave_no_parameter_in_flight(tiny_train_setup
     assert [s for s, _ in logged(run, "eval/loss")] == [0, 2, 4] and sorted(step_losses(run)) == [1, 2, 3, 4]
 
 
-_RELEASES_AFTER_EVAL_AT_START = """
+_LAYER_RELEASES_PER_STEP = """
 import sys
 from collections import Counter
 from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
@@ -313,10 +313,11 @@ def counting_release(self, module, forward=False):
     release(self, module, forward)
     released[forward, type(module).__name__] += before - sum(p.ds_status == ZeroParamStatus.AVAILABLE for p in params)
 Coordinator.release_sub_module = counting_release
-trainer = build_trainer(load_config(TrainConfig, sys.argv[1], sys.argv[3:]), sys.argv[2])
-if sys.argv[3] == "eval.at_start=true":
+config, ds_config, steps, eval_first, *overrides = sys.argv[1:]
+trainer = build_trainer(load_config(TrainConfig, config, overrides), ds_config)
+if eval_first == "1":
     trainer.evaluate()
-for _ in range(3):
+for _ in range(int(steps)):
     released.clear()
     trainer.train_step()
 print("LAYER_RELEASES", released[True, "LlamaDecoderLayer"], released[False, "LlamaDecoderLayer"])
@@ -324,19 +325,21 @@ print("LAYER_RELEASES", released[True, "LlamaDecoderLayer"], released[False, "Ll
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("eval_at_start", [True, False])
-def test_eval_before_the_first_step_leaves_zero3_keeping_layers_for_backward(tiny_train_setup, tmp_path,
-                                                                            eval_at_start):
+@pytest.mark.parametrize("case", ["eval_at_start", "plain", "selector_warmup"])
+def test_zero3_keeps_each_layer_from_forward_to_backward(tiny_train_setup, tmp_path, case):
     """ZeRO-3 keeps a layer's parameters gathered from its forward to its backward (reuse distance 1e9) and caches
     that decision per (module, step) for good. An evaluation before the first training step recorded a forward-only
     order whose answer, release everything after the forward, stayed cached: every later step gathered every layer
-    again in backward (train/zero3_trace.py). In the 3rd step, whether or not an eval came first, no layer releases
-    a parameter in its forward, and the backward releases all of them."""
+    again in backward (train/zero3_trace.py). The end of the selector's warm-up (step 3 here), where its gradients
+    start to flow, must not bring that back either. In the last step of each case no layer releases a parameter in
+    its forward, and the backward releases all of them (50 parameters gathered twice per step on the tiny model
+    without the fix)."""
     script = tmp_path / "count_releases.py"
-    script.write_text(_RELEASES_AFTER_EVAL_AT_START)
-    proc = subprocess.run([sys.executable, str(script), str(tiny_train_setup["config"]), str(ZERO3),
-                           f"eval.at_start={str(eval_at_start).lower()}", f"output_dir={tmp_path / 'run'}",
-                           "model.gradient_checkpointing=false"],
+    script.write_text(_LAYER_RELEASES_PER_STEP)
+    steps, eval_first, extra = {"eval_at_start": (3, "1", []), "plain": (3, "0", []),
+                                "selector_warmup": (6, "0", ["more.selector_warmup_steps=2"])}[case]
+    proc = subprocess.run([sys.executable, str(script), str(tiny_train_setup["config"]), str(ZERO3), str(steps),
+                           eval_first, f"output_dir={tmp_path / 'run'}", "model.gradient_checkpointing=false", *extra],
                           env=dict(_env(), PYTHONPATH=str(ROOT)), cwd=ROOT, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
