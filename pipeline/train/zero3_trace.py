@@ -34,21 +34,15 @@ def _release_decisions_cache():
     return None
 
 
-def _coordinator(engine: nn.Module):
+def forget_forward_only_trace(engine: nn.Module) -> None:
+    """Invalidate the ZeRO-3 module trace and clear the coordinator's cached release decisions (nothing to do when
+    the engine is not under ZeRO-3)."""
     offload = getattr(getattr(engine, "optimizer", None), "parameter_offload", None)
-    return offload.get_param_coordinator() if offload is not None else None
-
-
-def forget_forward_only_trace(engine: nn.Module) -> bool:
-    """Invalidate the ZeRO-3 module trace and clear the coordinator's cached release decisions; returns False
-    when the engine is not under ZeRO-3 (nothing to do)."""
-    coordinator = _coordinator(engine)
-    if coordinator is None:
-        return False
+    if offload is None:
+        return
+    coordinator = offload.get_param_coordinator()
     if not coordinator.is_invalid_trace():
         coordinator._invalidate_trace()  # the next forward records the order afresh
     cached = _release_decisions_cache()  # keyed by (coordinator, module, step), not by the trace they came from
     if cached is not None:
         cached.cache_clear()
-    return True
-
