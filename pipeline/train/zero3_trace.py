@@ -7,8 +7,8 @@ within `stage3_max_reuse_distance`). It memoises that decision per (module, posi
 When the run evaluates before its first step (eval.at_start, or a resumed run's owed eval) the first order recorded
 is a forward alone: no backward follows it, so every layer's parameters are released after its forward, and that
 answer stays cached after the training step's order replaces it. Every later step then all-gathers every layer
-again in backward (SmolLM2-135M NF4 on 2 CPU ranks: 1,110 extra parameter gathers per step; steps ~665 -> ~770
-real tokens/s once fixed).
+again in backward (SmolLM2-135M NF4 on 2 CPU ranks: 1,110 extra parameter gathers per step; README's benchmark
+runs before and after the fix).
 
 `forget_forward_only_trace` drops such an order and the cached decisions, so the first training step records its
 own. Evaluations after a training step follow the recorded order's forward part and need nothing. Another change
