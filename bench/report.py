@@ -238,6 +238,8 @@ def vs_trl(r) -> list[str]:
              "ours_1p_more_fp32": "this project, MoRE, 1 process, fp32",
              "ours_1p_more_zero2": "this project, MoRE, 1 process, ZeRO-2 instead of ZeRO-3",
              "ours_zero3_more_eager_norms": "this project, MoRE, ZeRO-3, 2 ranks, eager RMSNorm (before)",
+             "ours_zero3_more_fresh_dequant": "this project, MoRE, ZeRO-3, 2 ranks, fresh NF4 dequantisation (before)",
+             "ours_1p_more_fresh_dequant": "this project, MoRE, 1 process, fresh NF4 dequantisation (before)",
              "trl_padded": "TRL SFTTrainer + PEFT LoRA r8, padded micro-batches of 16",
              "trl_packed": "TRL SFTTrainer + PEFT LoRA r8, `packing=True` (samples not isolated on CPU)",
              "trl_packed_compiled": "TRL, `packing=True`, `torch_compile=True` (compiles in its first step)"}
@@ -288,6 +290,10 @@ def vs_trl(r) -> list[str]:
         notes.append(f"ZeRO-2 / ZeRO-3 in 1 process, MoRE tokens/s: {R['zero2_over_zero3_1p_tokens_per_s']:.2f}")
     if "compiled_norms_speedup_zero3" in R:
         notes.append(f"Compiled / eager RMSNorm, MoRE ZeRO-3 2 ranks tokens/s: {R['compiled_norms_speedup_zero3']:.2f}")
+    for path, what in (("zero3", "ZeRO-3 2 ranks"), ("1p", "1 process")):
+        if f"dequant_buffers_speedup_{path}" in R:
+            notes.append(f"NF4 dequantised into reused buffers / fresh tensors, MoRE {what} tokens/s: "
+                         f"{R[f'dequant_buffers_speedup_{path}']:.2f}")
     if "zero3_2ranks_over_1p_tokens_per_s" in R:
         notes.append(f"ZeRO-3 on 2 ranks / 1 process, MoRE tokens/s: {R['zero3_2ranks_over_1p_tokens_per_s']:.2f}")
     return lines + ([""] + [f"- {n}" for n in notes] if notes else [])
@@ -328,6 +334,7 @@ def loader_memory(r) -> list[str]:
 SECTIONS = [("prep", prep), ("packing", packing), ("adapter_step", adapter_step),
             ("train_throughput", train_throughput), ("lm_head", lm_head), ("vs_trl", vs_trl), ("vs_trl_avx2", vs_trl),
             ("vs_trl_zero2", vs_trl), ("vs_trl_split_attention", vs_trl), ("vs_trl_1b", vs_trl),
+            ("vs_trl_1b_dequant", vs_trl),
             ("step_profile", step_profile), ("loader_memory", loader_memory),
             ("merge", merge),
             ("fidelity", fidelity), ("glue_variants", glue_variants), ("glue_variants_quick", glue_variants)]

@@ -16,6 +16,9 @@ data and number of real training tokens.
                       process (fp32: the same losses as ZeRO-3; bf16: the same until the first update, then within 2%)
     ours_zero3_more_eager_norms  ours_zero3_more with eager RMSNorms (`model.compile_norms=false`): what the
                       compiled norm (pipeline/models/compiled_norm.py) gains on the documented path
+    ours_zero3_more_fresh_dequant, ours_1p_more_fresh_dequant  ours_zero3_more / ours_1p_more with bitsandbytes'
+                      own NF4 matmul (`model.nf4_dequant_buffers=false`): a fresh tensor per dequantised weight
+                      instead of the reused buffer (pipeline/models/nf4_matmul.py)
     trl_padded        SFTTrainer + PEFT LoRA rank 8 (all linears), padded micro-batches of 16 samples (~2 rows of
                       real tokens), accumulated to about --rows-per-step rows per optimizer step
     trl_packed        the same with `packing=True` (TRL's best-fit-decreasing packing into rows of 512, padding-free),
@@ -84,6 +87,8 @@ SYSTEMS = {  # name: (kind, ranks (ours) or micro-batch size (TRL; None: --trl-m
                                                               # a CPU where --dtype auto is fp32)
     "ours_1p_more_zero2": ("ours", 1, []),  # ZeRO-2 instead of ZeRO-3 in one process (DS_CONFIGS)
     "ours_zero3_more_eager_norms": ("ours", 2, ["model.compile_norms=false"]),  # before the compiled RMSNorm
+    "ours_zero3_more_fresh_dequant": ("ours", 2, ["model.nf4_dequant_buffers=false"]),  # before the NF4 buffers
+    "ours_1p_more_fresh_dequant": ("ours", 1, ["model.nf4_dequant_buffers=false"]),
     "trl_padded": ("trl", 16, []),  # samples per micro-batch
     "trl_packed": ("trl", None, []),  # rows per micro-batch: --trl-micro-rows
     "trl_packed_compiled": ("trl", None, ["torch_compile"]),  # the Trainer's torch_compile=True
@@ -400,6 +405,8 @@ def main() -> int:
                                ("dtype_auto_speedup_1p", "ours_1p_more", "ours_1p_more_fp32"),
                                ("zero2_over_zero3_1p_tokens_per_s", "ours_1p_more_zero2", "ours_1p_more"),
                                ("compiled_norms_speedup_zero3", "ours_zero3_more", "ours_zero3_more_eager_norms"),
+                               ("dequant_buffers_speedup_zero3", "ours_zero3_more", "ours_zero3_more_fresh_dequant"),
+                               ("dequant_buffers_speedup_1p", "ours_1p_more", "ours_1p_more_fresh_dequant"),
                                ("zero3_2ranks_over_1p_tokens_per_s", "ours_zero3_more", "ours_1p_more")):
         if system in results and base in results:  # tokens/s of `system` over `base`
             ratios[ratio] = results[system]["tokens_per_s"] / results[base]["tokens_per_s"]

@@ -17,6 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from pipeline.models import packed_attention  # noqa: F401  (registers attn_implementation="packed_sdpa")
+from pipeline.models.nf4_matmul import use_dequant_buffers
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
@@ -33,8 +34,10 @@ def nf4_config(compute_dtype: torch.dtype = torch.bfloat16, storage_dtype: torch
 
 
 def load_base_model(path: str, quantization: Literal["nf4", "none"] = "none", dtype: str = "bf16",
-                    attn_implementation: str = "sdpa", device_map: Optional[str] = None):
-    """`path` is a local HF folder or a hub id. With `nf4`, `dtype` is both compute and storage dtype."""
+                    attn_implementation: str = "sdpa", device_map: Optional[str] = None,
+                    nf4_dequant_buffers: bool = True):
+    """`path` is a local HF folder or a hub id. With `nf4`, `dtype` is both compute and storage dtype, and
+    `nf4_dequant_buffers` dequantises each CPU matmul's weight into a reused buffer (pipeline/models/nf4_matmul.py)."""
     torch_dtype = DTYPES[dtype]
     kwargs = dict(dtype=torch_dtype, attn_implementation=attn_implementation)
     if quantization == "nf4":
@@ -47,6 +50,8 @@ def load_base_model(path: str, quantization: Literal["nf4", "none"] = "none", dt
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if quantization == "nf4":
         keep_nf4_layout(model)
+        if nf4_dequant_buffers:
+            use_dequant_buffers(model)
     return model
 
 

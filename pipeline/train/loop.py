@@ -73,7 +73,8 @@ def build_model(cfg: TrainConfig, task_names: list[str], dist_info: DistInfo):
 
     device_map = {"": dist_info.device} if cfg.model.quantization == "nf4" else None
     base = load_base_model(cfg.model.path, cfg.model.quantization, cfg.model.dtype,
-                           cfg.model.attn_implementation, device_map=device_map)
+                           cfg.model.attn_implementation, device_map=device_map,
+                           nf4_dequant_buffers=cfg.model.nf4_dequant_buffers)
     faults.point("load", dist_info.rank, 0)
     base.config.use_cache = False
     model = inject(base, cfg.more_for_run(), task_names, base_model_id=cfg.model.path)

@@ -1,0 +1,115 @@
+"""NF4 Linear on CPU whose weight is dequantised into a reused buffer, forward and backward.
+
+bitsandbytes' CPU path dequantises a 4-bit weight into a freshly allocated tensor on every forward and again in
+backward. PyTorch keeps no CPU cache of freed blocks and glibc maps every block above its mmap threshold (at most
+32 MiB) afresh, so each dequantised weight of that size page-faults all its memory again: an 8192 x 2048 bf16 weight
+(a ~1B Llama's MLP) took 10.7 ms to dequantise into a fresh tensor and 1.6 ms into one already mapped (2-core AMX
+Xeon). Here each (shape, dtype) has one buffer, the weight lives there only for the one matmul that reads it, and
+the arithmetic is bitsandbytes' own kernel: outputs and gradients are bit-equal to `Linear4bit.forward`.
+
+The autograd Function keeps the weight PARAMETER for backward, not a view of its data: under ZeRO-3 the packed
+weight is released after forward and gathered again before backward (bitsandbytes' own Function keeps a view, which
+keeps every gathered shard alive from forward to backward).
+"""
+from __future__ import annotations
+
+import ctypes
+from math import prod
+
+import torch
+from torch import nn
+
+_BUFFERS: dict[tuple, torch.Tensor] = {}
+_DTYPE_SUFFIX = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def _kernel(quant_type: str, dtype: torch.dtype):
+    """bitsandbytes' CPU dequantisation entry point for (quant_type, dtype), or None where its library has none."""
+    from bitsandbytes.cextension import lib
+
+    suffix = _DTYPE_SUFFIX.get(dtype)
+    return getattr(lib, f"cdequantize_blockwise_cpu_{quant_type}_{suffix}", None) if suffix else None
+
+
+def _buffer(shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+    key = (shape, dtype)
+    buf = _BUFFERS.get(key)
+    if buf is None:
+        buf = _BUFFERS[key] = torch.empty(shape, dtype=dtype)
+    return buf
+
+
+def dequantize_into_buffer(weight: torch.Tensor) -> torch.Tensor:
+    """The (out, in) weight of a 4-bit parameter, in the shared buffer for its shape: valid until the next call
+    for the same shape and dtype."""
+    from bitsandbytes.functional import get_ptr
+
+    qs = weight.quant_state
+    m, n = prod(qs.shape[:-1]), qs.shape[-1]
+    packed = weight.data.view(torch.uint8)
+    if packed.numel() * 2 != m * n:
+        raise RuntimeError(f"4-bit weight holds {packed.numel()} bytes, its quant_state says {tuple(qs.shape)}: "
+                           "the parameter is not gathered (ZeRO-3 released it before this matmul)")
+    out = _buffer(tuple(qs.shape), qs.dtype)
+    _kernel(qs.quant_type, qs.dtype)(get_ptr(packed), get_ptr(qs.absmax), get_ptr(out), ctypes.c_longlong(qs.blocksize),
+                                     ctypes.c_longlong(m), ctypes.c_longlong(n))
+    return out
+
+
+class _NF4Matmul(torch.autograd.Function):
+    """y = x W^T (+ b) with W a frozen 4-bit parameter; x: (..., in)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.weight = weight
+        return torch.nn.functional.linear(x, dequantize_into_buffer(weight), bias)
+
+    @staticmethod
+    def backward(ctx, gy):
+        gx = gy @ dequantize_into_buffer(ctx.weight) if ctx.needs_input_grad[0] else None
+        gb = gy.reshape(-1, gy.shape[-1]).sum(0) if ctx.needs_input_grad[2] else None
+        return gx, None, gb
+
+
+def buffered(x: torch.Tensor, weight: torch.Tensor, bias) -> bool:
+    """Whether the buffered path computes exactly what `Linear4bit.forward` would: on CPU, in the weight's own
+    dtype, with the weight in bitsandbytes' standard layout (not double-quantised, not repacked for its CPU
+    inference kernel) and a block size and shape its CPU kernel takes without a fallback."""
+    qs = getattr(weight, "quant_state", None)
+    return (qs is not None and x.device.type == "cpu" and not weight.requires_grad
+            and x.dtype == qs.dtype and not qs.nested and qs.absmax.dtype == torch.float32
+            and not getattr(qs, "packing_format_for_cpu", False) and qs.blocksize < 2048 and qs.shape[-1] % 2 == 0
+            and (bias is None or bias.dtype == x.dtype) and _kernel(qs.quant_type, qs.dtype) is not None)
+
+
+def _make_class():
+    import bitsandbytes as bnb
+    from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
+
+    class BufferedLinear4bit(bnb.nn.Linear4bit):
+        """A Linear4bit whose CPU forward dequantises into the shared buffer; elsewhere its parent's forward."""
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            fix_4bit_weight_quant_state_from_module(self)
+            if self.compute_dtype not in (None, x.dtype) or not buffered(x, self.weight, self.bias):
+                return super().forward(x)
+            return _NF4Matmul.apply(x, self.weight, self.bias)
+
+    return BufferedLinear4bit
+
+
+_CLASS = None
+
+
+def use_dequant_buffers(model: nn.Module) -> int:
+    """Make every bitsandbytes Linear4bit of `model` a BufferedLinear4bit (same parameters, same state dict);
+    returns how many."""
+    import bitsandbytes as bnb
+
+    global _CLASS
+    if _CLASS is None:
+        _CLASS = _make_class()
+    layers = [m for m in model.modules() if type(m) is bnb.nn.Linear4bit]
+    for m in layers:
+        m.__class__ = _CLASS
+    return len(layers)
