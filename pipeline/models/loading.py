@@ -17,7 +17,6 @@ import torch
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from pipeline.models import packed_attention  # noqa: F401  (registers attn_implementation="packed_sdpa")
-from pipeline.models.nf4_matmul import use_dequant_buffers
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
@@ -51,6 +50,8 @@ def load_base_model(path: str, quantization: Literal["nf4", "none"] = "none", dt
     if quantization == "nf4":
         keep_nf4_layout(model)
         if nf4_dequant_buffers:
+            from pipeline.models.nf4_matmul import use_dequant_buffers
+
             use_dequant_buffers(model)
     return model
 

@@ -16,7 +16,11 @@ from __future__ import annotations
 import ctypes
 from math import prod
 
+import bitsandbytes as bnb
 import torch
+from bitsandbytes.cextension import lib
+from bitsandbytes.functional import get_ptr
+from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
 from torch import nn
 
 _BUFFERS: dict[tuple, torch.Tensor] = {}
@@ -25,8 +29,6 @@ _DTYPE_SUFFIX = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "
 
 def _kernel(quant_type: str, dtype: torch.dtype):
     """bitsandbytes' CPU dequantisation entry point for (quant_type, dtype), or None where its library has none."""
-    from bitsandbytes.cextension import lib
-
     suffix = _DTYPE_SUFFIX.get(dtype)
     return getattr(lib, f"cdequantize_blockwise_cpu_{quant_type}_{suffix}", None) if suffix else None
 
@@ -42,8 +44,6 @@ def _buffer(shape: tuple, dtype: torch.dtype) -> torch.Tensor:
 def dequantize_into_buffer(weight: torch.Tensor) -> torch.Tensor:
     """The (out, in) weight of a 4-bit parameter, in the shared buffer for its shape: valid until the next call
     for the same shape and dtype."""
-    from bitsandbytes.functional import get_ptr
-
     qs = weight.quant_state
     m, n = prod(qs.shape[:-1]), qs.shape[-1]
     packed = weight.data.view(torch.uint8)
@@ -51,8 +51,9 @@ def dequantize_into_buffer(weight: torch.Tensor) -> torch.Tensor:
         raise RuntimeError(f"4-bit weight holds {packed.numel()} bytes, its quant_state says {tuple(qs.shape)}: "
                            "the parameter is not gathered (ZeRO-3 released it before this matmul)")
     out = _buffer(tuple(qs.shape), qs.dtype)
-    _kernel(qs.quant_type, qs.dtype)(get_ptr(packed), get_ptr(qs.absmax), get_ptr(out), ctypes.c_longlong(qs.blocksize),
-                                     ctypes.c_longlong(m), ctypes.c_longlong(n))
+    kernel = _kernel(qs.quant_type, qs.dtype)
+    kernel(get_ptr(packed), get_ptr(qs.absmax), get_ptr(out), ctypes.c_longlong(qs.blocksize), ctypes.c_longlong(m),
+           ctypes.c_longlong(n))
     return out
 
 
@@ -82,34 +83,20 @@ def buffered(x: torch.Tensor, weight: torch.Tensor, bias) -> bool:
             and (bias is None or bias.dtype == x.dtype) and _kernel(qs.quant_type, qs.dtype) is not None)
 
 
-def _make_class():
-    import bitsandbytes as bnb
-    from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
+class BufferedLinear4bit(bnb.nn.Linear4bit):
+    """A Linear4bit whose CPU forward dequantises into the shared buffer; elsewhere its parent's forward."""
 
-    class BufferedLinear4bit(bnb.nn.Linear4bit):
-        """A Linear4bit whose CPU forward dequantises into the shared buffer; elsewhere its parent's forward."""
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            fix_4bit_weight_quant_state_from_module(self)
-            if self.compute_dtype not in (None, x.dtype) or not buffered(x, self.weight, self.bias):
-                return super().forward(x)
-            return _NF4Matmul.apply(x, self.weight, self.bias)
-
-    return BufferedLinear4bit
-
-
-_CLASS = None
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fix_4bit_weight_quant_state_from_module(self)
+        if self.compute_dtype not in (None, x.dtype) or not buffered(x, self.weight, self.bias):
+            return super().forward(x)
+        return _NF4Matmul.apply(x, self.weight, self.bias)
 
 
 def use_dequant_buffers(model: nn.Module) -> int:
     """Make every bitsandbytes Linear4bit of `model` a BufferedLinear4bit (same parameters, same state dict);
     returns how many."""
-    import bitsandbytes as bnb
-
-    global _CLASS
-    if _CLASS is None:
-        _CLASS = _make_class()
     layers = [m for m in model.modules() if type(m) is bnb.nn.Linear4bit]
     for m in layers:
-        m.__class__ = _CLASS
+        m.__class__ = BufferedLinear4bit
     return len(layers)
