@@ -14,6 +14,7 @@ keeps every gathered shard alive from forward to backward).
 from __future__ import annotations
 
 import ctypes
+import functools
 from math import prod
 
 import bitsandbytes as bnb
@@ -27,6 +28,7 @@ _BUFFERS: dict[tuple, torch.Tensor] = {}
 _DTYPE_SUFFIX = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
+@functools.cache
 def _kernel(quant_type: str, dtype: torch.dtype):
     """bitsandbytes' CPU dequantisation entry point for (quant_type, dtype), or None where its library has none."""
     suffix = _DTYPE_SUFFIX.get(dtype)
