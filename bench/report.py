@@ -240,6 +240,8 @@ def vs_trl(r) -> list[str]:
              "ours_zero3_more_eager_norms": "this project, MoRE, ZeRO-3, 2 ranks, eager RMSNorm (before)",
              "ours_zero3_more_fresh_dequant": "this project, MoRE, ZeRO-3, 2 ranks, fresh NF4 dequantisation (before)",
              "ours_1p_more_fresh_dequant": "this project, MoRE, 1 process, fresh NF4 dequantisation (before)",
+             "ours_zero3_more_fresh_outputs": "this project, MoRE, ZeRO-3, 2 ranks, no CPU buffer pool (before)",
+             "ours_1p_more_fresh_outputs": "this project, MoRE, 1 process, no CPU buffer pool (before)",
              "trl_padded": "TRL SFTTrainer + PEFT LoRA r8, padded micro-batches of 16",
              "trl_packed": "TRL SFTTrainer + PEFT LoRA r8, `packing=True` (samples not isolated on CPU)",
              "trl_packed_compiled": "TRL, `packing=True`, `torch_compile=True` (compiles in its first step)"}
@@ -294,6 +296,9 @@ def vs_trl(r) -> list[str]:
         if f"dequant_buffers_speedup_{path}" in R:
             notes.append(f"NF4 dequantised into reused buffers / fresh tensors, MoRE {what} tokens/s: "
                          f"{R[f'dequant_buffers_speedup_{path}']:.2f}")
+        if f"buffer_pool_speedup_{path}" in R:
+            notes.append(f"Large activations in reused blocks / fresh memory, MoRE {what} tokens/s: "
+                         f"{R[f'buffer_pool_speedup_{path}']:.2f}")
     if "zero3_2ranks_over_1p_tokens_per_s" in R:
         notes.append(f"ZeRO-3 on 2 ranks / 1 process, MoRE tokens/s: {R['zero3_2ranks_over_1p_tokens_per_s']:.2f}")
     return lines + ([""] + [f"- {n}" for n in notes] if notes else [])

@@ -12,7 +12,8 @@ from torch import nn
 
 from more_fixtures import save_tiny_llama
 from pipeline.models.loading import load_base_model
-from pipeline.models.nf4_matmul import buffered, use_dequant_buffers
+from pipeline.models import cpu_buffers
+from pipeline.models.nf4_matmul import buffered, pool_outputs, use_dequant_buffers
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -50,16 +51,23 @@ def buffered_copy(model: nn.Module) -> nn.Module:
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 @pytest.mark.parametrize("bias", [False, True])
-def test_bit_equal_to_bitsandbytes_forward_and_backward(dtype, bias):
+@pytest.mark.parametrize("pooled", [False, True])
+def test_bit_equal_to_bitsandbytes_forward_and_backward(dtype, bias, pooled):
     dt = DTYPES[dtype]
-    # two layers of one shape between others: the second overwrites the first's buffer before either backward
-    ref = nn.Sequential(linear4bit(64, 96, dt, bias, seed=1), linear4bit(96, 96, dt, bias, seed=2),
-                        linear4bit(96, 96, dt, bias, seed=3), linear4bit(96, 32, dt, bias, seed=4))
+    # two layers of one shape between others: the second overwrites the first's buffer before either backward;
+    # SiLU keeps each layer's output for backward, so a pooled output block reused too early changes the gradient
+    ref = nn.Sequential(linear4bit(64, 96, dt, bias, seed=1), nn.SiLU(), linear4bit(96, 96, dt, bias, seed=2),
+                        nn.SiLU(), linear4bit(96, 96, dt, bias, seed=3), nn.SiLU(), linear4bit(96, 32, dt, bias, seed=4))
     ours = buffered_copy(ref)
-    x = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(0)).to(dt)
+    if pooled:
+        assert pool_outputs(ours) == 4
+    # 2 x 4096 tokens: outputs and input gradients of >= 1 MiB, which the pool takes (smaller ones it leaves)
+    x = torch.randn(2, 4096 if pooled else 5, 64, generator=torch.Generator().manual_seed(0)).to(dt)
     y_ref, gx_ref = run(ref, x)
+    cpu_buffers.release()
     y, gx = run(ours, x)
-    assert grad_fn(ours[1], x.new_zeros(1, 96)) == "_NF4MatmulBackward"  # the buffered path ran
+    assert grad_fn(ours[2], x.new_zeros(1, 96)) == "_NF4MatmulBackward"  # the buffered path ran
+    assert (cpu_buffers.held_bytes() > 0) == pooled
     assert torch.equal(y, y_ref) and torch.equal(gx, gx_ref)
 
 

@@ -32,6 +32,9 @@ class ModelConfig(StrictModel):
     # NF4 on CPU: dequantise each weight into a reused buffer instead of a fresh tensor per matmul (bit-equal,
     # pipeline/models/nf4_matmul.py)
     nf4_dequant_buffers: bool = True
+    # training on CPU: the MLP's element-wise outputs and the NF4 matmuls' outputs and input gradients go to reused
+    # blocks instead of freshly page-faulted memory (bit-equal, pipeline/models/cpu_buffers.py)
+    cpu_buffer_pool: bool = True
 
     @field_validator("dtype")
     @classmethod

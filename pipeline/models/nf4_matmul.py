@@ -24,6 +24,8 @@ from bitsandbytes.functional import get_ptr
 from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
 from torch import nn
 
+from pipeline.models import cpu_buffers
+
 _BUFFERS: dict[tuple, torch.Tensor] = {}
 _DTYPE_SUFFIX = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -60,19 +62,34 @@ def dequantize_into_buffer(weight: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _matmul(a: torch.Tensor, b: torch.Tensor, bias, pooled: bool) -> torch.Tensor:
+    """a (..., k) @ b (k, n) (+ bias), into a block of the CPU buffer pool when `pooled` (bit-equal either way)."""
+    if not pooled:
+        return torch.nn.functional.linear(a, b.t(), bias)
+    a2 = a.reshape(-1, a.shape[-1])
+    out = cpu_buffers.empty((*a.shape[:-1], b.shape[1]), a.dtype)
+    out2 = out.view(-1, b.shape[1])
+    if bias is None:
+        torch.mm(a2, b, out=out2)
+    else:
+        torch.addmm(bias, a2, b, out=out2)
+    return out
+
+
 class _NF4Matmul(torch.autograd.Function):
-    """y = x W^T (+ b) with W a frozen 4-bit parameter; x: (..., in)."""
+    """y = x W^T (+ b) with W a frozen 4-bit parameter; x: (..., in). `pooled`: y and x's gradient in blocks of
+    the CPU buffer pool (pipeline/models/cpu_buffers.py)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias):
-        ctx.weight = weight
-        return torch.nn.functional.linear(x, dequantize_into_buffer(weight), bias)
+    def forward(ctx, x, weight, bias, pooled):
+        ctx.weight, ctx.pooled = weight, pooled
+        return _matmul(x, dequantize_into_buffer(weight).t(), bias, pooled)
 
     @staticmethod
     def backward(ctx, gy):
-        gx = gy @ dequantize_into_buffer(ctx.weight) if ctx.needs_input_grad[0] else None
+        gx = _matmul(gy, dequantize_into_buffer(ctx.weight), None, ctx.pooled) if ctx.needs_input_grad[0] else None
         gb = gy.reshape(-1, gy.shape[-1]).sum(0) if ctx.needs_input_grad[2] else None
-        return gx, None, gb
+        return gx, None, gb, None
 
 
 def buffered(x: torch.Tensor, weight: torch.Tensor, bias) -> bool:
@@ -87,13 +104,16 @@ def buffered(x: torch.Tensor, weight: torch.Tensor, bias) -> bool:
 
 
 class BufferedLinear4bit(bnb.nn.Linear4bit):
-    """A Linear4bit whose CPU forward dequantises into the shared buffer; elsewhere its parent's forward."""
+    """A Linear4bit whose CPU forward dequantises into the shared buffer; elsewhere its parent's forward.
+    `pooled_outputs`: its output and input gradient also go to the CPU buffer pool."""
+
+    pooled_outputs = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fix_4bit_weight_quant_state_from_module(self)
         if self.compute_dtype not in (None, x.dtype) or not buffered(x, self.weight, self.bias):
             return super().forward(x)
-        return _NF4Matmul.apply(x, self.weight, self.bias)
+        return _NF4Matmul.apply(x, self.weight, self.bias, self.pooled_outputs)
 
 
 def use_dequant_buffers(model: nn.Module) -> int:
@@ -102,4 +122,13 @@ def use_dequant_buffers(model: nn.Module) -> int:
     layers = [m for m in model.modules() if type(m) is bnb.nn.Linear4bit]
     for m in layers:
         m.__class__ = BufferedLinear4bit
+    return len(layers)
+
+
+def pool_outputs(model: nn.Module) -> int:
+    """Put the outputs and input gradients of `model`'s BufferedLinear4bit layers in the CPU buffer pool (for
+    training, whose shapes repeat; not for generation, whose shapes change every token); returns how many."""
+    layers = [m for m in model.modules() if isinstance(m, BufferedLinear4bit)]
+    for m in layers:
+        m.pooled_outputs = True
     return len(layers)

@@ -91,7 +91,8 @@ class _AdapterAdd(torch.autograd.Function):
         gy2 = gy.reshape(-1, gy.shape[-1])
         gv = gy2 @ B
         gu = gv * M
-        gxa = (gu @ A).view(ctx.xa_shape) if need_xa else None
+        # not a view: autograd then adds the base layer's input gradient into this one in place
+        gxa = torch.matmul(gu.view(*ctx.xa_shape[:-1], gu.shape[-1]), A) if need_xa else None
         gA = gu.t() @ xa if need_A else None
         gB = gy2.t() @ v if need_B else None
         gM = _grad_M(gv, u, M) if need_M else None

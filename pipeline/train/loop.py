@@ -69,6 +69,8 @@ def seed_everything(seed: int) -> None:
 def build_model(cfg: TrainConfig, task_names: list[str], dist_info: DistInfo):
     from pipeline.models.compiled_norm import compile_rms_norms
     from pipeline.models.loading import load_base_model
+    from pipeline.models.nf4_matmul import pool_outputs as pool_nf4_outputs
+    from pipeline.models.pooled_swiglu import pool_swiglu_mlps
     from pipeline.more import inject
 
     device_map = {"": dist_info.device} if cfg.model.quantization == "nf4" else None
@@ -82,6 +84,9 @@ def build_model(cfg: TrainConfig, task_names: list[str], dist_info: DistInfo):
         n = compile_rms_norms(model.base_model)
         if dist_info.is_main:
             print(f"compile_norms: {n} RMSNorms compiled", flush=True)
+    if cfg.model.cpu_buffer_pool and dist_info.device.type == "cpu":
+        pool_nf4_outputs(model.base_model)
+        pool_swiglu_mlps(model.base_model)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(use_reentrant=False)
     return model
