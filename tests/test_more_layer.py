@@ -116,7 +116,7 @@ def test_gradients_reach_everything_and_match_autograd(ste, path):
     cfg = MoreConfig(max_rank=8, gate_init="random", ste=ste)
     layer, ctx = _layer(cfg)
     layer.base_layer.requires_grad_(path == "wrapped")
-    assert layer._fused_ok() == (path == "fused")
+    assert (layer._fused_base(torch.zeros(1, 32)) is not None) == (path == "fused")
     x = torch.randn(2, 9, 32, requires_grad=True)
     tid = _tasks((2, 9), seed=3)
     set_tokens(ctx, tid)
@@ -192,6 +192,43 @@ def test_low_precision_bases(kind):
     ref = _naive_w(layer, W, x.detach().float(), tid)
     err = (y.float() - ref).abs().max().item()
     assert err < 0.05 * ref.abs().max().item(), err
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("pooled", [False, True])
+def test_nf4_base_on_cpu_takes_the_fused_path(dtype, pooled):
+    """A MoRE layer over the buffered NF4 Linear multiplies by the dequantised weight in its own Function (the
+    adapter's adds in place, forward and backward): forward bit-equal to the wrapped path over bitsandbytes' own
+    Linear4bit, gradients equal up to the order of one addition."""
+    import copy
+
+    from pipeline.models import cpu_buffers
+    from pipeline.models.nf4_matmul import pool_outputs, use_dequant_buffers
+    from test_nf4_matmul import linear4bit
+
+    cpu_buffers.release()
+    wrapped, ctx = _layer(MoreConfig(max_rank=8, gate_init="random"), base=linear4bit(64, 96, dtype, bias=True))
+    wrapped.to(dtype)
+    set_tokens(ctx, _tasks((2, 4096), seed=2))
+    fused = copy.deepcopy(wrapped)  # its own copy of the task context too
+    use_dequant_buffers(fused)
+    if pooled:
+        pool_outputs(fused)
+    x = torch.randn(2, 4096, 64).to(dtype)  # outputs of >= 1 MiB: the pool takes them
+    gy = torch.randn(2, 4096, 96).to(dtype)
+    out = {}
+    for name, layer in (("wrapped", wrapped), ("fused", fused)):
+        xi = x.clone().requires_grad_(True)
+        y = layer(xi)
+        (y * gy).sum().backward()
+        out[name] = {"y": y.detach(), "x": xi.grad, **{n: p.grad for n, p in layer.named_parameters() if p.requires_grad}}
+        assert ("_FusedMoreLinearBackward" in _graph_nodes(y)) == (name == "fused")
+    assert (cpu_buffers.held_bytes() > 0) == pooled
+    assert torch.equal(out["fused"]["y"], out["wrapped"]["y"])
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=0.02, rtol=0.02)
+    for n in out["wrapped"]:
+        assert out["wrapped"][n] is not None and out["wrapped"][n].abs().sum() > 0, n
+        torch.testing.assert_close(out["fused"][n], out["wrapped"][n], **tol, msg=n)
 
 
 def _naive_w(layer, W, x, tid):

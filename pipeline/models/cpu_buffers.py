@@ -1,13 +1,13 @@
 """Reused CPU memory for a training step's large activations and gradients.
 
 PyTorch keeps no cache of freed CPU memory, and glibc maps every block above its mmap threshold (at most 32 MiB)
-afresh, so each new large tensor page-faults all of its memory on first write. On the 2-core AMX Xeon a (2048, 8192)
-bf16 MLP activation of a ~1B Llama cost that much again as the work that fills it: x @ W.T into a fresh output
-37 ms, into a mapped one 27 ms; silu 12.9 vs 4.3 ms; a product 13.8 vs 2.8 ms. Lowering glibc's thresholds instead
-lets its heap fragment (peak RSS grew by a third and the gain was inside the noise, bench/NOTES.md); here a block is
+afresh, so each new large tensor page-faults all of its memory on first write. On the 2-core AMX Xeon, for a
+(2048, 8192) bf16 MLP activation of a ~1B Llama, fresh against already-mapped memory: x @ W.T 37 vs 27 ms, silu 12.9
+vs 4.3 ms, a product 13.8 vs 2.8 ms. Raising glibc's thresholds instead keeps freed memory in its heap, which
+fragments: peak RSS grew by a third in one process and ZeRO-3 got slower (bench/NOTES.md). Here a block is
 only ever reused for a tensor of its size class (eight per doubling, so a packed batch a few tokens shorter still
-fits the block of a full one), and the pool holds at most the step's peak of live tensors of each class, which the
-step needs anyway. Blocks under 1 MiB are left to glibc, whose heap serves them without page faults.
+fits the block of a full one), and per class the pool holds as many blocks as the step keeps tensors of that class
+alive at once (a ~1B Llama's peak RSS went down, not up: bench/RESULTS.md). Blocks under 1 MiB are left to glibc.
 
 A block is free when nothing but the pool holds its storage: tensors handed out, their views and autograd's saved
 copies all count. Used from the training thread only (the batch prefetch thread never takes blocks).
@@ -45,6 +45,20 @@ def empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         storage = torch.UntypedStorage(size)
         blocks.append(storage)
     return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
+
+
+def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, pooled: bool = True) -> torch.Tensor:
+    """a (..., k) @ b (k, n) (+ bias), into a pooled block when `pooled`, else as F.linear computes it: the same
+    matrix kernel either way, so the numbers are equal."""
+    if not pooled or a.device.type != "cpu":
+        return torch.nn.functional.linear(a, b.t(), bias)
+    out = empty((*a.shape[:-1], b.shape[1]), a.dtype)
+    a2, out2 = a.reshape(-1, a.shape[-1]), out.view(-1, b.shape[1])
+    if bias is None:
+        torch.mm(a2, b, out=out2)
+    else:
+        torch.addmm(bias, a2, b, out=out2)
+    return out
 
 
 def held_bytes() -> int:

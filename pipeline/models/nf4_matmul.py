@@ -62,20 +62,6 @@ def dequantize_into_buffer(weight: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _matmul(a: torch.Tensor, b: torch.Tensor, bias, pooled: bool) -> torch.Tensor:
-    """a (..., k) @ b (k, n) (+ bias), into a block of the CPU buffer pool when `pooled` (bit-equal either way)."""
-    if not pooled:
-        return torch.nn.functional.linear(a, b.t(), bias)
-    a2 = a.reshape(-1, a.shape[-1])
-    out = cpu_buffers.empty((*a.shape[:-1], b.shape[1]), a.dtype)
-    out2 = out.view(-1, b.shape[1])
-    if bias is None:
-        torch.mm(a2, b, out=out2)
-    else:
-        torch.addmm(bias, a2, b, out=out2)
-    return out
-
-
 class _NF4Matmul(torch.autograd.Function):
     """y = x W^T (+ b) with W a frozen 4-bit parameter; x: (..., in). `pooled`: y and x's gradient in blocks of
     the CPU buffer pool (pipeline/models/cpu_buffers.py)."""
@@ -83,11 +69,12 @@ class _NF4Matmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, pooled):
         ctx.weight, ctx.pooled = weight, pooled
-        return _matmul(x, dequantize_into_buffer(weight).t(), bias, pooled)
+        return cpu_buffers.matmul(x, dequantize_into_buffer(weight).t(), bias, pooled)
 
     @staticmethod
     def backward(ctx, gy):
-        gx = _matmul(gy, dequantize_into_buffer(ctx.weight), None, ctx.pooled) if ctx.needs_input_grad[0] else None
+        gx = cpu_buffers.matmul(gy, dequantize_into_buffer(ctx.weight), None, ctx.pooled) if ctx.needs_input_grad[0] \
+            else None
         gb = gy.reshape(-1, gy.shape[-1]).sum(0) if ctx.needs_input_grad[2] else None
         return gx, None, gb, None
 
@@ -109,9 +96,15 @@ class BufferedLinear4bit(bnb.nn.Linear4bit):
 
     pooled_outputs = False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def dequantizer_for(self, x: torch.Tensor):
+        """`dequantize_into_buffer` where the buffered path computes this layer's output for input `x`, else None:
+        for a caller that multiplies by the weight itself (the MoRE layer's fused Function)."""
         fix_4bit_weight_quant_state_from_module(self)
-        if self.compute_dtype not in (None, x.dtype) or not buffered(x, self.weight, self.bias):
+        ok = self.compute_dtype in (None, x.dtype) and buffered(x, self.weight, self.bias)
+        return dequantize_into_buffer if ok else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dequantizer_for(x) is None:
             return super().forward(x)
         return _NF4Matmul.apply(x, self.weight, self.bias, self.pooled_outputs)
 

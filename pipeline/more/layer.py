@@ -5,11 +5,13 @@ M_task = (w @ C) * colscale, w = straight-through one-hot over experts (selector
 Padding tokens (task id -1) index an all-zero row. One matmul pair for the whole mixed-task batch.
 
 Two execution paths, same numbers:
-- fused (`torch.nn.Linear` base, frozen, not ZeRO-partitioned): one autograd Function computes
-  addmm(bias, x, W.T) and adds the adapter's up-projection into that output in place (`addmm_`); in backward the
-  adapter's input gradient is added into gy @ W in place. No extra pass over activations for the adds.
-- wrapped (bitsandbytes Linear4bit, ZeRO-3 partitioned weights, trainable base): y = base_layer(x) (its own hooks,
-  so ZeRO-3 gathers the weight), then one autograd Function adds the adapter into y (in place unless y is a view).
+- fused (frozen `torch.nn.Linear` base, or an NF4 base on CPU that dequantises into a reused buffer; not
+  ZeRO-partitioned, or inside a ZeRO-3 leaf that gathers it): one autograd Function computes addmm(bias, x, W.T)
+  and adds the adapter's up-projection into that output in place (`addmm_`); in backward the adapter's input
+  gradient is added into gy @ W in place. No extra pass over activations for the adds.
+- wrapped (bitsandbytes' own Linear4bit path, e.g. on GPU; ZeRO-3 weights only the base layer's hooks gather;
+  trainable base): y = base_layer(x), then one autograd Function adds the adapter into y (in place unless y is a
+  view).
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.models import cpu_buffers
 from pipeline.more.selector import Gate, column_scale, nested_expert_mask, straight_through
 
 
@@ -31,27 +34,31 @@ def _grad_M(gv: torch.Tensor, u: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
 
 
 class _FusedMoreLinear(torch.autograd.Function):
-    """y = x W^T + b + ((xa A^T) * M) B^T with W, b frozen. x, xa: (N, in); M: (N, R) or (1, R), scale folded in."""
+    """y = x W^T + b + ((xa A^T) * M) B^T with W, b frozen. x, xa: (N, in); M: (N, R) or (1, R), scale folded in.
+    `dense`: None where W is the weight itself, else what makes it from W, in forward and again in backward (an NF4
+    weight dequantised into a reused buffer, pipeline/models/nf4_matmul.py). `pooled`: y and x's gradient in blocks
+    of the CPU buffer pool (pipeline/models/cpu_buffers.py)."""
 
     @staticmethod
-    def forward(ctx, x, xa, W, bias, A, B, M):
+    def forward(ctx, x, xa, W, bias, A, B, M, dense, pooled):
         u = xa @ A.t()
         v = u * M
-        y = torch.addmm(bias, x, W.t()) if bias is not None else x @ W.t()
+        y = cpu_buffers.matmul(x, (dense(W) if dense else W).t(), bias, pooled)
         y.addmm_(v, B.t())
-        ctx.save_for_backward(xa, W, A, B, M, u, v)
+        ctx.save_for_backward(xa, A, B, M, u, v)
+        ctx.W, ctx.dense, ctx.pooled = W, dense, pooled  # the parameter, not its data: ZeRO-3 may swap that
         ctx.same_input = xa is x
         return y
 
     @staticmethod
     def backward(ctx, gy):
-        xa, W, A, B, M, u, v = ctx.saved_tensors
-        need_x, need_xa, _, _, need_A, need_B, need_M = ctx.needs_input_grad
+        xa, A, B, M, u, v = ctx.saved_tensors
+        need_x, need_xa, _, _, need_A, need_B, need_M, _, _ = ctx.needs_input_grad
         gv = gy @ B
         gu = gv * M
         gx = gxa = None
         if need_x:
-            gx = gy @ W
+            gx = cpu_buffers.matmul(gy, ctx.dense(ctx.W) if ctx.dense else ctx.W, None, ctx.pooled)
             if ctx.same_input:  # the adapter's input gradient lands in gy @ W in place
                 gx.addmm_(gu, A)
         if need_xa and not ctx.same_input:
@@ -59,7 +66,7 @@ class _FusedMoreLinear(torch.autograd.Function):
         gA = gu.t() @ xa if need_A else None
         gB = gy.t() @ v if need_B else None
         gM = _grad_M(gv, u, M) if need_M else None
-        return gx, gxa, None, None, gA, gB, gM
+        return gx, gxa, None, None, gA, gB, gM, None, None
 
 
 class _AdapterAdd(torch.autograd.Function):
@@ -214,10 +221,21 @@ class MoreLinear(nn.Module):
         return torch.cat([M, M.new_zeros(1, self.max_rank)], 0)
 
     # ---------------------------------------------------------------- forward
-    def _fused_ok(self) -> bool:
+    def _fused_base(self, x2: torch.Tensor):
+        """(dense, pooled) for _FusedMoreLinear where it can multiply by the frozen base weight itself, else None.
+        Not for a ZeRO-3 parameter that only the base layer's own hooks gather; one inside a ZeRO-3 leaf (a decoder
+        layer, pipeline/train/zero3_units.py) is gathered by the leaf for forward and again for backward."""
         b = self.base_layer
-        return (type(b) is nn.Linear and not b.weight.requires_grad and not hasattr(b.weight, "ds_id")
-                and (b.bias is None or not b.bias.requires_grad))
+        w = b.weight
+        if w.requires_grad or (b.bias is not None and b.bias.requires_grad):
+            return None
+        if hasattr(w, "ds_id") and not hasattr(w, "ds_z3_leaf_module"):
+            return None
+        if type(b) is nn.Linear:
+            return (None, False) if w.dtype == x2.dtype else None
+        dequantizer_for = getattr(b, "dequantizer_for", None)  # NF4 on CPU: pipeline/models/nf4_matmul.py
+        dense = dequantizer_for(x2) if dequantizer_for is not None else None
+        return (dense, b.pooled_outputs) if dense is not None else None
 
     def forward(self, x: torch.Tensor, *, task_similarity: bool = False) -> torch.Tensor:
         if task_similarity:  # per_layer contrastive / routing: cos(x, own task embeddings), x (S, in)
@@ -238,11 +256,13 @@ class MoreLinear(nn.Module):
             raise RuntimeError("MoRE layer called without task ids: call MoreCausalLM.forward(task_ids=...), "
                                "use model.task_context(t), or model.disable_adapters()")
         dropout = self.dropout is not None and self.training
-        if self._fused_ok() and self.base_layer.weight.dtype == x2.dtype:
+        fused = self._fused_base(x2)
+        if fused is not None:
             dt = x2.dtype
             b = self.base_layer
             xa = self.dropout(x2) if dropout else x2
-            y = _FusedMoreLinear.apply(x2, xa, b.weight, b.bias, self.lora_A.to(dt), self.lora_B.to(dt), M.to(dt))
+            y = _FusedMoreLinear.apply(x2, xa, b.weight, b.bias, self.lora_A.to(dt), self.lora_B.to(dt), M.to(dt),
+                                       *fused)
             return y.view(*shape[:-1], self.out_features)
         y = self.base_layer(x)
         dt = y.dtype
