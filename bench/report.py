@@ -240,12 +240,18 @@ def vs_trl(r) -> list[str]:
              "ours_zero3_more_eager_norms": "this project, MoRE, ZeRO-3, 2 ranks, eager RMSNorm (before)",
              "ours_zero3_more_fresh_dequant": "this project, MoRE, ZeRO-3, 2 ranks, fresh NF4 dequantisation (before)",
              "ours_1p_more_fresh_dequant": "this project, MoRE, 1 process, fresh NF4 dequantisation (before)",
-             "ours_zero3_more_fresh_outputs": "this project, MoRE, ZeRO-3, 2 ranks, no CPU buffer pool (before)",
-             "ours_1p_more_fresh_outputs": "this project, MoRE, 1 process, no CPU buffer pool (before)",
+             "ours_zero3_more_pooled": "this project, MoRE, ZeRO-3, 2 ranks, CPU buffer pool on",
+             "ours_1p_more_pooled": "this project, MoRE, 1 process, CPU buffer pool on",
+             # runs of 2026-12-05 afternoon, when the pool was on by default: these rows are today's default
+             "ours_zero3_more_fresh_outputs": "this project, MoRE, ZeRO-3, 2 ranks, CPU buffer pool off",
+             "ours_1p_more_fresh_outputs": "this project, MoRE, 1 process, CPU buffer pool off",
              "trl_padded": "TRL SFTTrainer + PEFT LoRA r8, padded micro-batches of 16",
              "trl_packed": "TRL SFTTrainer + PEFT LoRA r8, `packing=True` (samples not isolated on CPU)",
              "trl_packed_compiled": "TRL, `packing=True`, `torch_compile=True` (compiles in its first step)"}
     v, S, R = r["versions"], r["systems"], r["ratios"]
+    if any(n.endswith("_fresh_outputs") for n in S):  # the pool was on by default in these runs
+        for n in ("ours_zero3_more", "ours_zero3_lora", "ours_1p_more"):
+            label[n] += ", CPU buffer pool on (its default then)"
     dtype = r.get("dtype", "fp32")  # runs before --dtype existed computed in fp32
     isa = r.get("cpu_isa") or ("AVX-512" if "avx512f" in r["cpu_flags"] else "AVX2")
     lines = [f"## Training throughput against TRL + PEFT, {isa} CPU, {dtype} (`" + r["command"] + "`)",
@@ -339,7 +345,7 @@ def loader_memory(r) -> list[str]:
 SECTIONS = [("prep", prep), ("packing", packing), ("adapter_step", adapter_step),
             ("train_throughput", train_throughput), ("lm_head", lm_head), ("vs_trl", vs_trl), ("vs_trl_avx2", vs_trl),
             ("vs_trl_zero2", vs_trl), ("vs_trl_split_attention", vs_trl), ("vs_trl_1b", vs_trl),
-            ("vs_trl_1b_dequant", vs_trl),
+            ("vs_trl_1b_dequant", vs_trl), ("vs_trl_1b_pool_ab", vs_trl),
             ("step_profile", step_profile), ("loader_memory", loader_memory),
             ("merge", merge),
             ("fidelity", fidelity), ("glue_variants", glue_variants), ("glue_variants_quick", glue_variants)]

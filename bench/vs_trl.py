@@ -19,9 +19,9 @@ data and number of real training tokens.
     ours_zero3_more_fresh_dequant, ours_1p_more_fresh_dequant  ours_zero3_more / ours_1p_more with bitsandbytes'
                       own NF4 matmul (`model.nf4_dequant_buffers=false`): a fresh tensor per dequantised weight
                       instead of the reused buffer (pipeline/models/nf4_matmul.py)
-    ours_zero3_more_fresh_outputs, ours_1p_more_fresh_outputs  ours_zero3_more / ours_1p_more without the CPU buffer
-                      pool (`model.cpu_buffer_pool=false`): MLP activations, NF4 matmul outputs and their gradients in
-                      fresh memory instead of reused blocks (pipeline/models/cpu_buffers.py)
+    ours_zero3_more_pooled, ours_1p_more_pooled  ours_zero3_more / ours_1p_more with the CPU buffer pool
+                      (`model.cpu_buffer_pool=true`): MLP activations, NF4 matmul outputs and their gradients in
+                      reused blocks instead of fresh memory (pipeline/models/cpu_buffers.py)
     trl_padded        SFTTrainer + PEFT LoRA rank 8 (all linears), padded micro-batches of 16 samples (~2 rows of
                       real tokens), accumulated to about --rows-per-step rows per optimizer step
     trl_packed        the same with `packing=True` (TRL's best-fit-decreasing packing into rows of 512, padding-free),
@@ -92,8 +92,8 @@ SYSTEMS = {  # name: (kind, ranks (ours) or micro-batch size (TRL; None: --trl-m
     "ours_zero3_more_eager_norms": ("ours", 2, ["model.compile_norms=false"]),  # before the compiled RMSNorm
     "ours_zero3_more_fresh_dequant": ("ours", 2, ["model.nf4_dequant_buffers=false"]),  # before the NF4 buffers
     "ours_1p_more_fresh_dequant": ("ours", 1, ["model.nf4_dequant_buffers=false"]),
-    "ours_zero3_more_fresh_outputs": ("ours", 2, ["model.cpu_buffer_pool=false"]),  # before the CPU buffer pool
-    "ours_1p_more_fresh_outputs": ("ours", 1, ["model.cpu_buffer_pool=false"]),
+    "ours_zero3_more_pooled": ("ours", 2, ["model.cpu_buffer_pool=true"]),  # the CPU buffer pool (off by default)
+    "ours_1p_more_pooled": ("ours", 1, ["model.cpu_buffer_pool=true"]),
     "trl_padded": ("trl", 16, []),  # samples per micro-batch
     "trl_packed": ("trl", None, []),  # rows per micro-batch: --trl-micro-rows
     "trl_packed_compiled": ("trl", None, ["torch_compile"]),  # the Trainer's torch_compile=True
@@ -412,8 +412,8 @@ def main() -> int:
                                ("compiled_norms_speedup_zero3", "ours_zero3_more", "ours_zero3_more_eager_norms"),
                                ("dequant_buffers_speedup_zero3", "ours_zero3_more", "ours_zero3_more_fresh_dequant"),
                                ("dequant_buffers_speedup_1p", "ours_1p_more", "ours_1p_more_fresh_dequant"),
-                               ("buffer_pool_speedup_zero3", "ours_zero3_more", "ours_zero3_more_fresh_outputs"),
-                               ("buffer_pool_speedup_1p", "ours_1p_more", "ours_1p_more_fresh_outputs"),
+                               ("buffer_pool_speedup_zero3", "ours_zero3_more_pooled", "ours_zero3_more"),
+                               ("buffer_pool_speedup_1p", "ours_1p_more_pooled", "ours_1p_more"),
                                ("zero3_2ranks_over_1p_tokens_per_s", "ours_zero3_more", "ours_1p_more")):
         if system in results and base in results:  # tokens/s of `system` over `base`
             ratios[ratio] = results[system]["tokens_per_s"] / results[base]["tokens_per_s"]

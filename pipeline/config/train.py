@@ -32,9 +32,10 @@ class ModelConfig(StrictModel):
     # NF4 on CPU: dequantise each weight into a reused buffer instead of a fresh tensor per matmul (bit-equal,
     # pipeline/models/nf4_matmul.py)
     nf4_dequant_buffers: bool = True
-    # training on CPU: the MLP's element-wise outputs and the NF4 matmuls' outputs and input gradients go to reused
-    # blocks instead of freshly page-faulted memory (bit-equal, pipeline/models/cpu_buffers.py)
-    cpu_buffer_pool: bool = True
+    # training on CPU: the MLP's element-wise outputs and the NF4 matmuls' outputs and input gradients in reused
+    # blocks instead of freshly page-faulted memory (bit-equal, pipeline/models/cpu_buffers.py). Off: faster in short
+    # runs of one process, slower in both side-by-side benchmark runs (README, Benchmarks)
+    cpu_buffer_pool: bool = False
 
     @field_validator("dtype")
     @classmethod

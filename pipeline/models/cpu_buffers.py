@@ -7,7 +7,8 @@ vs 4.3 ms, a product 13.8 vs 2.8 ms. Raising glibc's thresholds instead keeps fr
 fragments: peak RSS grew by a third in one process and ZeRO-3 got slower (bench/NOTES.md). Here a block is
 only ever reused for a tensor of its size class (eight per doubling, so a packed batch a few tokens shorter still
 fits the block of a full one), and per class the pool holds as many blocks as the step keeps tensors of that class
-alive at once (a ~1B Llama's peak RSS went down, not up: bench/RESULTS.md). Blocks under 1 MiB are left to glibc.
+alive at once. Blocks under 1 MiB are left to glibc. Opt-in (`model.cpu_buffer_pool`): faster in short runs of one
+process, not in the side-by-side benchmark (README, Benchmarks).
 
 A block is free when nothing but the pool holds its storage: tensors handed out, their views and autograd's saved
 copies all count. Used from the training thread only (the batch prefetch thread never takes blocks).
