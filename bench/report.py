@@ -346,6 +346,7 @@ SECTIONS = [("prep", prep), ("packing", packing), ("adapter_step", adapter_step)
             ("train_throughput", train_throughput), ("lm_head", lm_head), ("vs_trl", vs_trl), ("vs_trl_avx2", vs_trl),
             ("vs_trl_zero2", vs_trl), ("vs_trl_split_attention", vs_trl), ("vs_trl_1b", vs_trl),
             ("vs_trl_1b_dequant", vs_trl), ("vs_trl_1b_pool_ab", vs_trl),
+            ("vs_trl_1b_pool_order", vs_trl),
             ("step_profile", step_profile), ("loader_memory", loader_memory),
             ("merge", merge),
             ("fidelity", fidelity), ("glue_variants", glue_variants), ("glue_variants_quick", glue_variants)]
