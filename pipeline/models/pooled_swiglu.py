@@ -37,10 +37,7 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up; pooled for same-shape, same-dtype CPU tensors, eager otherwise."""
     if gate.device.type != "cpu" or gate.shape != up.shape or gate.dtype != up.dtype:
         return F.silu(gate) * up
-    if not torch.is_grad_enabled():
-        return torch.mul(torch.ops.aten.silu.out(gate, out=cpu_buffers.empty(gate.shape, gate.dtype)), up,
-                         out=cpu_buffers.empty(gate.shape, gate.dtype))
-    return _PooledSwiGLU.apply(gate, up)
+    return _PooledSwiGLU.apply(gate, up)  # without grad mode it keeps nothing for backward
 
 
 _SILU_MODULES = ("SiLU", "SiLUActivation")  # torch's, and transformers' own for hidden_act "silu"
