@@ -73,9 +73,13 @@ def test_packed_mixed_batch_equals_each_sample_alone():
             torch.testing.assert_close(out[row][where[row]], alone, atol=1e-5, rtol=1e-5)
 
 
-def test_packed_attention_without_a_mask_equals_the_dense_mask():
+@pytest.mark.parametrize("rope", ["eager", "compiled"])
+def test_packed_attention_without_a_mask_equals_the_dense_mask(rope):
     """attn_implementation="packed_sdpa" (the trainer's default): MoreCausalLM passes the samples' boundaries from
-    segment_ids, no (B, 1, L, L) mask, and every real position's logits equal the masked sdpa's."""
+    segment_ids, no (B, 1, L, L) mask, and every real position's logits equal the masked sdpa's; also through the
+    trainer's compiled rotary embedding (pipeline/models/compiled_rope.py)."""
+    from pipeline.models.compiled_rope import compile_rope
+
     m = _model()
     b = mixed_batch()
     real = b["segment_ids"] >= 0
@@ -83,6 +87,8 @@ def test_packed_attention_without_a_mask_equals_the_dense_mask():
         dense = m(**b).logits
         unmasked = m(input_ids=b["input_ids"], task_ids=b["task_ids"]).logits  # samples see each other
         m.base_model.config._attn_implementation = "packed_sdpa"
+        if rope == "compiled":
+            assert compile_rope(m.base_model) == m.base_model.config.num_hidden_layers
         packed = m(**{k: v for k, v in b.items() if k != "attention_mask"}).logits
         torch.testing.assert_close(packed[real], dense[real], atol=1e-5, rtol=1e-5)
         assert (packed[real] - unmasked[real]).abs().max() > 1e-3  # the negative control: isolation shows

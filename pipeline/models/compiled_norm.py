@@ -35,12 +35,13 @@ def is_llama_rms_norm(module: nn.Module) -> bool:
             and isinstance(getattr(module, "weight", None), torch.Tensor))
 
 
-def _compiles(norm: nn.Module) -> str:
-    """'' when the compiled norm runs forward and backward here, else why not (e.g. no C++ compiler on a CPU host)."""
-    w = norm.weight.detach()
+def compile_failure(fn, *example: torch.Tensor) -> str:
+    """'' when compiled `fn` runs forward and backward on `example` here, else why not (e.g. no C++ compiler on a
+    CPU host)."""
     try:
-        x = torch.randn(1, 8, w.shape[-1], dtype=w.dtype, device=w.device, requires_grad=True)
-        _compiled(x, w, norm.variance_epsilon).sum().backward()
+        with torch.enable_grad():
+            out = fn(*example)
+            sum(o.float().sum() for o in (out if isinstance(out, tuple) else (out,))).backward()
     except Exception as e:  # torch.compile raises many types; any of them means: stay eager
         return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     return ""
@@ -52,7 +53,9 @@ def compile_rms_norms(model: nn.Module) -> int:
     norms = [m for m in model.modules() if is_llama_rms_norm(m)]
     if not norms:
         return 0
-    why = _compiles(norms[0])
+    w = norms[0].weight.detach()
+    x = torch.randn(1, 8, w.shape[-1], dtype=w.dtype, device=w.device, requires_grad=True)
+    why = compile_failure(_compiled, x, w, norms[0].variance_epsilon)
     if why:
         warnings.warn(f"RMSNorm stays eager: torch.compile failed here ({why}); set model.compile_norms: false "
                       "to skip the attempt")

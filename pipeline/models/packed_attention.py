@@ -24,14 +24,15 @@ def packed_segments(segment_ids: torch.Tensor) -> list[list[int]]:
 
 
 def packed_sdpa_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
-                          packed_segments=None, **kwargs):
-    """query (B, H, L, D), key/value (B, Hkv, L, D) -> (B, L, H, D), as transformers' attention functions return."""
+                          packed_segments=None, out_dtype=None, **kwargs):
+    """query (B, H, L, D), key/value (B, Hkv, L, D) -> (B, L, H, D) in `out_dtype` (default value's), as
+    transformers' attention functions return."""
     if packed_segments is None:
         raise ValueError("attn_implementation='packed_sdpa' needs packed_segments=... in the forward call (the "
                          "samples' lengths per row; pipeline.models.packed_attention.packed_segments)")
     B, H, L, D = query.shape
     gqa = key.shape[1] != H
-    out_dtype = query.dtype
+    out_dtype = out_dtype or value.dtype
     if query.device.type == "cpu":  # CPU sdpa in bf16 ran 1.5-5x slower than in fp32 per sample (AMX machine)
         query, key, value = query.float(), key.float(), value.float()
     rows = []

@@ -68,8 +68,10 @@ def seed_everything(seed: int) -> None:
 
 def build_model(cfg: TrainConfig, task_names: list[str], dist_info: DistInfo):
     from pipeline.models.compiled_norm import compile_rms_norms
+    from pipeline.models.compiled_rope import compile_rope
     from pipeline.models.loading import load_base_model
     from pipeline.models.nf4_matmul import pool_outputs as pool_nf4_outputs
+    from pipeline.models.packed_attention import NAME as PACKED_ATTENTION
     from pipeline.models.pooled_swiglu import pool_swiglu_mlps
     from pipeline.more import inject
 
@@ -84,6 +86,11 @@ def build_model(cfg: TrainConfig, task_names: list[str], dist_info: DistInfo):
         n = compile_rms_norms(model.base_model)
         if dist_info.is_main:
             print(f"compile_norms: {n} RMSNorms compiled", flush=True)
+    if (cfg.model.compile_rope and dist_info.device.type == "cpu"
+            and cfg.model.attn_implementation == PACKED_ATTENTION):
+        n = compile_rope(model.base_model)
+        if dist_info.is_main:
+            print(f"compile_rope: {n} attentions' rotary embeddings compiled", flush=True)
     if cfg.model.cpu_buffer_pool and dist_info.device.type == "cpu":
         pool_nf4_outputs(model.base_model)
         pool_swiglu_mlps(model.base_model)
