@@ -238,6 +238,8 @@ def vs_trl(r) -> list[str]:
              "ours_1p_more_fp32": "this project, MoRE, 1 process, fp32",
              "ours_1p_more_zero2": "this project, MoRE, 1 process, ZeRO-2 instead of ZeRO-3",
              "ours_zero3_more_eager_norms": "this project, MoRE, ZeRO-3, 2 ranks, eager RMSNorm (before)",
+             "ours_zero3_more_eager_rope": "this project, MoRE, ZeRO-3, 2 ranks, eager rotary embedding (before)",
+             "ours_1p_more_eager_rope": "this project, MoRE, 1 process, eager rotary embedding (before)",
              "ours_zero3_more_fresh_dequant": "this project, MoRE, ZeRO-3, 2 ranks, fresh NF4 dequantisation (before)",
              "ours_1p_more_fresh_dequant": "this project, MoRE, 1 process, fresh NF4 dequantisation (before)",
              "ours_zero3_more_pooled": "this project, MoRE, ZeRO-3, 2 ranks, CPU buffer pool on",
@@ -299,6 +301,9 @@ def vs_trl(r) -> list[str]:
     if "compiled_norms_speedup_zero3" in R:
         notes.append(f"Compiled / eager RMSNorm, MoRE ZeRO-3 2 ranks tokens/s: {R['compiled_norms_speedup_zero3']:.2f}")
     for path, what in (("zero3", "ZeRO-3 2 ranks"), ("1p", "1 process")):
+        if f"compiled_rope_speedup_{path}" in R:
+            notes.append(f"Compiled / eager rotary embedding, MoRE {what} tokens/s: "
+                         f"{R[f'compiled_rope_speedup_{path}']:.2f}")
         if f"dequant_buffers_speedup_{path}" in R:
             notes.append(f"NF4 dequantised into reused buffers / fresh tensors, MoRE {what} tokens/s: "
                          f"{R[f'dequant_buffers_speedup_{path}']:.2f}")
@@ -347,7 +352,7 @@ SECTIONS = [("prep", prep), ("packing", packing), ("adapter_step", adapter_step)
             ("vs_trl_zero2", vs_trl), ("vs_trl_split_attention", vs_trl), ("vs_trl_1b", vs_trl),
             ("vs_trl_1b_dequant", vs_trl), ("vs_trl_1b_pool_ab", vs_trl),
             ("vs_trl_1b_pool_order", vs_trl),
-            ("vs_trl_1b_pool_order_1p", vs_trl),
+            ("vs_trl_1b_pool_order_1p", vs_trl), ("vs_trl_1b_rope", vs_trl),
             ("step_profile", step_profile), ("loader_memory", loader_memory),
             ("merge", merge),
             ("fidelity", fidelity), ("glue_variants", glue_variants), ("glue_variants_quick", glue_variants)]
