@@ -30,8 +30,9 @@ class ModelConfig(StrictModel):
     # torch.compile does not work (a CPU host without a C++ compiler).
     compile_norms: bool = True
     # training on CPU with packed_sdpa: each attention's rotary embedding and the fp32 cast of q, k, v in one compiled
-    # kernel (pipeline/models/compiled_rope.py); eager, with a warning, where torch.compile does not work
-    compile_rope: bool = True
+    # kernel (pipeline/models/compiled_rope.py); eager, with a warning, where torch.compile does not work. Off: 1.07x
+    # in one process (steps alternated), 0.95x and 0.98x on the documented 2-rank path (README, Benchmarks)
+    compile_rope: bool = False
     # NF4 on CPU: dequantise each weight into a reused buffer instead of a fresh tensor per matmul (bit-equal,
     # pipeline/models/nf4_matmul.py)
     nf4_dequant_buffers: bool = True

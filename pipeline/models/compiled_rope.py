@@ -5,8 +5,8 @@ first rotates q and k in bf16 (transformers' apply_rotary_pos_emb: two muls, a n
 each a fresh full-size tensor, and autograd's mirror of each in backward), then casts q, k and v to fp32: six passes
 over q and k per layer each way. Here one torch.compile'd function takes the projections as they come and returns
 fp32 q, k (rotated in fp32 from the bf16 inputs: one rounding less than eager, within one bf16 ulp of it) and v,
-one loop per tensor each way. Random ~1B Llama, 1 process, eager / compiled alternated per step: 1.07x tokens/s
-(README, train).
+one loop per tensor each way. Random ~1B Llama, 1 process, eager / compiled alternated per step: 1.07x tokens/s;
+on the documented 2-rank ZeRO-3 path 0.95x and 0.98x in bench/vs_trl.py, so opt-in (`model.compile_rope`).
 
 Only the attention modules' forward is replaced (q/k/v projections, the compiled function, packed attention, o_proj),
 not the decoder layer: the per-sample attention loop stays eager Python, and ZeRO-3's module hooks stay where they
