@@ -110,7 +110,7 @@ bench: model
 	$(PYTHON) bench/vs_trl.py --model $(MODEL_DIR)
 	$(PYTHON) bench/random_model.py --like $(MODEL_DIR) --out models/random-llama-1b
 	$(PYTHON) bench/vs_trl.py --model models/random-llama-1b --work runs/bench-vs-trl-1b --tokens 24000 --eval-every 4 \
-		--systems ours_zero3_more,ours_zero3_lora,ours_1p_more,ours_zero3_more_eager_rope,ours_1p_more_eager_rope,\
+		--systems ours_zero3_more,ours_zero3_lora,ours_1p_more,ours_zero3_more_compiled_rope,ours_1p_more_compiled_rope,\
 		ours_zero3_more_eager_norms,ours_zero3_more_fresh_dequant,ours_zero3_more_pooled,ours_1p_more_pooled,\
 		trl_packed,trl_packed_compiled \
 		--out bench/results/vs_trl_1b.json

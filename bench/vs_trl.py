@@ -16,9 +16,9 @@ data and number of real training tokens.
                       process (fp32: the same losses as ZeRO-3; bf16: the same until the first update, then within 2%)
     ours_zero3_more_eager_norms  ours_zero3_more with eager RMSNorms (`model.compile_norms=false`): what the
                       compiled norm (pipeline/models/compiled_norm.py) gains on the documented path
-    ours_zero3_more_eager_rope, ours_1p_more_eager_rope  ours_zero3_more / ours_1p_more with transformers' eager
-                      rotary embedding and attention's own fp32 casts (`model.compile_rope=false`): what the compiled
-                      rotary embedding (pipeline/models/compiled_rope.py) gains
+    ours_zero3_more_compiled_rope, ours_1p_more_compiled_rope  ours_zero3_more / ours_1p_more with the rotary
+                      embedding and attention's fp32 casts in one compiled kernel (`model.compile_rope=true`, off by
+                      default: pipeline/models/compiled_rope.py)
     ours_zero3_more_fresh_dequant, ours_1p_more_fresh_dequant  ours_zero3_more / ours_1p_more with bitsandbytes'
                       own NF4 matmul (`model.nf4_dequant_buffers=false`): a fresh tensor per dequantised weight
                       instead of the reused buffer (pipeline/models/nf4_matmul.py)
@@ -93,8 +93,8 @@ SYSTEMS = {  # name: (kind, ranks (ours) or micro-batch size (TRL; None: --trl-m
                                                               # a CPU where --dtype auto is fp32)
     "ours_1p_more_zero2": ("ours", 1, []),  # ZeRO-2 instead of ZeRO-3 in one process (DS_CONFIGS)
     "ours_zero3_more_eager_norms": ("ours", 2, ["model.compile_norms=false"]),  # before the compiled RMSNorm
-    "ours_zero3_more_eager_rope": ("ours", 2, ["model.compile_rope=false"]),  # before the compiled rotary embedding
-    "ours_1p_more_eager_rope": ("ours", 1, ["model.compile_rope=false"]),
+    "ours_zero3_more_compiled_rope": ("ours", 2, ["model.compile_rope=true"]),  # the compiled rotary embedding
+    "ours_1p_more_compiled_rope": ("ours", 1, ["model.compile_rope=true"]),  # (off by default)
     "ours_zero3_more_fresh_dequant": ("ours", 2, ["model.nf4_dequant_buffers=false"]),  # before the NF4 buffers
     "ours_1p_more_fresh_dequant": ("ours", 1, ["model.nf4_dequant_buffers=false"]),
     "ours_zero3_more_pooled": ("ours", 2, ["model.cpu_buffer_pool=true"]),  # the CPU buffer pool (off by default)
@@ -415,8 +415,8 @@ def main() -> int:
                                ("dtype_auto_speedup_1p", "ours_1p_more", "ours_1p_more_fp32"),
                                ("zero2_over_zero3_1p_tokens_per_s", "ours_1p_more_zero2", "ours_1p_more"),
                                ("compiled_norms_speedup_zero3", "ours_zero3_more", "ours_zero3_more_eager_norms"),
-                               ("compiled_rope_speedup_zero3", "ours_zero3_more", "ours_zero3_more_eager_rope"),
-                               ("compiled_rope_speedup_1p", "ours_1p_more", "ours_1p_more_eager_rope"),
+                               ("compiled_rope_speedup_zero3", "ours_zero3_more_compiled_rope", "ours_zero3_more"),
+                               ("compiled_rope_speedup_1p", "ours_1p_more_compiled_rope", "ours_1p_more"),
                                ("dequant_buffers_speedup_zero3", "ours_zero3_more", "ours_zero3_more_fresh_dequant"),
                                ("dequant_buffers_speedup_1p", "ours_1p_more", "ours_1p_more_fresh_dequant"),
                                ("buffer_pool_speedup_zero3", "ours_zero3_more_pooled", "ours_zero3_more"),
