@@ -31,7 +31,7 @@ class ModelConfig(StrictModel):
     compile_norms: bool = True
     # training on CPU with packed_sdpa: each attention's rotary embedding and the fp32 cast of q, k, v in one compiled
     # kernel (pipeline/models/compiled_rope.py); eager, with a warning, where torch.compile does not work. Off: 1.07x
-    # in one process (steps alternated), 0.95x and 0.98x on the documented 2-rank path (README, Benchmarks)
+    # in one process (steps alternated), 0.95x, 0.98x and 1.01x on the documented 2-rank path (README, train)
     compile_rope: bool = False
     # NF4 on CPU: dequantise each weight into a reused buffer instead of a fresh tensor per matmul (bit-equal,
     # pipeline/models/nf4_matmul.py)

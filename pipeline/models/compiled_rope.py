@@ -6,7 +6,7 @@ each a fresh full-size tensor, and autograd's mirror of each in backward), then 
 over q and k per layer each way. Here one torch.compile'd function takes the projections as they come and returns
 fp32 q, k (rotated in fp32 from the bf16 inputs: one rounding less than eager, within one bf16 ulp of it) and v,
 one loop per tensor each way. Random ~1B Llama, 1 process, eager / compiled alternated per step: 1.07x tokens/s;
-on the documented 2-rank ZeRO-3 path 0.95x and 0.98x in bench/vs_trl.py, so opt-in (`model.compile_rope`).
+on the documented 2-rank ZeRO-3 path 0.95x, 0.98x and 1.01x in bench/vs_trl.py, so opt-in (`model.compile_rope`).
 
 Only the attention modules' forward is replaced (q/k/v projections, the compiled function, packed attention, o_proj),
 not the decoder layer: the per-sample attention loop stays eager Python, and ZeRO-3's module hooks stay where they
@@ -14,6 +14,7 @@ were (they run in Module.__call__, not forward).
 """
 from __future__ import annotations
 
+import sys
 import types
 import warnings
 
@@ -57,7 +58,7 @@ def _forward(self, hidden_states: torch.Tensor, position_embeddings=None, attent
 def is_llama_attention(module: nn.Module) -> bool:
     """Llama-family attentions (Llama, Mistral, Qwen2, ...): q/k/v/o projections and the rotate-half rotary
     embedding; not those that normalise q and k (Qwen3) or rotate part of the head (Phi)."""
-    modeling = __import__(type(module).__module__, fromlist=["_"])
+    modeling = sys.modules[type(module).__module__]
     return (type(module).__name__.endswith("Attention") and hasattr(module, "head_dim")
             and hasattr(module, "scaling")
             and all(isinstance(getattr(module, n, None), nn.Module) for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
