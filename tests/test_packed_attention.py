@@ -6,11 +6,14 @@ import torch.nn.functional as F
 from pipeline.models.packed_attention import packed_sdpa_attention
 
 
+@pytest.mark.parametrize("segments", [
+    [[3, 5, 4, 2], [6, 2]],  # one sdpa call per sample; the second row ends in 6 padding positions
+    [[3, 3, 3, 5], [4, 4, 2, 2]],  # runs of equal lengths: one batched call per run
+], ids=["distinct_lengths", "equal_length_runs"])
 @pytest.mark.parametrize("kv_heads", [4, 2])  # plain and grouped-query attention
-def test_outputs_and_gradients_equal_the_dense_block_mask(kv_heads):
+def test_outputs_and_gradients_equal_the_dense_block_mask(kv_heads, segments):
     g = torch.Generator().manual_seed(0)
-    B, H, L, D = 2, 4, 12, 8
-    segments = [[3, 5, 4], [6, 2]]  # the second row ends in 4 padding positions
+    B, H, L, D = 2, 4, 14, 8
     q = torch.randn(B, H, L, D, generator=g, requires_grad=True)
     k = torch.randn(B, kv_heads, L, D, generator=g, requires_grad=True)
     v = torch.randn(B, kv_heads, L, D, generator=g, requires_grad=True)

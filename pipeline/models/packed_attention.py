@@ -4,11 +4,15 @@ A packed row of 512 holds ~7 GLUE-style samples of ~70 tokens. With a dense (B, 
 computes all L^2 scores of the row and masks most of them away (on CPU its backward took a fifth of a SmolLM2
 training step), and the mask itself is built and held for every micro-batch. Here each sample runs its own causal
 sdpa over its own tokens (sum of l^2 scores instead of L^2, no mask tensor), which is what a varlen kernel does on
-GPU. The samples' boundaries come in as `packed_segments`, computed once per forward (`packed_segments(...)`) and
-passed through the model's keyword arguments to every layer. Padding positions get a zero output (nothing reads
+GPU. Consecutive samples of equal length (best-fit-decreasing packing places samples longest first, so a row is
+mostly such runs) share ONE sdpa call as a batch: a view of the row, no copy, no padding; ~23 samples per 4 GLUE
+rows take ~7 calls. The samples' boundaries come in as `packed_segments`, computed once per forward
+(`packed_segments(...)`) and passed through the model's keyword arguments to every layer. Padding positions get a zero output (nothing reads
 them: no label, no contrastive pooling).
 """
 from __future__ import annotations
+
+import itertools
 
 import torch
 import torch.nn.functional as F
@@ -37,13 +41,17 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, dropout: fl
         query, key, value = query.float(), key.float(), value.float()
     rows = []
     # split/unbind, not per-sample slicing: slicing's backward fills and adds a full-size (B, H, L, D) gradient per
-    # sample and tensor; split's backward is one cat per row
+    # piece and tensor; split's backward is one cat per row
     for q, k, v, lens in zip(query.unbind(0), key.unbind(0), value.unbind(0), packed_segments):
-        sizes = [*lens, L - sum(lens)]  # the last piece is the row's padding (possibly empty)
-        samples = zip(q.split(sizes, 1)[:-1], k.split(sizes, 1)[:-1], v.split(sizes, 1)[:-1])
-        parts = [F.scaled_dot_product_attention(qs[None], ks[None], vs[None], dropout_p=dropout, scale=scaling,
-                                                is_causal=True, enable_gqa=gqa)[0].transpose(0, 1)  # (n, H, D)
-                 for qs, ks, vs in samples]
+        runs = [(n, len(list(same))) for n, same in itertools.groupby(lens)]  # (sample length, how many in a row)
+        sizes = [n * count for n, count in runs]
+        sizes.append(L - sum(sizes))  # the last piece is the row's padding (possibly empty)
+        parts = []
+        for (n, count), qs, ks, vs in zip(runs, q.split(sizes, 1), k.split(sizes, 1), v.split(sizes, 1)):
+            qs, ks, vs = (t.unflatten(1, (count, n)).transpose(0, 1) for t in (qs, ks, vs))  # (count, heads, n, D)
+            out = F.scaled_dot_product_attention(qs, ks, vs, dropout_p=dropout, scale=scaling, is_causal=True,
+                                                 enable_gqa=gqa)
+            parts.append(out.transpose(1, 2).reshape(count * n, H, value.shape[-1]))
         if sizes[-1]:  # padding positions: zero output
             parts.append(query.new_zeros(sizes[-1], H, value.shape[-1]))
         rows.append(torch.cat(parts) if len(parts) > 1 else parts[0])
