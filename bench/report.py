@@ -348,15 +348,13 @@ def loader_memory(r) -> list[str]:
 
 
 SECTIONS = [("prep", prep), ("packing", packing), ("adapter_step", adapter_step),
-            ("train_throughput", train_throughput), ("lm_head", lm_head), ("vs_trl_attention_runs", vs_trl), ("vs_trl", vs_trl),
-            ("vs_trl_avx2", vs_trl),
-            ("vs_trl_zero2", vs_trl), ("vs_trl_split_attention", vs_trl), ("vs_trl_1b", vs_trl),
-            ("vs_trl_1b_dequant", vs_trl), ("vs_trl_1b_pool_ab", vs_trl),
-            ("vs_trl_1b_pool_order", vs_trl),
-            ("vs_trl_1b_pool_order_1p", vs_trl), ("vs_trl_1b_rope", vs_trl), ("vs_trl_1b_attention_runs", vs_trl),
-            ("step_profile", step_profile), ("loader_memory", loader_memory),
-            ("merge", merge),
-            ("fidelity", fidelity), ("glue_variants", glue_variants), ("glue_variants_quick", glue_variants)]
+            ("train_throughput", train_throughput), ("lm_head", lm_head), ("vs_trl_attention_runs", vs_trl),
+            ("vs_trl", vs_trl), ("vs_trl_avx2", vs_trl), ("vs_trl_zero2", vs_trl), ("vs_trl_split_attention", vs_trl),
+            ("vs_trl_1b", vs_trl), ("vs_trl_1b_dequant", vs_trl), ("vs_trl_1b_pool_ab", vs_trl),
+            ("vs_trl_1b_pool_order", vs_trl), ("vs_trl_1b_pool_order_1p", vs_trl), ("vs_trl_1b_rope", vs_trl),
+            ("vs_trl_1b_attention_runs", vs_trl), ("step_profile", step_profile), ("loader_memory", loader_memory),
+            ("merge", merge), ("fidelity", fidelity), ("glue_variants", glue_variants),
+            ("glue_variants_quick", glue_variants)]
 
 
 def main() -> int:

@@ -7,8 +7,8 @@ sdpa over its own tokens (sum of l^2 scores instead of L^2, no mask tensor), whi
 GPU. Consecutive samples of equal length (best-fit-decreasing packing places samples longest first, so a row is
 mostly such runs) share ONE sdpa call as a batch: a view of the row, no copy, no padding; ~23 samples per 4 GLUE
 rows take ~7 calls. The samples' boundaries come in as `packed_segments`, computed once per forward
-(`packed_segments(...)`) and passed through the model's keyword arguments to every layer. Padding positions get a zero output (nothing reads
-them: no label, no contrastive pooling).
+(`packed_segments(...)`) and passed through the model's keyword arguments to every layer. Padding positions get a
+zero output (nothing reads them: no label, no contrastive pooling).
 """
 from __future__ import annotations
 
