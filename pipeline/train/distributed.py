@@ -219,7 +219,8 @@ def all_gather(obj) -> list:
 
 
 def shutdown(engine=None) -> None:
-    """A clean end avoids the rare 'terminate called without an active exception' at interpreter exit."""
+    """A clean end: every rank leaves together and the process group is destroyed. (An abort at interpreter exit,
+    'terminate called without an active exception', still struck rarely after it; launch/train.py skips teardown.)"""
     _PeerWatch.stop()  # before the barrier: past it, rank 0 (the store's host) may exit at any time
     if dist.is_initialized():
         dist.barrier()
