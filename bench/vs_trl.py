@@ -25,6 +25,9 @@ data and number of real training tokens.
     ours_zero3_more_pooled, ours_1p_more_pooled  ours_zero3_more / ours_1p_more with the CPU buffer pool
                       (`model.cpu_buffer_pool=true`): MLP activations, NF4 matmul outputs and their gradients in
                       reused blocks instead of fresh memory (pipeline/models/cpu_buffers.py)
+    ours_zero3_more_sharded_base, ours_1p_more_sharded_base  ours_zero3_more / ours_1p_more with the frozen base
+                      partitioned by ZeRO-3 too (`model.frozen_base=sharded`) instead of whole on every rank (the
+                      default where it fits, pipeline/train/zero3_frozen.py): what not gathering it every step gains
     trl_padded        SFTTrainer + PEFT LoRA rank 8 (all linears), padded micro-batches of 16 samples (~2 rows of
                       real tokens), accumulated to about --rows-per-step rows per optimizer step
     trl_packed        the same with `packing=True` (TRL's best-fit-decreasing packing into rows of 512, padding-free),
@@ -99,6 +102,8 @@ SYSTEMS = {  # name: (kind, ranks (ours) or micro-batch size (TRL; None: --trl-m
     "ours_1p_more_fresh_dequant": ("ours", 1, ["model.nf4_dequant_buffers=false"]),
     "ours_zero3_more_pooled": ("ours", 2, ["model.cpu_buffer_pool=true"]),  # the CPU buffer pool (off by default)
     "ours_1p_more_pooled": ("ours", 1, ["model.cpu_buffer_pool=true"]),
+    "ours_zero3_more_sharded_base": ("ours", 2, ["model.frozen_base=sharded"]),  # before the replicated base
+    "ours_1p_more_sharded_base": ("ours", 1, ["model.frozen_base=sharded"]),
     "trl_padded": ("trl", 16, []),  # samples per micro-batch
     "trl_packed": ("trl", None, []),  # rows per micro-batch: --trl-micro-rows
     "trl_packed_compiled": ("trl", None, ["torch_compile"]),  # the Trainer's torch_compile=True

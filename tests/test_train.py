@@ -246,14 +246,17 @@ def test_one_process_with_accumulation_matches_two_ranks(tiny_train_setup, unint
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", ["shared", "per_layer"])
-def test_zero3_units_reduce_every_gradient_as_zero2_in_one_process(tiny_train_setup, tmp_path, layout):
+@pytest.mark.parametrize("layout,frozen_base", [("shared", "replicated"), ("per_layer", "replicated"),
+                                                ("shared", "sharded")])
+def test_zero3_units_reduce_every_gradient_as_zero2_in_one_process(tiny_train_setup, tmp_path, layout, frozen_base):
     """2 ZeRO-3 ranks, each decoder layer one fetch unit (train/zero3_units.py), against 1 process under ZeRO-2 (no
     units, no partitioning) with the same global batch: the same losses and, after 3 updates with the selector
-    learning from step 1, the same value of every trained tensor. per_layer is the reference's layout, whose task
-    embeddings the contrastive loss reads again outside the layer's forward (one unit per MoRE linear made
-    DeepSpeed reduce them twice and assert)."""
+    learning from step 1, the same value of every trained tensor; with the frozen base whole on each rank (the
+    default where it fits, train/zero3_frozen.py) and partitioned by ZeRO-3. per_layer is the reference's layout,
+    whose task embeddings the contrastive loss reads again outside the layer's forward (one unit per MoRE linear
+    made DeepSpeed reduce them twice and assert)."""
     args = ["--config", str(tiny_train_setup["config"]), "--set", f"more.task_embedding={layout}",
+            "--set", f"model.frozen_base={frozen_base}",
             "--set", "more.selector_warmup_steps=0", "--set", "optim.max_steps=3",
             "--set", "model.gradient_checkpointing=false"]
     two = tmp_path / "two"

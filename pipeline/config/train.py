@@ -26,6 +26,10 @@ class ModelConfig(StrictModel):
     # auto: recompute activations only when the memory planner says the run does not fit without (decided at
     # launch, pipeline/train/preflight.py: the GPU's memory, or on CPU the host's RAM shared by its processes).
     gradient_checkpointing: Union[bool, Literal["auto"]] = "auto"
+    # under ZeRO-3: `replicated` keeps the frozen base whole on every rank and shards only what trains (no gather of
+    # the base in any step: pipeline/train/zero3_frozen.py); `sharded` partitions it too (DeepSpeed's default); auto:
+    # replicated where the memory planner fits the run that way (decided at launch), else sharded
+    frozen_base: Literal["auto", "replicated", "sharded"] = "auto"
     # RMSNorms through torch.compile (pipeline/models/compiled_norm.py); stays eager, with a warning, where
     # torch.compile does not work (a CPU host without a C++ compiler).
     compile_norms: bool = True

@@ -3,8 +3,9 @@
 Per GPU under ZeRO-3 (W = nodes x GPUs): the frozen base is partitioned 1/W (NF4 packed bytes = numel/2, held in a
 16-bit container), but bitsandbytes' quant constants (absmax per 64-block) live on the `quant_state`, not in the
 parameter, so ZeRO does not partition them: every GPU holds all of them. Tensors smaller than the persistence
-threshold (norms, most LoRA A matrices) stay whole on every GPU. Trainable parameters cost 2 (bf16) + 2 (grad
-partition) + 12 (fp32 master, Adam m, v) + 4 (fp32 grad at the step) bytes, partitioned 1/W.
+threshold (norms, most LoRA A matrices) stay whole on every GPU. With `replicate_frozen` the whole frozen base is
+on every GPU and only the trainable tensors are gathered (pipeline/train/zero3_frozen.py). Trainable parameters cost
+2 (bf16) + 2 (grad partition) + 12 (fp32 master, Adam m, v) + 4 (fp32 grad at the step) bytes, partitioned 1/W.
 """
 from __future__ import annotations
 
@@ -47,6 +48,7 @@ class PlanInputs:
     double_quant: bool = False
     overhead_gb: float = 1.5  # CUDA context, cuBLAS workspace, NCCL buffers
     host_mem_gb: float | None = None  # host RAM per node, for the host verdict
+    replicate_frozen: bool = False  # the frozen base whole on every GPU, only what trains sharded (train/zero3_frozen)
 
     @property
     def world_size(self) -> int:
@@ -133,6 +135,8 @@ def _evaluate(inp: PlanInputs, inv: ModelInventory, adapter: AdapterCount, adapt
     d = DTYPE_BYTES[inp.dtype]
     z = ZeroSettings.from_ds_config(ds_config, inv.hidden, offload=inp.offload or None)
     thr = z.param_persistence_threshold
+    Wb = 1 if inp.replicate_frozen else W  # what the frozen base is divided by
+    shard = "replicated" if inp.replicate_frozen else f"1/{W} shard"
 
     packed = consts = base16_shard = persistent = container_total = 0
     for p in inv.params:
@@ -146,7 +150,7 @@ def _evaluate(inp: PlanInputs, inv: ModelInventory, adapter: AdapterCount, adapt
         else:
             base16_shard += p.numel * d
             container_total += p.numel
-    on_gpu = 0 if z.offload_param else 1
+    on_gpu = 0 if z.offload_param and not inp.replicate_frozen else 1  # a replicated base is not DeepSpeed's
     t_numels = adapter.tensor_numels
     t_total = sum(t_numels)
     t_persist = sum(n for n in t_numels if n < thr)
@@ -160,16 +164,18 @@ def _evaluate(inp: PlanInputs, inv: ModelInventory, adapter: AdapterCount, adapt
     gathered = (inv.largest_fetch_unit_numel + z.prefetch_bucket_size
                 + min(z.max_reuse_distance, z.max_live_parameters, container_total)) * d
     gathered = min(gathered, (container_total + inv.largest_fetch_unit_numel) * d) if W > 1 else 0  # 1 rank: no gather
+    if inp.replicate_frozen:  # only the trainable tensors are gathered, at most all of them at once
+        gathered = (t_total - t_persist) * d if W > 1 else 0
     reduce_bucket = (z.reduce_bucket_size if z.contiguous_gradients else min(z.reduce_bucket_size, t_total)) * d
     scratch = inv.largest_linear_numel * d if inp.quant == "nf4" else 0
     wq = "NF4" if inp.quant == "nf4" else inp.dtype
     lines = [
-        MemLine("base_packed", f"base weights ({wq}), 1/{W} shard", on_gpu * (packed if inp.quant == "nf4" else 0) // W,
+        MemLine("base_packed", f"base weights ({wq}), {shard}", on_gpu * (packed if inp.quant == "nf4" else 0) // Wb,
                 f"{inv.quantizable_numel / 1e9:.2f}B quantizable params" + (", offloaded to CPU" if not on_gpu else "")),
         MemLine("quant_consts", "NF4 quant constants (not sharded)", consts,
                 "absmax fp32 per 64-block on every GPU" if not inp.double_quant else "double-quantized absmax"),
-        MemLine("base_16bit", f"base 16-bit (embed, lm_head{', linears' if inp.quant == 'none' else ''}), 1/{W}",
-                on_gpu * base16_shard // W, f"{(base16_shard // d) / 1e9:.2f}B params"),
+        MemLine("base_16bit", f"base 16-bit (embed, lm_head{', linears' if inp.quant == 'none' else ''}), {shard}",
+                on_gpu * base16_shard // Wb, f"{(base16_shard // d) / 1e9:.2f}B params"),
         MemLine("persistent", "persistent small tensors (whole)", persistent + t_persist * d,
                 f"< {thr:,} elements: norms, biases, small adapter tensors"),
         MemLine("adapter_params", f"adapter+gate+task-emb params, 1/{W}", (t_total - t_persist) * d // W,
@@ -197,7 +203,7 @@ def _evaluate(inp: PlanInputs, inv: ModelInventory, adapter: AdapterCount, adapt
     host = [MemLine("load_copy", f"full base copy per rank at load x {G}", load * G,
                     "worst case (loaded on CPU): transformers skips zero.Init for quantized models"),
             MemLine("process", f"process baseline x {G}", int(PROCESS_HOST_GIB * GiB) * G)]
-    if z.offload_param:
+    if z.offload_param and not inp.replicate_frozen:
         host.append(MemLine("offload_param", f"offloaded base shards x {G}", (packed + base16_shard) // W * G))
     if z.offload_optimizer:
         host.append(MemLine("offload_opt", f"offloaded optimizer x {G}", t_total * 18 // W * G))

@@ -46,8 +46,9 @@ FORMAT = 1
 
 # Fields of the saved config (dotted, as in the YAML) that a resume must not change; `run.*` are not config keys
 # but facts of the run (world size, the data's task list and cache key). Everything else may change and is said.
-REFUSED = ("run.", "seed", "model.path", "model.quantization", "model.dtype", "data.tasks", "data.task_caps",
-           "data.temperature", "more.")
+# `model.frozen_base` (as resolved at launch): a replicated base is not in DeepSpeed's module state, a sharded one is.
+REFUSED = ("run.", "seed", "model.path", "model.quantization", "model.dtype", "model.frozen_base", "data.tasks",
+           "data.task_caps", "data.temperature", "more.")
 IGNORED = ("output_dir",)  # a moved run folder is the same run
 
 

@@ -25,9 +25,10 @@ from pipeline.train.distributed import DistInfo, all_reduce_sum, any_rank, init_
 from pipeline.train.ds_config import fill_ds_config
 from pipeline.train.loss import token_loss_sums
 from pipeline.train.monitor import Monitor
-from pipeline.train.preflight import checkpointing_fits_without, preflight
+from pipeline.train.preflight import checkpointing_fits_without, preflight, replicated_base_fits
 from pipeline.train.schedule import make_scheduler
 from pipeline.train.zero3_trace import forget_forward_only_trace
+from pipeline.train.zero3_frozen import replicate_frozen_parameters
 from pipeline.train.zero3_units import make_zero3_units
 
 EXIT_REQUEUE = 75  # EX_TEMPFAIL: preempted after a checkpoint; the SLURM script requeues on it
@@ -112,6 +113,11 @@ class Trainer:
         model = build_model(cfg, task_names, dist_info)
         ds = fill_ds_config(ds_config, cfg, dist_info.world_size)
         if ds.get("zero_optimization", {}).get("stage") == 3:
+            if cfg.model.frozen_base == "replicated":
+                n = replicate_frozen_parameters(model)
+                if dist_info.is_main:
+                    print(f"frozen_base: {n} frozen tensors whole on every rank (only trainable ones sharded)",
+                          flush=True)
             make_zero3_units(model)
         o = cfg.optim
         self.engine, _, _, self.scheduler = deepspeed.initialize(
@@ -421,6 +427,23 @@ def decide_checkpointing(cfg: TrainConfig, ds_config: str, num_tasks: int, dist_
     return cfg.model_copy(update={"model": cfg.model.model_copy(update={"gradient_checkpointing": needed})})
 
 
+def decide_frozen_base(cfg: TrainConfig, ds_config: str, num_tasks: int, dist_info: DistInfo) -> TrainConfig:
+    """`frozen_base: auto` -> replicated where every rank's memory fits the whole frozen base (a collective: ranks
+    must agree on what ZeRO-3 partitions), else sharded."""
+    if cfg.model.frozen_base != "auto":
+        return cfg
+    try:
+        fits = replicated_base_fits(cfg, ds_config, num_tasks)
+        why = f"the memory planner {'fits' if fits else 'does not fit'} the whole frozen base on every rank"
+    except Exception as e:  # a model the planner cannot read: shard, the setting that needs the least memory
+        fits, why = False, f"the memory planner could not plan this model: {type(e).__name__}: {e}"
+    replicated = not any_rank(not fits, dist_info.device)
+    if dist_info.is_main:
+        print(f"frozen_base auto: {'replicated' if replicated else 'sharded'} ({why})", flush=True)
+    return cfg.model_copy(update={"model": cfg.model.model_copy(
+        update={"frozen_base": "replicated" if replicated else "sharded"})})
+
+
 def build_trainer(cfg: TrainConfig, ds_config: str, local_rank: Optional[int] = None) -> Trainer:
     """Validate, check the memory, start the process group, build the engine and data (bench/step_profile.py
     drives the same trainer step by step)."""
@@ -428,6 +451,7 @@ def build_trainer(cfg: TrainConfig, ds_config: str, local_rank: Optional[int] = 
     preflight(cfg, ds_config, len(task_names))
     dist_info = init_distributed(cfg.dist_timeout_s, local_rank)
     cfg = decide_checkpointing(cfg, ds_config, len(task_names), dist_info)
+    cfg = decide_frozen_base(cfg, ds_config, len(task_names), dist_info)
     return Trainer(cfg, ds_config, task_names, dist_info)
 
 

@@ -1,5 +1,6 @@
 """The memory planner at launch: refuse a GPU run that will not fit, before any model is built or process group
-started, and decide `gradient_checkpointing: auto` (recompute only where memory needs it)."""
+started, and decide `gradient_checkpointing: auto` (recompute only where memory needs it) and `frozen_base: auto`
+(the frozen base whole on every rank where it fits)."""
 from __future__ import annotations
 
 import json
@@ -16,7 +17,7 @@ PLANNER_ATTENTION = {"packed_sdpa": "flash", "sdpa": "sdpa", "eager": "eager"}
 
 
 def plan_run(cfg: TrainConfig, ds_config: str, num_tasks: int, nodes: int, gpus_per_node: int, gpu_mem_gb: float,
-             grad_ckpt: bool):
+             grad_ckpt: bool, replicate_frozen: bool | None = None):
     """The planner's memory plan of this training config on the given machines."""
     from pipeline.plan import plan
 
@@ -28,7 +29,9 @@ def plan_run(cfg: TrainConfig, ds_config: str, num_tasks: int, nodes: int, gpus_
                 max_rank=cfg.more.max_rank, targets=targets if isinstance(targets, str) else ",".join(targets),
                 num_tasks=num_tasks, task_embedding=cfg.more.task_embedding,
                 task_embedding_dim=cfg.more.task_embedding_dim,
-                attn_impl=PLANNER_ATTENTION[cfg.model.attn_implementation], dtype=cfg.model.dtype)
+                attn_impl=PLANNER_ATTENTION[cfg.model.attn_implementation], dtype=cfg.model.dtype,
+                replicate_frozen=(cfg.model.frozen_base == "replicated") if replicate_frozen is None
+                else replicate_frozen)
 
 
 def check_fits(cfg: TrainConfig, ds_config: str, num_tasks: int, nodes: int, gpus_per_node: int, gpu_mem_gb: float):
@@ -67,4 +70,12 @@ def checkpointing_fits_without(cfg: TrainConfig, ds_config: str, num_tasks: int)
     """For `gradient_checkpointing: auto`: does the planner fit this process's share of memory without
     recomputation? (Every rank must then agree: the caller takes any rank's "no", see train.loop.)"""
     result = plan_run(cfg, ds_config, num_tasks, *memory_budget(), grad_ckpt=False)
+    return bool(result.fits and result.load_fits)
+
+
+def replicated_base_fits(cfg: TrainConfig, ds_config: str, num_tasks: int) -> bool:
+    """For `frozen_base: auto`: does the planner fit this process's share of memory with the frozen base whole on
+    every rank (and the run's checkpointing setting, decided before)?"""
+    result = plan_run(cfg, ds_config, num_tasks, *memory_budget(), grad_ckpt=cfg.model.gradient_checkpointing is True,
+                      replicate_frozen=True)
     return bool(result.fits and result.load_fits)
