@@ -247,6 +247,8 @@ def vs_trl(r) -> list[str]:
              # runs of 2026-12-05 afternoon, when the pool was on by default: these rows are today's default
              "ours_zero3_more_fresh_outputs": "this project, MoRE, ZeRO-3, 2 ranks, CPU buffer pool off",
              "ours_1p_more_fresh_outputs": "this project, MoRE, 1 process, CPU buffer pool off",
+             "ours_zero3_more_sharded_base": "this project, MoRE, ZeRO-3, 2 ranks, frozen base sharded (before)",
+             "ours_1p_more_sharded_base": "this project, MoRE, 1 process, frozen base a ZeRO-3 parameter (before)",
              "trl_padded": "TRL SFTTrainer + PEFT LoRA r8, padded micro-batches of 16",
              "trl_packed": "TRL SFTTrainer + PEFT LoRA r8, `packing=True` (samples not isolated on CPU)",
              "trl_packed_compiled": "TRL, `packing=True`, `torch_compile=True` (compiles in its first step)"}
@@ -254,6 +256,9 @@ def vs_trl(r) -> list[str]:
     if any(n.endswith("_fresh_outputs") for n in S):  # the pool was on by default in these runs
         for n in ("ours_zero3_more", "ours_zero3_lora", "ours_1p_more"):
             label[n] += ", CPU buffer pool on (its default then)"
+    if any(n.endswith("_sharded_base") for n in S):  # runs since the frozen base is whole on each rank by default
+        for n in ("ours_zero3_more", "ours_zero3_lora", "ours_1p_more"):
+            label[n] += ", frozen base whole on each rank (default)"
     dtype = r.get("dtype", "fp32")  # runs before --dtype existed computed in fp32
     isa = r.get("cpu_isa") or ("AVX-512" if "avx512f" in r["cpu_flags"] else "AVX2")
     lines = [f"## Training throughput against TRL + PEFT, {isa} CPU, {dtype} (`" + r["command"] + "`)",
@@ -348,7 +353,8 @@ def loader_memory(r) -> list[str]:
 
 
 SECTIONS = [("prep", prep), ("packing", packing), ("adapter_step", adapter_step),
-            ("train_throughput", train_throughput), ("lm_head", lm_head), ("vs_trl_attention_runs", vs_trl),
+            ("train_throughput", train_throughput), ("lm_head", lm_head), ("vs_trl_replicated_base", vs_trl),
+            ("vs_trl_attention_runs", vs_trl),
             ("vs_trl", vs_trl), ("vs_trl_avx2", vs_trl), ("vs_trl_zero2", vs_trl), ("vs_trl_split_attention", vs_trl),
             ("vs_trl_1b", vs_trl), ("vs_trl_1b_dequant", vs_trl), ("vs_trl_1b_pool_ab", vs_trl),
             ("vs_trl_1b_pool_order", vs_trl), ("vs_trl_1b_pool_order_1p", vs_trl), ("vs_trl_1b_rope", vs_trl),
