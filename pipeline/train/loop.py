@@ -411,37 +411,40 @@ def _peak_memory_gb(device: torch.device) -> dict[str, float]:
     return {"peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
+def _every_rank_fits(fits, what: str, dist_info: DistInfo) -> tuple[bool, str]:
+    """(whether the planner fits `what` on every rank, why): a collective, since ranks must choose alike. A model
+    the planner cannot read counts as not fitting (the caller then takes the setting that needs the least memory)."""
+    try:
+        ok = fits()
+        why = f"the memory planner {'fits' if ok else 'does not fit'} {what}"
+    except Exception as e:
+        ok, why = False, f"the memory planner could not plan this model: {type(e).__name__}: {e}"
+    return not any_rank(not ok, dist_info.device), why
+
+
 def decide_checkpointing(cfg: TrainConfig, ds_config: str, num_tasks: int, dist_info: DistInfo) -> TrainConfig:
     """`gradient_checkpointing: auto` -> on where any rank's memory needs it (a collective: ZeRO-3 ranks must all
     recompute or none, or their parameter gathers would differ), off where the planner fits the run without."""
     if cfg.model.gradient_checkpointing != "auto":
         return cfg
-    try:
-        fits = checkpointing_fits_without(cfg, ds_config, num_tasks)
-        why = f"the memory planner {'fits' if fits else 'does not fit'} the run without recomputation"
-    except Exception as e:  # a model the planner cannot read: recompute, the setting that needs the least memory
-        fits, why = False, f"the memory planner could not plan this model: {type(e).__name__}: {e}"
-    needed = any_rank(not fits, dist_info.device)
+    fits, why = _every_rank_fits(lambda: checkpointing_fits_without(cfg, ds_config, num_tasks),
+                                 "the run without recomputation", dist_info)
     if dist_info.is_main:
-        print(f"gradient_checkpointing auto: {'on' if needed else 'off'} ({why})", flush=True)
-    return cfg.model_copy(update={"model": cfg.model.model_copy(update={"gradient_checkpointing": needed})})
+        print(f"gradient_checkpointing auto: {'off' if fits else 'on'} ({why})", flush=True)
+    return cfg.model_copy(update={"model": cfg.model.model_copy(update={"gradient_checkpointing": not fits})})
 
 
 def decide_frozen_base(cfg: TrainConfig, ds_config: str, num_tasks: int, dist_info: DistInfo) -> TrainConfig:
-    """`frozen_base: auto` -> replicated where every rank's memory fits the whole frozen base (a collective: ranks
-    must agree on what ZeRO-3 partitions), else sharded."""
+    """`frozen_base: auto` -> replicated where every rank's memory fits the whole frozen base (ranks must agree on
+    what ZeRO-3 partitions), else sharded."""
     if cfg.model.frozen_base != "auto":
         return cfg
-    try:
-        fits = replicated_base_fits(cfg, ds_config, num_tasks)
-        why = f"the memory planner {'fits' if fits else 'does not fit'} the whole frozen base on every rank"
-    except Exception as e:  # a model the planner cannot read: shard, the setting that needs the least memory
-        fits, why = False, f"the memory planner could not plan this model: {type(e).__name__}: {e}"
-    replicated = not any_rank(not fits, dist_info.device)
+    fits, why = _every_rank_fits(lambda: replicated_base_fits(cfg, ds_config, num_tasks),
+                                 "the whole frozen base on every rank", dist_info)
+    choice = "replicated" if fits else "sharded"
     if dist_info.is_main:
-        print(f"frozen_base auto: {'replicated' if replicated else 'sharded'} ({why})", flush=True)
-    return cfg.model_copy(update={"model": cfg.model.model_copy(
-        update={"frozen_base": "replicated" if replicated else "sharded"})})
+        print(f"frozen_base auto: {choice} ({why})", flush=True)
+    return cfg.model_copy(update={"model": cfg.model.model_copy(update={"frozen_base": choice})})
 
 
 def build_trainer(cfg: TrainConfig, ds_config: str, local_rank: Optional[int] = None) -> Trainer:
