@@ -35,6 +35,8 @@ def parse_args(argv=None):
     a("--seq-len", type=int)
     a("--micro-batch", type=int)
     a("--offload", action=argparse.BooleanOptionalAction, default=None, help="ZeRO-3 CPU offload (optimizer+params)")
+    a("--replicate-frozen", action=argparse.BooleanOptionalAction, default=None,
+      help="the frozen base whole on every GPU (training's model.frozen_base: replicated; auto picks it where it fits)")
     a("--grad-ckpt", action=argparse.BooleanOptionalAction, default=None)
     a("--max-rank", type=int)
     a("--targets", help="all-linear or comma-separated module names (q_proj,v_proj)")

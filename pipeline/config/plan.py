@@ -17,6 +17,9 @@ class PlanConfig(StrictModel):
     seq_len: int = Field(4096, ge=1)
     micro_batch: int = Field(1, ge=1)
     offload: bool = False
+    # the frozen base whole on every GPU, only what trains sharded: what training's `model.frozen_base: replicated`
+    # does, and what its `auto` picks where this plan fits
+    replicate_frozen: bool = False
     grad_ckpt: bool = True
     max_rank: int = Field(8, ge=1)
     targets: str = "all-linear"
