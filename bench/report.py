@@ -257,7 +257,7 @@ def vs_trl(r) -> list[str]:
         for n in ("ours_zero3_more", "ours_zero3_lora", "ours_1p_more"):
             label[n] += ", CPU buffer pool on (its default then)"
     if any(n.endswith("_sharded_base") for n in S):  # runs since the frozen base is whole on each rank by default
-        for n in ("ours_zero3_more", "ours_zero3_lora", "ours_1p_more"):
+        for n in ("ours_zero3_more", "ours_zero3_lora", "ours_1p_more", "ours_1p_lora", "ours_1p_more_fp32"):
             label[n] += ", frozen base whole on each rank (default)"
     dtype = r.get("dtype", "fp32")  # runs before --dtype existed computed in fp32
     isa = r.get("cpu_isa") or ("AVX-512" if "avx512f" in r["cpu_flags"] else "AVX2")
@@ -353,8 +353,8 @@ def loader_memory(r) -> list[str]:
 
 
 SECTIONS = [("prep", prep), ("packing", packing), ("adapter_step", adapter_step),
-            ("train_throughput", train_throughput), ("lm_head", lm_head), ("vs_trl_replicated_base", vs_trl),
-            ("vs_trl_attention_runs", vs_trl),
+            ("train_throughput", train_throughput), ("lm_head", lm_head), ("vs_trl_epyc", vs_trl),
+            ("vs_trl_1b_epyc", vs_trl), ("vs_trl_replicated_base", vs_trl), ("vs_trl_attention_runs", vs_trl),
             ("vs_trl", vs_trl), ("vs_trl_avx2", vs_trl), ("vs_trl_zero2", vs_trl), ("vs_trl_split_attention", vs_trl),
             ("vs_trl_1b", vs_trl), ("vs_trl_1b_dequant", vs_trl), ("vs_trl_1b_pool_ab", vs_trl),
             ("vs_trl_1b_pool_order", vs_trl), ("vs_trl_1b_pool_order_1p", vs_trl), ("vs_trl_1b_rope", vs_trl),
