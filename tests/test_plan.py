@@ -249,7 +249,8 @@ def test_cli(capsys):
     assert "verdict: FITS" in capsys.readouterr().out
     assert cli.main(["--model", "llama-2-70b", "--nodes", "2", "--gpus-per-node", "8", "--gpu-mem-gb", "40",
                      "--replicate-frozen", "--check"]) == 3  # 2 x 8 x 40 GB fits it sharded (README), not whole
-    assert "replicated" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "base weights (NF4), replicated" in out and "the trainable tensors, all at once" in out
     assert cli.main(["--model", "llama-2-70b", "--gpus-per-node", "1", "--gpu-mem-gb", "16", "--check"]) == 3
     assert cli.main(["--model", "no-such-model"]) == 2
     assert "shipped" in capsys.readouterr().err

@@ -188,6 +188,7 @@ def _evaluate(inp: PlanInputs, inv: ModelInventory, adapter: AdapterCount, adapt
                 f"no ckpt {act.no_ckpt / GiB:.1f} GiB / ckpt {act.ckpt / GiB:.1f} GiB; logits+loss "
                 f"{act.logits_peak / GiB:.2f} GiB"),
         MemLine("gathered", "ZeRO-3 gathered params", gathered,
+                "the trainable tensors, all at once at most" if inp.replicate_frozen else
                 f"largest fetch unit (a decoder layer or the embedding) "
                 f"{inv.largest_fetch_unit_numel * d / GiB:.2f} GiB + prefetch bucket + reuse window"),
         MemLine("reduce_bucket", "ZeRO-3 reduce bucket", reduce_bucket, f"{z.reduce_bucket_size:,} elements"),
