@@ -107,6 +107,7 @@ bench: model
 	$(PYTHON) bench/adapter_step.py --repeats 3
 	$(PYTHON) bench/train_throughput.py
 	$(PYTHON) bench/lm_head.py --model $(MODEL_DIR)
+	$(PYTHON) bench/gemm_peak.py --model $(MODEL_DIR)
 	$(PYTHON) bench/vs_trl.py --model $(MODEL_DIR)
 	$(PYTHON) bench/random_model.py --like $(MODEL_DIR) --out models/random-llama-1b
 	$(PYTHON) bench/vs_trl.py --model models/random-llama-1b --work runs/bench-vs-trl-1b --tokens 24000 --eval-every 4 \

@@ -269,8 +269,10 @@ def vs_trl(r) -> list[str]:
              f"{r.get('rows_per_step', 2)} rows per optimizer step"
              + (f" (TRL packed: micro-batches of {r['trl_micro_rows']} row, accumulated)" if "trl_micro_rows" in r
                 else "") + f"; rates over the "
-             f"steps after the first {r['skip_steps']}. Matmul peak measured in the same run: "
-             f"{r['matmul_peak_gflops']:.0f} GFLOP/s ({dtype} GEMM, {r['cores']} cores); useful work "
+             f"steps after the first {r['skip_steps']}; the systems ran one after another in the table's row order. "
+             f"Matmul peak measured in the same run: "
+             f"{r['matmul_peak_gflops']:.0f} GFLOP/s ({dtype} GEMM, {r['cores']} cores, best of "
+             f"{', '.join(r.get('matmul_peak_shapes', ['2048^3']))}); useful work "
              f"{r['useful_flops_per_token'] / 1e6:.0f} MFLOP per real token. trl {v['trl']}, peft {v['peft']}, "
              f"transformers {v['transformers']}, torch {v['torch']}; CPU flags: "
              f"{' '.join(r['cpu_flags'])}.", "",
@@ -338,6 +340,21 @@ def step_profile(r) -> list[str]:
     return lines
 
 
+def gemm_peak(r) -> list[str]:
+    m = r["machine"]
+    lines = [f"## GEMM rates by shape, {m['isa']} CPU, {r['dtype']} (`{r['command']}`)",
+             f"`torch.mm`, best call of {r['seconds_per_shape']:g} s per shape, {m['threads']} threads. The benchmarks' "
+             f"peak is the best of {', '.join(r['peak_shapes'])}: here {r['peak_shape']}, {r['peak_gflops']:.1f} "
+             f"GFLOP/s; the best shape measured, {r['best_shape']}, ran {r['best_over_peak']:.2f}× that.", "",
+             "| shape | m × k × n | GFLOP/s |", "|---|---|---|"]
+    lines += [f"| {n} | {' × '.join(map(str, s['mkn']))} | {s['gflops']:.1f} |" for n, s in r["shapes"].items()]
+    if r["per_process_one_thread_gflops"]:
+        rates = r["per_process_one_thread_gflops"]
+        lines += ["", f"- {r['peak_shape']} on one thread in each of {r['processes']} processes at once: "
+                      + ", ".join(f"{x:.1f}" for x in rates) + f" GFLOP/s (sum {sum(rates):.1f})"]
+    return lines
+
+
 def loader_memory(r) -> list[str]:
     lay = r["layout"]
     lines = [f"## Trainer data start-up memory against data size (`{r['command']}`)",
@@ -354,7 +371,8 @@ def loader_memory(r) -> list[str]:
 
 SECTIONS = [("prep", prep), ("packing", packing), ("adapter_step", adapter_step),
             ("train_throughput", train_throughput), ("lm_head", lm_head), ("vs_trl_epyc", vs_trl),
-            ("vs_trl_epyc_repeat", vs_trl), ("vs_trl_1b_epyc", vs_trl), ("vs_trl_replicated_base", vs_trl),
+            ("vs_trl_epyc_repeat", vs_trl), ("vs_trl_epyc_run3", vs_trl), ("vs_trl_epyc_trl_first", vs_trl), ("vs_trl_1b_epyc", vs_trl),
+            ("gemm_peak", gemm_peak), ("gemm_peak_epyc", gemm_peak), ("gemm_peak_1b_epyc", gemm_peak), ("vs_trl_replicated_base", vs_trl),
             ("vs_trl_attention_runs", vs_trl),
             ("vs_trl", vs_trl), ("vs_trl_avx2", vs_trl), ("vs_trl_zero2", vs_trl), ("vs_trl_split_attention", vs_trl),
             ("vs_trl_1b", vs_trl), ("vs_trl_1b_dequant", vs_trl), ("vs_trl_1b_pool_ab", vs_trl),

@@ -31,7 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from vs_trl import TRAIN_CONFIG, matmul_peak_gflops, ours_overrides, prepare_data  # noqa: E402
+from gemm_peak import peak_gflops  # noqa: E402
+from vs_trl import TRAIN_CONFIG, ours_overrides, prepare_data  # noqa: E402
 from pipeline.atomic import atomic_write  # noqa: E402
 from pipeline.models.cpu import cpu_isa, fastest_dtype, vector_flags  # noqa: E402
 
@@ -101,7 +102,7 @@ def main() -> int:
 
     data = prepare_data(args.model.resolve(), work / "data", 40 if args.quick else 400)
     trainer = build_trainer(args.model.resolve(), data, work / "run", dtype, args.zero)
-    peak = matmul_peak_gflops(torch_dtype, 1.0 if args.quick else 3.0)
+    peak = peak_gflops(torch_dtype, 1.0 if args.quick else 3.0)
     for _ in range(warmup):
         trainer.train_step()
 

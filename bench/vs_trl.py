@@ -39,7 +39,8 @@ data and number of real training tokens.
                       model): its first steps compile for minutes (counted in its time to the target loss, left out
                       of its tokens/s with the other warm-up steps)
 
-Every system takes the same real tokens per optimizer step (--rows-per-step rows of 512), so the held-out curves
+Systems run one after another in the order of the table above (--order given: the order of --systems, e.g. TRL
+first, to see whether the host drifts over a run). Every system takes the same real tokens per optimizer step (--rows-per-step rows of 512), so the held-out curves
 compare the same number of updates.
 
 Every system computes in --dtype: auto is bf16 on a CPU with AVX512-BF16 or AMX and fp32 elsewhere
@@ -50,7 +51,8 @@ Every system: gradient checkpointing off (the model fits easily; each tool at it
 answer tokens only, the same GLUE samples (configs/prep/glue.yaml through SmolLM2's chat template). MoRE's selector
 learns from step 1 (no warm-up), its slower mode. Measured per system: real (non-pad) tokens/s over the steps after
 the first --skip, peak RSS of a training process, and the share of the machine's matmul peak in that dtype
-(measured in the same run) that the model's useful FLOPs reach: 4 x (decoder linear weights) per real token
+(measured in the same run: the best rate of square GEMMs of 512, 1024 and 2048, bench/gemm_peak.py; runs before
+2026-12-06 10:50 UTC took 2048 alone, 3-7% lower on a 2-core EPYC) that the model's useful FLOPs reach: 4 x (decoder linear weights) per real token
 (forward, and backward to the inputs; the base is frozen) plus the head at supervised positions; attention's few %
 are left out. And the seconds of training (evaluations not counted) each system takes to reach one fixed held-out
 loss, the highest final loss of any system (so every system reaches it): the answer tokens' CE over the same held-out
@@ -79,6 +81,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from gemm_peak import PEAK_SIZES, peak_gflops  # noqa: E402
 from glue_variants import run  # noqa: E402  (a stage command with its log; a failure stops with the log's tail)
 from pipeline.atomic import atomic_write  # noqa: E402
 from pipeline.models.cpu import cpu_isa, fastest_dtype, vector_flags  # noqa: E402
@@ -110,17 +113,6 @@ SYSTEMS = {  # name: (kind, ranks (ours) or micro-batch size (TRL; None: --trl-m
 }
 
 DS_CONFIGS = {"ours_1p_more_zero2": "ds_configs/zero2.json"}  # every other `ours` system: ds_configs/zero3.json
-
-
-def matmul_peak_gflops(dtype: torch.dtype, seconds: float = 3.0) -> float:
-    """Best GEMM rate in `dtype` of this process's threads (all cores), square 2048 matrices."""
-    a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
-    best, t_end = 0.0, time.perf_counter() + seconds
-    while time.perf_counter() < t_end:
-        t0 = time.perf_counter()
-        torch.mm(a, b)
-        best = max(best, 2 * 2048 ** 3 / (time.perf_counter() - t0) / 1e9)
-    return best
 
 
 def useful_flops_per_token(model_dir: Path, supervised_share: float) -> float:
@@ -312,7 +304,7 @@ def held_out_loss(model, samples) -> float:
     return total / max(count, 1)
 
 
-def summarise(rec: dict, skip: int, flops_per_token: float, peak_gflops: float) -> dict:
+def summarise(rec: dict, skip: int, flops_per_token: float, peak: float) -> dict:
     steady = rec["steps"][skip:] or rec["steps"]
     tokens, seconds = sum(n for n, _ in steady), sum(s for _, s in steady)
     rate = tokens / seconds
@@ -321,7 +313,7 @@ def summarise(rec: dict, skip: int, flops_per_token: float, peak_gflops: float) 
         elapsed.append(elapsed[-1] + t)
     return {"steps": len(rec["steps"]), "real_tokens": int(sum(n for n, _ in rec["steps"])),
             "measured_steps": len(steady), "tokens_per_s": rate, "peak_rss_gb": rec["peak_rss_gb"],
-            "matmul_peak_share": rate * flops_per_token / (peak_gflops * 1e9),
+            "matmul_peak_share": rate * flops_per_token / (peak * 1e9),
             "step_log": [[n, round(t, 4)] for n, t in rec["steps"]],  # per step: real tokens, seconds
             "eval_every_steps": rec["eval_every_steps"],
             "eval_curve": [[step, round(elapsed[step], 3), loss] for step, loss in rec["eval"]]}  # step, s, loss
@@ -346,6 +338,8 @@ def main() -> int:
     ap.add_argument("--eval-every", type=int, default=2,
                     help="held-out loss every N of our optimizer steps and at 0 (TRL: after as many real tokens)")
     ap.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated subset")
+    ap.add_argument("--order", choices=["table", "given"], default="table",
+                    help="run the systems in the table's order (default) or in the order of --systems")
     ap.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
                     help="compute dtype of every system (auto: bf16 on AVX512-BF16/AMX CPUs, fp32 elsewhere)")
     ap.add_argument("--work", default="runs/bench-vs-trl")
@@ -381,11 +375,12 @@ def main() -> int:
     supervised_share = float(ds.row_task_counts("supervised_tokens").sum() / ds.lengths().sum())
     flops = useful_flops_per_token(model, supervised_share)
     dtype = fastest_dtype() if a.dtype == "auto" else a.dtype
-    peak = matmul_peak_gflops(torch.bfloat16 if dtype == "bf16" else torch.float32)
+    peak = peak_gflops(torch.bfloat16 if dtype == "bf16" else torch.float32)
     print(f"[vs_trl] {dtype} matmul peak {peak:.1f} GFLOP/s ({cpu_isa()}); {flops / 1e6:.0f} MFLOP per real token",
           flush=True)
     results = {}
-    for i, name in enumerate(n for n in SYSTEMS if n in chosen):
+    order = list(dict.fromkeys(chosen)) if a.order == "given" else [n for n in SYSTEMS if n in chosen]
+    for i, name in enumerate(order):
         kind, size, extra = SYSTEMS[name]
         print(f"[vs_trl] {name}", flush=True)
         t0 = time.perf_counter()
@@ -437,6 +432,7 @@ def main() -> int:
                       + (f" --tokens {a.tokens}" if a.tokens else "")
                       + (f" --dtype {a.dtype}" if a.dtype != "auto" else "")
                       + (f" --systems {a.systems}" if chosen != list(SYSTEMS) else "")
+                      + (f" --order {a.order}" if a.order != "table" else "")
                       + (f" --rows-per-step {a.rows_per_step}" if a.rows_per_step != 4 else "")
                       + (f" --trl-micro-rows {a.trl_micro_rows}" if a.trl_micro_rows != 1 else "")
                       + (f" --eval-every {a.eval_every}" if a.eval_every != 2 else "")
@@ -445,7 +441,8 @@ def main() -> int:
            "model": a.model, "tokens_per_system": tokens, "rows_per_step": a.rows_per_step,
            "trl_micro_rows": a.trl_micro_rows,
            "row_len": ROW_LEN, "supervised_share": supervised_share, "useful_flops_per_token": flops,
-           "matmul_peak_gflops": peak, "systems": results, "ratios": ratios, "skip_steps": a.skip,
+           "matmul_peak_gflops": peak, "matmul_peak_shapes": [f"{n}^3" for n in PEAK_SIZES], "run_order": order,
+           "systems": results, "ratios": ratios, "skip_steps": a.skip,
            "target_loss": target, "eval_every": a.eval_every, "eval_samples": n_eval,
            "cpu": platform.processor() or platform.machine(), "cpu_isa": cpu_isa(), "dtype": dtype,
            "cpu_flags": vector_flags(), "cores": os.cpu_count(),

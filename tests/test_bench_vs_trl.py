@@ -18,14 +18,16 @@ GLUE = ROOT.parent / "shared" / "data" / "glue"
 def test_quick_side_by_side_measures_both_tools_on_the_same_budget(tiny_chat_model, tmp_path):
     out = tmp_path / "vs_trl.json"
     cmd = [sys.executable, "bench/vs_trl.py", "--quick", "--model", str(tiny_chat_model), "--tokens", "1000",
-           "--skip", "1", "--systems", "ours_1p_more,ours_1p_lora,trl_packed", "--work", str(tmp_path / "work"),
+           "--skip", "1", "--systems", "trl_packed,ours_1p_more,ours_1p_lora", "--order", "given", "--work", str(tmp_path / "work"),
            "--out", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     r = json.loads(out.read_text())
     # the defaults: smollm2-glue.yaml's 4 rows per step, for TRL as 4 micro-batches of 1 row (its fastest)
     assert (r["rows_per_step"], r["trl_micro_rows"]) == (4, 1)
-    assert list(r["systems"]) == ["ours_1p_more", "ours_1p_lora", "trl_packed"]
+    # run in the order given (TRL first), not the table's
+    assert list(r["systems"]) == r["run_order"] == ["trl_packed", "ours_1p_more", "ours_1p_lora"]
+    assert "--order given" in r["command"] and r["matmul_peak_shapes"] == ["512^3", "1024^3", "2048^3"]
     for name, s in r["systems"].items():
         log = s["step_log"]
         assert len(log) == s["steps"] >= 4 and s["real_tokens"] == sum(n for n, _ in log)
