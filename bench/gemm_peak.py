@@ -13,6 +13,7 @@ import argparse
 import json
 import multiprocessing as mp
 import platform
+import queue as queue_module
 import sys
 import time
 from pathlib import Path
@@ -74,11 +75,20 @@ def per_process_gflops(shape, dtype, seconds: float, processes: int) -> list[flo
     procs = [ctx.Process(target=_worker, args=(shape, dtype, seconds, barrier, queue)) for _ in range(processes)]
     for p in procs:
         p.start()
-    rates = [queue.get(timeout=120 + 10 * seconds) for _ in procs]
-    for p in procs:
-        p.join()
-        if p.exitcode != 0:
-            raise RuntimeError(f"gemm worker exited with {p.exitcode}")
+    rates = []
+    try:
+        while len(rates) < processes:
+            try:
+                rates.append(queue.get(timeout=1.0))
+            except queue_module.Empty:
+                dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+                if dead:  # the others wait at the barrier or have finished: stop rather than hang
+                    raise RuntimeError(f"gemm worker exited with {dead[0]}") from None
+    finally:
+        for p in procs:
+            if p.is_alive() and len(rates) < processes:
+                p.terminate()
+            p.join()
     return sorted(rates)
 
 
