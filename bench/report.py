@@ -371,9 +371,10 @@ def loader_memory(r) -> list[str]:
 
 SECTIONS = [("prep", prep), ("packing", packing), ("adapter_step", adapter_step),
             ("train_throughput", train_throughput), ("lm_head", lm_head), ("vs_trl_epyc", vs_trl),
-            ("vs_trl_epyc_repeat", vs_trl), ("vs_trl_epyc_run3", vs_trl), ("vs_trl_epyc_trl_first", vs_trl), ("vs_trl_1b_epyc", vs_trl),
-            ("gemm_peak", gemm_peak), ("gemm_peak_epyc", gemm_peak), ("gemm_peak_1b_epyc", gemm_peak), ("vs_trl_replicated_base", vs_trl),
-            ("vs_trl_attention_runs", vs_trl),
+            ("vs_trl_epyc_repeat", vs_trl), ("vs_trl_epyc_run3", vs_trl), ("vs_trl_epyc_trl_first", vs_trl),
+            ("vs_trl_1b_epyc", vs_trl), ("vs_trl_1b_epyc_trl_first", vs_trl),
+            ("gemm_peak", gemm_peak), ("gemm_peak_epyc", gemm_peak), ("gemm_peak_1b_epyc", gemm_peak),
+            ("vs_trl_replicated_base", vs_trl), ("vs_trl_attention_runs", vs_trl),
             ("vs_trl", vs_trl), ("vs_trl_avx2", vs_trl), ("vs_trl_zero2", vs_trl), ("vs_trl_split_attention", vs_trl),
             ("vs_trl_1b", vs_trl), ("vs_trl_1b_dequant", vs_trl), ("vs_trl_1b_pool_ab", vs_trl),
             ("vs_trl_1b_pool_order", vs_trl), ("vs_trl_1b_pool_order_1p", vs_trl), ("vs_trl_1b_rope", vs_trl),
