@@ -40,8 +40,8 @@ data and number of real training tokens.
                       of its tokens/s with the other warm-up steps)
 
 Systems run one after another in the order of the table above (--order given: the order of --systems, e.g. TRL
-first, to see whether the host drifts over a run). Every system takes the same real tokens per optimizer step (--rows-per-step rows of 512), so the held-out curves
-compare the same number of updates.
+first, to see whether the host drifts over a run). Every system takes the same real tokens per optimizer step
+(--rows-per-step rows of 512), so the held-out curves compare the same number of updates.
 
 Every system computes in --dtype: auto is bf16 on a CPU with AVX512-BF16 or AMX and fp32 elsewhere
 (pipeline/models/cpu.py), for TRL too (in bf16 it keeps its defaults, bf16 autocast and bf16 LoRA weights; in fp32
@@ -52,9 +52,9 @@ answer tokens only, the same GLUE samples (configs/prep/glue.yaml through SmolLM
 learns from step 1 (no warm-up), its slower mode. Measured per system: real (non-pad) tokens/s over the steps after
 the first --skip, peak RSS of a training process, and the share of the machine's matmul peak in that dtype
 (measured in the same run: the best rate of square GEMMs of 512, 1024 and 2048, bench/gemm_peak.py; runs before
-2026-12-06 10:50 UTC took 2048 alone, 3-7% lower on a 2-core EPYC) that the model's useful FLOPs reach: 4 x (decoder linear weights) per real token
-(forward, and backward to the inputs; the base is frozen) plus the head at supervised positions; attention's few %
-are left out. And the seconds of training (evaluations not counted) each system takes to reach one fixed held-out
+2026-12-06 10:50 UTC took 2048 alone, 3-7% lower on a 2-core EPYC) that the model's useful FLOPs reach:
+4 x (decoder linear weights) per real token (forward, and backward to the inputs; the base is frozen) plus the head
+at supervised positions; attention's few % are left out. And the seconds of training (evaluations not counted) each system takes to reach one fixed held-out
 loss, the highest final loss of any system (so every system reaches it): the answer tokens' CE over the same held-out
 samples (the prep's eval split), at step 0 and every --eval-every steps (TRL: after as many real tokens as our
 --eval-every steps, whatever its batch); TRL's is computed sample by sample in the same worker, ours is the
