@@ -50,15 +50,15 @@ its LoRA is cast to fp32).
 Every system: gradient checkpointing off (the model fits easily; each tool at its fastest setting), the loss on the
 answer tokens only, the same GLUE samples (configs/prep/glue.yaml through SmolLM2's chat template). MoRE's selector
 learns from step 1 (no warm-up), its slower mode. Measured per system: real (non-pad) tokens/s over the steps after
-the first --skip, peak RSS of a training process, and the share of the machine's matmul peak in that dtype
-(measured in the same run: the best rate of square GEMMs of 512, 1024 and 2048, bench/gemm_peak.py; runs before
-2026-12-06 10:50 UTC took 2048 alone, 3-7% lower on a 2-core EPYC) that the model's useful FLOPs reach:
-4 x (decoder linear weights) per real token (forward, and backward to the inputs; the base is frozen) plus the head
-at supervised positions; attention's few % are left out. And the seconds of training (evaluations not counted)
-each system takes to reach one fixed held-out loss, the highest final loss of any system (so every system reaches
-it): the answer tokens' CE over the same held-out samples (the prep's eval split), at step 0 and every --eval-every steps (TRL: after as many real tokens as our
---eval-every steps, whatever its batch); TRL's is computed sample by sample in the same worker, ours is the
-trainer's eval/loss (packed rows, per-sample attention: the same value).
+the first --skip, peak RSS of a training process, and the share of the machine's matmul peak in that dtype (measured
+in the same run: the best rate of square GEMMs of 512, 1024 and 2048, bench/gemm_peak.py; runs before 2026-12-06
+10:50 UTC took 2048 alone, 3-7% lower on a 2-core EPYC) that the model's useful FLOPs reach: 4 x (decoder linear
+weights) per real token (forward, and backward to the inputs; the base is frozen) plus the head at supervised
+positions; attention's few % are left out. And the seconds of training (evaluations not counted) each system takes
+to reach one fixed held-out loss, the highest final loss of any system (so every system reaches it): the answer
+tokens' CE over the same held-out samples (the prep's eval split), at step 0 and every --eval-every steps (TRL:
+after as many real tokens as our --eval-every steps, whatever its batch); TRL's is computed sample by sample in the
+same worker, ours is the trainer's eval/loss (packed rows, per-sample attention: the same value).
 
     .venv/bin/python bench/vs_trl.py --model models/smollm2-135m-instruct   # make model first; ~22 min, 2 cores
     .venv/bin/python bench/vs_trl.py --quick --model DIR                    # a few steps (the test)
