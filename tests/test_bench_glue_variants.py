@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from real_model_fixtures import smollm2_import, tiny_chat_model  # noqa: F401  (session fixtures)
 
 ROOT = Path(__file__).resolve().parents[1]
 GLUE = ROOT.parent / "shared" / "data" / "glue"

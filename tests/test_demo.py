@@ -13,7 +13,6 @@ import pytest
 import yaml
 
 from conftest import force_bnb_cpu_path
-from real_model_fixtures import smollm2_import  # noqa: F401  (session fixture)
 from pipeline.train.distributed import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,7 +71,7 @@ def test_make_demo_small_end_to_end(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_make_demo_real_llm_small(smollm2_import, tmp_path):  # noqa: F811
+def test_make_demo_real_llm_small(smollm2_import, tmp_path):
     """`make demo` (the README's first command) at a smaller size: the real SmolLM2 (imported once per session),
     the built-in tasks through its chat template, 3 steps on 2 ranks under ZeRO-3, merge, evaluate beside the model
     zero-shot."""

@@ -22,7 +22,7 @@ import torch
 
 from pipeline.models import gguf_import
 from pipeline.models.gguf_import import CHECKSUMS, ImportModelError, import_gguf, sha256_file, verify_import
-from real_model_fixtures import packaged_gguf_or_skip, smollm2_import, write_tiny_gguf  # noqa: F401
+from real_model_fixtures import packaged_gguf_or_skip, write_tiny_gguf
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -12,7 +12,6 @@ from pathlib import Path
 import jinja2
 import pytest
 import yaml
-from real_model_fixtures import smollm2_import  # noqa: F401  (session fixture)
 from transformers import AutoTokenizer
 
 from pipeline.config.base import load_config
@@ -62,7 +61,7 @@ def test_unsupported_tasks_are_named_and_nothing_is_written(prepared_builtin_dat
 
 
 @pytest.mark.slow
-def test_scores_agree_with_lm_eval_harness_on_a_real_model(smollm2_import, tmp_path, monkeypatch):  # noqa: F811
+def test_scores_agree_with_lm_eval_harness_on_a_real_model(smollm2_import, tmp_path, monkeypatch):
     import lm_eval
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
