@@ -64,11 +64,16 @@ def preempt_and_release(slurm, job: str, out: Path, timeout: float) -> None:
     while slurm.job_field(job, "Restarts") != "1":
         assert time.time() < deadline, sbatch_log(out)
         time.sleep(0.3)
-    if slurm.job_field(job, "JobState") == "PENDING":
-        # slurmd refuses a credential created in the same second as its job's revocation ("Job credential
-        # revoked": the check compares whole seconds), so a release right after the requeue can kill the job.
-        time.sleep(2)
-        slurm.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=False)
+    # Restarts counts the requeue before the job is PENDING again (REQUEUED / COMPLETING while its old allocation
+    # ends, longer on a busy host); released too early or not at all, the job waits out the whole hold.
+    while (state := slurm.job_field(job, "JobState")) not in ("RUNNING", "COMPLETED", "FAILED", "CANCELLED"):
+        assert time.time() < deadline, sbatch_log(out)
+        if state == "PENDING" and slurm.job_field(job, "Reason") == "BeginTime":
+            # slurmd refuses a credential created in the same second as its job's revocation ("Job credential
+            # revoked": the check compares whole seconds), so a release right after the requeue can kill the job.
+            time.sleep(2)
+            slurm.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=False)
+        time.sleep(0.3)
 
 
 def ranks(out: Path) -> list[dict]:
