@@ -64,8 +64,8 @@ def preempt_and_release(slurm, job: str, out: Path, timeout: float) -> None:
     while slurm.job_field(job, "Restarts") != "1":
         assert time.time() < deadline, sbatch_log(out)
         time.sleep(0.3)
-    # Restarts counts the requeue before the job is PENDING again (REQUEUED / COMPLETING while its old allocation
-    # ends, longer on a busy host); released too early or not at all, the job waits out the whole hold.
+    # Restarts counts the requeue before SLURM sets the hold: the job can read PENDING with Reason=None first (seen
+    # on a busy host); a release then comes before the hold, and the job waits the hold out.
     while (state := slurm.job_field(job, "JobState")) not in ("RUNNING", "COMPLETED", "FAILED", "CANCELLED"):
         assert time.time() < deadline, sbatch_log(out)
         if state == "PENDING" and slurm.job_field(job, "Reason") == "BeginTime":
