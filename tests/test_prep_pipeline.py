@@ -105,6 +105,34 @@ def test_train_on_prompt_and_pack_per_task(small_prep_config):
         assert (r["labels"][~first] == r["input_ids"][~first]).all()
 
 
+def test_empty_prompt_without_bos_labels_no_sample_start(tmp_path):
+    """An empty prompt and no BOS: the sample's first token is an answer token, and still gets no label (the
+    previous sample's last token would predict it); the manifest counts only what the loss trains on."""
+    from pipeline.config.base import load_config
+    from pipeline.config.prep import PrepConfig
+    from pipeline.data.mask import next_token_targets
+
+    src = tmp_path / "src.jsonl"
+    src.write_text("".join(json.dumps({"q": f"what is {i} plus one", "a": f"the answer is {i + 1}"}) + "\n"
+                           for i in range(40)))
+    cfg = load_config(PrepConfig, data={
+        "output_dir": str(tmp_path / "out"), "max_seq_len": 64, "tokenizer": {
+            "add_bos": False, "train_sentencepiece": {"vocab_size": 300}},
+        "tasks": [{"name": "t", "source": {"type": "jsonl", "path": str(src)},
+                   "template": {"prompt": "", "response": "{q} = {a}"}}]})
+    out = run_prep(cfg)
+    ds = PackedDataset(out)
+    trained = packed = 0
+    for i in range(len(ds)):
+        r = ds[i]
+        starts = r["position_ids"] == 0
+        assert (r["labels"][starts] == -100).all()
+        packed += int(starts.sum()) > 1
+        trained += int((next_token_targets(r["labels"][None], r["position_ids"][None]) != -100).sum())
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert packed and manifest["tasks"]["t"]["supervised_tokens"] == trained
+
+
 @pytest.mark.parametrize("overflow", ["drop", "truncate"])
 def test_overflow_is_counted(small_prep_config, overflow):
     cfg = small_prep_config(max_seq_len=80, overflow=overflow)

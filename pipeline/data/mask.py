@@ -13,8 +13,11 @@ IGNORE_INDEX = -100
 
 def build_labels(ids: np.ndarray, positions: np.ndarray, n_prompt_per_token: np.ndarray,
                  train_on_prompt: bool) -> np.ndarray:
-    """`positions`: index of each token within its sample; `n_prompt_per_token`: its sample's prompt length."""
-    keep = positions > 0 if train_on_prompt else positions >= n_prompt_per_token
+    """`positions`: index of each token within its sample; `n_prompt_per_token`: its sample's prompt length (0 for
+    an empty prompt without BOS: its first token still gets no label)."""
+    keep = positions > 0
+    if not train_on_prompt:
+        keep &= positions >= n_prompt_per_token
     return np.where(keep, ids, IGNORE_INDEX).astype(np.int32)
 
 

@@ -23,6 +23,7 @@ from pipeline.config.prep import PrepConfig
 from pipeline.config.tasks import TaskConfig
 from pipeline.data import builtin
 from pipeline.data.errors import PrepError
+from pipeline.data.mask import IGNORE_INDEX, build_labels
 from pipeline.data.pack import pack
 from pipeline.data.render import check_columns, check_rows, render
 from pipeline.data.sampler import task_probabilities
@@ -204,7 +205,7 @@ def write_packed(cfg: PrepConfig, samples: Samples, stats: dict[str, dict], tok,
         sup_start = np.repeat(s.offsets[:-1], s.lengths)
         pos = np.arange(len(s.ids)) - sup_start
         n_prompt = np.repeat(s.n_prompt, s.lengths)
-        supervised = (pos > 0) if cfg.train_on_prompt else (pos >= n_prompt)
+        supervised = build_labels(s.ids, pos, n_prompt, cfg.train_on_prompt) != IGNORE_INDEX
         tok_task = np.repeat(s.task_id, s.lengths)
         for name, info in tasks.items():
             m = s.task_id == info["id"]
