@@ -156,6 +156,26 @@ def test_one_row_missing_a_template_field_names_file_line_and_field(tmp_path, ba
     assert task["invalid"] == 1 and task["examples"] == len(ROWS) - 1
 
 
+@pytest.mark.parametrize("bad_messages,problem", [
+    ([{"role": "user", "content": None}, {"role": "assistant", "content": "x"}], "message 0 .* text `role` and `content`"),
+    ([{"role": "user", "content": "q"}], "`messages` must end with an assistant message"),
+    ([], "`messages` is empty"),
+])
+def test_one_bad_chat_row_names_file_line_and_problem_or_is_skipped(tmp_path, bad_messages, problem):
+    """A null content used to render as the word "None" into the training text."""
+    rows = [{"messages": [{"role": "user", "content": r["q"]}, {"role": "assistant", "content": r["a"]}]}
+            for r in ROWS]
+    rows[12] = {"messages": bad_messages}
+    cfg = make_cfg(tmp_path, [json.dumps(r) for r in rows])
+    cfg["tasks"][0] = {"name": "plus", "format": "chat", "source": cfg["tasks"][0]["source"]}
+    with pytest.raises(PrepError, match=rf"task 'plus': .*src\.jsonl:13: {problem}"):
+        run(cfg)
+    assert_clean(tmp_path)
+    out = run(dict(cfg, skip_invalid=True))
+    task = json.loads((out / "manifest.json").read_text())["tasks"]["plus"]
+    assert task["invalid"] == 1 and task["examples"] == len(ROWS) - 1
+
+
 def test_task_emptied_by_overflow_drop_is_named_and_nothing_written(tmp_path):
     out = run(make_cfg(tmp_path, overflow="drop"))
     before = (out / "manifest.json").read_bytes()

@@ -85,6 +85,14 @@ def check_rows(task: TaskConfig, ds, split: Optional[str], skip_invalid: bool):
                             f"{'template' if task.format == 'template' else task.format + ' format'} reads it. "
                             f"Fix the data or set skip_invalid: true")
         bad |= nulls
+    if task.format == "chat" and "messages" in ds.column_names:
+        for i, msgs in enumerate(ds.data.column("messages").to_pylist()):
+            problem = None if bad[i] else chat_problem(msgs)
+            if problem and not skip_invalid:
+                ex = int(ds.data.column(EXAMPLE_ID)[i].as_py())
+                raise PrepError(f"task {task.name!r}: {row_location(task, split, ex)}: {problem}. Fix the data or set "
+                                f"skip_invalid: true")
+            bad[i] |= problem is not None
     if not bad.any():
         return ds, 0
     return ds.select(np.flatnonzero(~bad)), int(bad.sum())
@@ -123,11 +131,23 @@ def _has_chat_template(tokenizer) -> bool:
     return tokenizer is not None and bool(getattr(tokenizer, "chat_template", None))
 
 
+def chat_problem(msgs) -> Optional[str]:
+    """What makes a `messages` value unusable (None if nothing): a null role or content would render as "None"."""
+    if not msgs:
+        return "`messages` is empty"
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            return f"message {i} of `messages` needs a text `role` and `content`, got {m!r}"
+    if msgs[-1]["role"] != "assistant":
+        return "`messages` must end with an assistant message"
+    return None
+
+
 def _chat(task: TaskConfig, row: dict[str, Any], tokenizer) -> tuple[str, str]:
     msgs = row["messages"]
-    if not msgs or msgs[-1].get("role") != "assistant":
-        raise PrepError(f"task {task.name!r}: example {row.get('_example_id')}: `messages` must end with an "
-                        f"assistant message")
+    problem = chat_problem(msgs)
+    if problem:  # check_rows catches these in prep, naming the file and line
+        raise PrepError(f"task {task.name!r}: example {row.get('_example_id')}: {problem}")
     msgs = [{"role": m["role"], "content": m["content"]} for m in msgs]
     if _has_chat_template(tokenizer):
         return _apply_chat_template(msgs, tokenizer)
