@@ -230,6 +230,21 @@ def test_chat_template_is_used_when_the_tokenizer_has_one(prepared_builtin_data,
     assert "<|user|>" not in response and response.rstrip().endswith("<|end|>")
 
 
+def test_chat_template_whose_generation_prompt_is_no_prefix_keeps_the_end_of_turn(prepared_builtin_data):
+    """DeepSeek-R1's template: the generation prompt opens "<think>\n", the rendered assistant turn does not. The
+    reply still carries the template's end of turn (here EOS), so the model learns to stop."""
+    from pipeline.config.tasks import TaskConfig
+
+    tok = AutoTokenizer.from_pretrained(prepared_builtin_data / "tokenizer")
+    tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'user' %}<|User|>{{ m['content'] }}{% else %}"
+                         "<|Assistant|>{{ m['content'] + eos_token }}{% endif %}{% endfor %}"
+                         "{% if add_generation_prompt %}<|Assistant|><think>\n{% endif %}")
+    task = TaskConfig(name="t", format="chat", source={"type": "jsonl", "path": "unused.jsonl"})
+    for answer in ("b a", "s"):  # "s" also occurs in the EOS token's text
+        row = {"messages": [{"role": "user", "content": "reverse: a b"}, {"role": "assistant", "content": answer}]}
+        assert render(task, row, tok) == ("<|User|>reverse: a b<|Assistant|><think>\n", answer + tok.eos_token)
+
+
 @pytest.mark.parametrize("add_bos, expected", [(None, False), (True, True)])
 def test_bos_follows_the_tokenizers_convention_unless_forced(prepared_builtin_data, small_prep_config, tmp_path,
                                                             add_bos, expected):

@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import os
 import string
 from typing import Any, Optional
 
@@ -124,7 +125,11 @@ def _apply_chat_template(msgs: list[dict], tokenizer) -> tuple[str, str]:
     full = tokenizer.apply_chat_template(msgs, tokenize=False)
     if full.startswith(prompt):
         return prompt, full[len(prompt):]
-    return prompt, msgs[-1]["content"]
+    # The generation prompt is not a prefix of the conversation (DeepSeek-R1's adds "<think>\n" that the assistant
+    # turn lacks): the reply from where its content starts after the common part, end-of-turn tokens included.
+    content = msgs[-1]["content"]
+    start = full.find(content, len(os.path.commonprefix([prompt, full]))) if content else -1
+    return prompt, full[start:] if start >= 0 else content
 
 
 def _has_chat_template(tokenizer) -> bool:
