@@ -98,15 +98,36 @@ def test_nf4_base_full_and_original_targets(tmp_path, base_dir, adapters):
 
 def test_peft_export_loads_in_peft(tmp_path, base_dir, adapters):
     out = tmp_path / "peft"
-    assert merge_cli("--adapter", adapters["nf4"], "--out", out, "--base", base_dir, "--format", "peft",
-                     "--tasks", "alpha,gamma", "--dtype", "fp32") == 0
+    for task in ("alpha", "gamma"):  # two runs into one folder: the report keeps both
+        assert merge_cli("--adapter", adapters["nf4"], "--out", out, "--base", base_dir, "--format", "peft",
+                         "--tasks", task, "--dtype", "fp32") == 0
     rep = _report(out)
-    assert set(rep["tasks"]) == {"alpha", "gamma"}
+    assert set(rep["tasks"]) == set(rep["rank_map"]) == {"alpha", "gamma"}
     for task in ("alpha", "gamma"):
         assert rep["tasks"][task]["check"]["passed"]
         cfg = json.loads((out / task / "adapter_config.json").read_text())
         assert cfg["peft_type"] == "LORA" and cfg["rank_pattern"]
         assert (out / task / "adapter_model.safetensors").is_file()
+
+
+def test_peft_export_names_a_hub_base_by_its_id(tmp_path, base_dir, adapters, monkeypatch):
+    """A base found in the HF cache by its hub id is recorded as that id in adapter_config.json, not as this
+    machine's snapshot folder (which PEFT could not load anywhere else)."""
+    import shutil
+
+    import huggingface_hub.constants
+
+    repo = tmp_path / "hub" / "models--org--tiny"
+    shutil.copytree(base_dir, repo / "snapshots" / "abc123")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "peft"
+    assert merge_cli("--adapter", adapters["nf4"], "--out", out, "--base", "org/tiny", "--format", "peft",
+                     "--tasks", "alpha", "--dtype", "fp32") == 0
+    assert _report(out)["base"] == str(repo / "snapshots" / "abc123")  # what it loaded
+    assert json.loads((out / "alpha" / "adapter_config.json").read_text())["base_model_name_or_path"] == "org/tiny"
 
 
 def _in_memory_merge(base_dir, adapter_dir, task, dtype) -> dict:

@@ -124,7 +124,8 @@ def _write_report(out: Path, report: dict) -> None:
     path = out / REPORT_FILE
     prev = json.loads(path.read_text()) if path.is_file() else {}
     tasks = {**prev.get("tasks", {}), **report["tasks"]}
-    report = {**report, "tasks": tasks}
+    rank_map = {**prev.get("rank_map", {}), **report["rank_map"]}  # earlier runs' tasks into the same folder
+    report = {**report, "tasks": tasks, "rank_map": rank_map}
     atomic_write(path, json.dumps(report, indent=2, default=str))
 
 
@@ -181,7 +182,9 @@ def run_merge(opts: MergeOptions) -> dict:
                 entry.update(files=st.files, shards=len(st.files), tensors=st.tensors, bytes=st.bytes)
             else:
                 from pipeline.export.peft_export import export_peft
-                export_peft(opts.adapter, task, tmp, dtype=opts.dtype, base_model_name_or_path=str(base))
+                # the base as named (a hub id stays an id), not the folder it resolved to on this machine
+                export_peft(opts.adapter, task, tmp, dtype=opts.dtype,
+                            base_model_name_or_path=str(opts.base) if opts.base else meta["base_model"].get("id"))
                 if tok_src:
                     copy_tokenizer(tok_src, tmp)
                 entry.update(files=sorted(p.name for p in tmp.iterdir()))
