@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from more_fixtures import TASKS, VOCAB, save_tiny_llama
+from more_fixtures import TASKS, VOCAB, save_tiny_llama, tiny_llama
 from pipeline.config.more import MoreConfig
 from pipeline.models.loading import load_base_model
 from pipeline.more.io import save_adapter
@@ -295,9 +295,12 @@ def test_check_uses_prepared_eval_samples(tmp_path, base_dir, adapters):
     assert not (tmp_path / "x").exists()
 
 
-@pytest.mark.parametrize("case", ["missing_adapter", "not_an_adapter", "unknown_task", "missing_base"])
+@pytest.mark.parametrize("case", ["missing_adapter", "not_an_adapter", "unknown_task", "missing_base", "bad_json",
+                                  "rank_map_gap", "check_n_zero", "other_base_shape", "empty_base_peft"])
 def test_bad_input_is_a_clear_error_and_writes_nothing(tmp_path, base_dir, adapters, capsys, case):
-    adapter, extra = adapters["fp32"], []
+    import shutil
+
+    adapter, extra, base = adapters["fp32"], [], base_dir
     if case == "missing_adapter":
         adapter = tmp_path / "nope"
     elif case == "not_an_adapter":
@@ -305,11 +308,36 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(tmp_path, base_dir, adapt
         adapter.mkdir()
     elif case == "unknown_task":
         extra = ["--tasks", "alpha,zeta"]
-    base = tmp_path / "no_base" if case == "missing_base" else base_dir
+    elif case == "missing_base":
+        base = tmp_path / "no_base"
+    elif case in ("bad_json", "rank_map_gap"):
+        adapter = Path(shutil.copytree(adapter, tmp_path / "adapter"))
+        if case == "bad_json":
+            cfg = adapter / "more_config.json"
+            cfg.write_text(cfg.read_text()[:40])
+        else:
+            rmap = json.loads((adapter / "rank_map.json").read_text())
+            rmap["beta"].pop("model.layers.1.mlp.down_proj")
+            (adapter / "rank_map.json").write_text(json.dumps(rmap))
+    elif case == "check_n_zero":
+        extra = ["--check-n", "0"]
+    elif case == "other_base_shape":
+        base = tmp_path / "wide"
+        tiny_llama(hidden_size=48).save_pretrained(base)
+    elif case == "empty_base_peft":
+        base = tmp_path / "empty_base"
+        base.mkdir()
+        extra = ["--format", "peft"]
     out = tmp_path / "merged"
+    capsys.readouterr()  # the set-up's own output
     assert merge_cli("--adapter", adapter, "--out", out, "--base", base, *extra) == 2
     err = capsys.readouterr().err
     want = {"missing_adapter": "does not exist", "not_an_adapter": "not a MoRE adapter folder",
-            "unknown_task": "unknown task(s) ['zeta']", "missing_base": "not a local folder"}[case]
+            "unknown_task": "unknown task(s) ['zeta']", "missing_base": "not a local folder",
+            "bad_json": "more_config.json: not valid JSON",
+            "rank_map_gap": "rank_map.json: task 'beta' has no rank for 1 adapted layer(s), e.g. "
+                            "'model.layers.1.mlp.down_proj'",
+            "check_n_zero": "--check-n must be at least 1", "other_base_shape": "'hidden_size': (",
+            "empty_base_peft": "is not a model folder"}[case]
     assert err.startswith("error: ") and want in err
     assert not out.exists()

@@ -81,12 +81,17 @@ def validate(opts: MergeOptions) -> tuple:
     missing = [f for f in (CONFIG_FILE, RANK_MAP_FILE, ADAPTER_FILE) if not (ad / f).is_file()]
     if missing:
         raise MergeInputError(f"{ad} is not a MoRE adapter folder: missing {', '.join(missing)}")
-    meta = json.loads((ad / CONFIG_FILE).read_text())
+    meta, rank_map = (_read_json(ad / f) for f in (CONFIG_FILE, RANK_MAP_FILE))
     known = list(meta["task_names"])
     tasks = opts.tasks or known
     unknown = [t for t in tasks if t not in known]
     if unknown:
         raise MergeInputError(f"unknown task(s) {unknown}: the adapter has {known}")
+    for t in tasks:
+        lacking = sorted(set(meta["targets"]) - set(rank_map.get(t, {})))
+        if lacking:
+            raise MergeInputError(f"{ad / RANK_MAP_FILE}: task {t!r} has no rank for {len(lacking)} adapted "
+                                  f"layer(s), e.g. {lacking[0]!r}")
     if len(set(tasks)) != len(tasks):
         raise MergeInputError(f"--tasks lists a task twice: {tasks}")
     if opts.dtype not in ("bf16", "fp16", "fp32"):
@@ -99,6 +104,8 @@ def validate(opts: MergeOptions) -> tuple:
         parse_size(opts.max_shard_size)
     except ValueError as e:
         raise MergeInputError(f"--max-shard-size: {e}") from None
+    if opts.check and opts.check_n < 1:
+        raise MergeInputError(f"--check-n must be at least 1, got {opts.check_n}")
     if opts.check_rtol is not None and not opts.check_rtol > 0:
         raise MergeInputError(f"--check-rtol must be positive, got {opts.check_rtol}")
     if opts.check_samples is not None and not (Path(opts.check_samples) / "manifest.json").is_file():
@@ -106,7 +113,32 @@ def validate(opts: MergeOptions) -> tuple:
     if Path(opts.out).exists() and not Path(opts.out).is_dir():
         raise MergeInputError(f"--out {opts.out} exists and is not a folder")
     base = resolve_base(opts.base, meta, ad)
+    check_base(base, meta, ad)
     return meta, tasks, base
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MergeInputError(f"{path}: not valid JSON ({e})") from None
+
+
+def check_base(base: Path, meta: dict, adapter: Path) -> None:
+    """The base folder holds a model of the shape the adapter was trained on (as load_adapter checks), before
+    anything is written."""
+    from transformers import AutoConfig
+
+    try:
+        cfg = AutoConfig.from_pretrained(str(base))
+    except (OSError, ValueError) as e:
+        raise MergeInputError(f"base {base} is not a model folder: {e}") from None
+    want = meta["base_model"]
+    bad = {k: (want[k], getattr(cfg, k, None)) for k in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")
+           if want.get(k) is not None and want[k] != getattr(cfg, k, None)}
+    if bad:
+        raise MergeInputError(f"adapter {adapter} was trained on a different base than {base}: {bad} (trained on, "
+                              f"given)")
 
 
 def _prompts(opts: MergeOptions, tasks: List[str], vocab: int) -> tuple:
