@@ -240,3 +240,20 @@ def test_unquoted_yes_no_verbalizer_keys_hint_at_quoting(tmp_path):
                                         r"yes/no/on/off/true/false key as a boolean"):
         run(cfg)
     assert_clean(tmp_path)
+
+
+def test_a_label_without_verbalizer_entry_names_file_and_line_or_is_skipped(tmp_path):
+    """Found before the tokenizer trains on the rows (the error used to come back wrapped as a sentencepiece
+    failure, naming the example by its 0-based id), and left out with skip_invalid like any other bad row."""
+    lines = [json.dumps({"q": r["q"], "label": i % 2}) for i, r in enumerate(ROWS)]
+    lines[12] = json.dumps({"q": "odd one", "label": 7})
+    cfg = make_cfg(tmp_path, lines)
+    cfg["tasks"][0]["template"] = {"prompt": "Q: {q}\nA:", "verbalizer": {0: "no", 1: "yes"}}
+    with pytest.raises(PrepError, match=r"^task 'plus': \S*src\.jsonl:13: label 7 has no verbalizer entry \(1 such "
+                                        r"row\(s\); fix the data or set skip_invalid: true\); verbalizer keys: "
+                                        r"\['0', '1'\]$"):
+        run(cfg)
+    assert_clean(tmp_path)
+    out = run(dict(cfg, skip_invalid=True))
+    task = json.loads((out / "manifest.json").read_text())["tasks"]["plus"]
+    assert task["invalid"] == 1 and task["examples"] == len(ROWS) - 1

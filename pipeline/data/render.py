@@ -16,6 +16,7 @@ import string
 from typing import Any, Optional
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.config.tasks import TaskConfig
@@ -86,6 +87,19 @@ def check_rows(task: TaskConfig, ds, split: Optional[str], skip_invalid: bool):
                             f"{'template' if task.format == 'template' else task.format + ' format'} reads it. "
                             f"Fix the data or set skip_invalid: true")
         bad |= nulls
+    tpl = task.template
+    if task.format == "template" and tpl.verbalizer is not None and "{label_text" in tpl.prompt + tpl.response:
+        column = ds.data.column(tpl.label_column)
+        unknown = [v for v in pc.unique(column).to_pylist() if v is not None and _verbalizer_key(tpl.verbalizer, v)
+                   is None]
+        if unknown:
+            rows = pc.is_in(column, value_set=pa.array(unknown, type=column.type)).to_numpy(zero_copy_only=False)
+            if not skip_invalid:
+                first = int(np.flatnonzero(rows)[0])
+                ex = int(ds.data.column(EXAMPLE_ID)[first].as_py())
+                raise _no_verbalizer_entry(task, column[first].as_py(), row_location(task, split, ex),
+                                           f" ({int(rows.sum())} such row(s); fix the data or set skip_invalid: true)")
+            bad |= rows
     if task.format == "chat" and "messages" in ds.column_names:
         for i, msgs in enumerate(ds.data.column("messages").to_pylist()):
             problem = None if bad[i] else chat_problem(msgs)
@@ -99,23 +113,33 @@ def check_rows(task: TaskConfig, ds, split: Optional[str], skip_invalid: bool):
     return ds.select(np.flatnonzero(~bad)), int(bad.sum())
 
 
+def _verbalizer_key(verbalizer: dict[str, str], value: Any) -> Optional[str]:
+    """The verbalizer key a label value matches (a float column's 1.0 matches key "1"), or None."""
+    key = str(value)
+    if key not in verbalizer and isinstance(value, float) and value.is_integer():
+        key = str(int(value))
+    return key if key in verbalizer else None
+
+
+def _no_verbalizer_entry(task: TaskConfig, value: Any, where: str, note: str = "") -> PrepError:
+    verbalizer = task.template.verbalizer
+    hint = ""
+    if {"True", "False"} & set(verbalizer) and isinstance(value, str):
+        hint = ("; YAML reads an unquoted yes/no/on/off/true/false key as a boolean (key 'True'/'False'): "
+                "quote the key to match a text label")
+    return PrepError(f"task {task.name!r}: {where}: label {value!r} has no verbalizer entry{note}; verbalizer keys: "
+                     f"{sorted(verbalizer)}{hint}")
+
+
 def _label_text(task: TaskConfig, row: dict[str, Any]) -> str:
     tpl = task.template
     value = row[tpl.label_column]
     if tpl.verbalizer is None:
         return str(value)
-    key = str(value)
-    if key not in tpl.verbalizer and isinstance(value, float) and value.is_integer():
-        key = str(int(value))
-    try:
-        return tpl.verbalizer[key]
-    except KeyError:
-        hint = ""
-        if {"True", "False"} & set(tpl.verbalizer) and isinstance(value, str):
-            hint = ("; YAML reads an unquoted yes/no/on/off/true/false key as a boolean (key 'True'/'False'): "
-                    "quote the key to match a text label")
-        raise PrepError(f"task {task.name!r}: label {value!r} (example {row.get('_example_id')}) has no verbalizer "
-                        f"entry; verbalizer keys: {sorted(tpl.verbalizer)}{hint}") from None
+    key = _verbalizer_key(tpl.verbalizer, value)
+    if key is None:  # check_rows catches these in prep, naming the file and line
+        raise _no_verbalizer_entry(task, value, f"example {row.get('_example_id')}")
+    return tpl.verbalizer[key]
 
 
 def _apply_chat_template(msgs: list[dict], tokenizer) -> tuple[str, str]:

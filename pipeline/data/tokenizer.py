@@ -32,15 +32,26 @@ def train_sentencepiece_model(texts: Iterable[str], cfg: SentencePieceConfig, se
 
     spm.set_random_generator_seed(seed)
     buf = io.BytesIO()
+    failed: list[PrepError] = []
+
+    def read_texts():  # an error in the data (named with its file and line) is ours, not sentencepiece's
+        try:
+            yield from texts
+        except PrepError as e:
+            failed.append(e)
+            raise
+
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(texts), model_writer=buf, vocab_size=cfg.vocab_size, model_type="bpe",
+            sentence_iterator=read_texts(), model_writer=buf, vocab_size=cfg.vocab_size, model_type="bpe",
             character_coverage=cfg.character_coverage, byte_fallback=True, split_digits=cfg.split_digits,
             unk_id=0, bos_id=1, eos_id=2, pad_id=-1, hard_vocab_limit=False, normalization_rule_name="identity",
             remove_extra_whitespaces=False, input_sentence_size=cfg.max_sentences, shuffle_input_sentence=True,
             num_threads=cfg.num_threads, minloglevel=2,
         )
     except RuntimeError as e:
+        if failed:
+            raise failed[0] from None
         raise PrepError(f"tokenizer.train_sentencepiece: sentencepiece training failed: {e}") from None
     return buf.getvalue()
 
