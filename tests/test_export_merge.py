@@ -148,3 +148,23 @@ def test_16bit_tolerance_grows_with_depth_beyond_8_layers():
     assert 0.08 < rel30 < 0.085 and "30 layers" in rule
     assert tolerance(torch.float32, torch.float32, layers=80)[0] == 1e-5
     assert tolerance(torch.bfloat16, torch.bfloat16, rel=0.1, layers=80)[0] == 0.1
+
+
+def test_an_adapted_tied_head_is_refused_by_name(tmp_path):
+    """lm_head tied to the embeddings is not stored in the checkpoint; the merge says it is tied (and what to do),
+    not that the checkpoint's names differ."""
+    from safetensors.torch import load_file
+
+    from pipeline.export.merge import AdapterDeltas, BasePlan
+
+    base = tiny_llama()
+    base.config.tie_word_embeddings = True
+    base.tie_weights()
+    base.save_pretrained(tmp_path / "base")
+    assert "lm_head.weight" not in load_file(str(tmp_path / "base" / "model.safetensors"))
+    m = trained_like(cfg=MoreConfig(gate_init="random", target_modules=["q_proj", "lm_head"]),
+                     base=load_base_model(str(tmp_path / "base"), "none", "fp32"))
+    ad = save_adapter(m, tmp_path / "ad")
+    with pytest.raises(ValueError, match=r"adapted layers \['lm_head'\] are tied to another weight; merging would "
+                                         r"untie them \(export the task with --format peft instead\)"):
+        BasePlan(tmp_path / "base", AdapterDeltas(ad))

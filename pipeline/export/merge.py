@@ -189,15 +189,18 @@ class BasePlan:
         self.source_dtype: Optional[torch.dtype] = None if target == "original" else DTYPES[bm.get("dtype", "fp32")]
         model = _meta_model(self.config)
         self.quantized = quantized_linears(model) if self.quantize else set()
-        self.dropped = tied_copies(model) & set(self.files)
+        tied = tied_copies(model)
+        self.dropped = tied & set(self.files)
         self.targets = set(deltas.targets)
+        # before the missing check: a tied copy (lm_head of a tied-embedding model) is usually not stored at all
+        tied_adapted = sorted(t for t in self.targets if f"{t}.weight" in tied)
+        if tied_adapted:
+            raise ValueError(f"adapted layers {tied_adapted} are tied to another weight; merging would untie them "
+                             f"(export the task with --format peft instead)")
         missing = sorted(t for t in self.targets if f"{t}.weight" not in self.files)
         if missing:
             raise ValueError(f"adapted layers have no weight in {self.base_dir}: {missing[:3]} (the checkpoint's "
                              f"names differ from the model's module names?)")
-        tied_adapted = sorted(t for t in self.targets if f"{t}.weight" in self.dropped)
-        if tied_adapted:
-            raise ValueError(f"adapted layers {tied_adapted} are tied to another weight; merging would untie them")
 
     def names(self) -> List[str]:
         """Output tensor names, grouped by base file so each file is read front to back."""
