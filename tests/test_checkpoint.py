@@ -298,3 +298,33 @@ def _env() -> dict:
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "PIPELINE_NAN_AT"):
         env.pop(k, None)
     return env
+
+
+def test_every_0_checkpoints_at_the_end_lr_is_the_applied_one_and_no_eval_split_logs_no_eval_loss(
+        tiny_train_setup, tmp_path):
+    """One process, 3 steps, `checkpoint.every: 0`, 2 warm-up steps, data without an eval split:
+    - the end checkpoint is written ("0 = only on SIGTERM and at the end"), so the same command again has nothing
+      to do and a larger max_steps resumes;
+    - `train/lr` is the rate each step applied (warm-up: lr/2 at step 1), not the next step's;
+    - without held-out data no `eval/loss` is logged (it used to log 0.0, a perfect loss)."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_train_setup["data"], data, ignore=lambda d, names: ["eval"] if Path(d) == Path(
+        tiny_train_setup["data"]) else [])
+    run = tmp_path / "run"
+    cmd = [sys.executable, str(TRAIN), "--config", str(tiny_train_setup["config"]), "--set", f"output_dir={run}",
+           "--set", f"data.dir={data}", "--set", "optim.warmup_steps=2", "--set", "eval.every=1"]
+
+    def train(*extra):
+        proc = subprocess.run(cmd + list(extra), env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return proc.stdout
+
+    train("--set", "optim.max_steps=3")
+    assert (run / "checkpoints" / "step_3").is_dir()
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert {r["step"]: r["train/lr"] for r in records if "train/lr" in r} == {1: 0.005, 2: 0.01, 3: 0.01}
+    assert not any(k.startswith("eval/") for r in records for k in r), records
+    assert "already trained to step 3" in train("--set", "optim.max_steps=3")
+    assert f"resumed from {run / 'checkpoints' / 'step_3'} at step 3" in train("--set", "optim.max_steps=4")

@@ -3,6 +3,7 @@ what was expected; nothing is started or written. Also: data tokenized with anot
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -46,6 +47,18 @@ def test_wrong_value_type_names_file_line_key_and_expected_type(tmp_path):
     path = write(tmp_path, PREP_YAML.replace("VERBALIZER", "null") + "max_seq_len: [1]\n")
     with pytest.raises(ConfigError, match=rf"{path}:9: max_seq_len: Input should be a valid integer \(got \[1\]\)"):
         load_config(PrepConfig, path)
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("data.task_caps={sentiment: 0}", r"data\.task_caps\.sentiment: Input should be greater than 0"),
+    ("data.tasks=[]", r"data\.tasks: List should have at least 1 item"),
+    ("seed=-1", r"seed: Input should be greater than or equal to 0"),
+])
+def test_values_that_make_no_sense_name_the_field(tmp_path, override, expected):
+    """A cap of 0 silently dropped the task; an empty task list and a negative seed failed only after the process
+    group had started, without naming the field."""
+    with pytest.raises(ConfigError, match=rf"--set {re.escape(override)}: {expected}"):
+        load_config(TrainConfig, write(tmp_path, TRAIN_YAML), [override])
 
 
 def test_wrong_type_from_an_override_names_the_override(tmp_path):

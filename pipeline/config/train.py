@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Literal, Optional, Union
 
-from pydantic import Field, field_validator
+from pydantic import Field, PositiveInt, field_validator
 
 from pipeline.config.base import StrictModel
 from pipeline.config.more import MoreConfig
@@ -58,8 +58,10 @@ class ModelConfig(StrictModel):
 class DataConfig(StrictModel):
     dir: str  # the prep stage's output (manifest.json + train/ + eval/)
     temperature: float = Field(default=2.0, gt=0)  # task sampling p_t ∝ n_t^(1/T)
-    task_caps: Optional[dict[str, int]] = None  # at most this many sequences of a task per epoch
-    tasks: Optional[list[str]] = None  # train on a subset of the manifest's tasks (default: all)
+    # T5-style caps: a task counts as at most this many examples in its sampling share, p_t ∝ min(n_t, cap)^(1/T)
+    # (pipeline/data/sampler.py); a share, not a hard limit per epoch
+    task_caps: Optional[dict[str, PositiveInt]] = None
+    tasks: Optional[list[str]] = Field(default=None, min_length=1)  # a subset of the manifest's tasks (default: all)
 
 
 class OptimConfig(StrictModel):
@@ -89,7 +91,7 @@ class EvalConfig(StrictModel):
 
 class TrainConfig(StrictModel):
     output_dir: str
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, lt=2**32)  # numpy's seeds are 32-bit
     model: ModelConfig
     data: DataConfig
     more: MoreConfig = Field(default_factory=MoreConfig)

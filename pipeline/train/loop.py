@@ -225,6 +225,7 @@ class Trainer:
             stats[2 + n_tasks:] += sums.per_task_tokens
         self._check_finite_before_update(local_loss)
         faults.point("optimizer", self.dist.rank, self.step + 1)
+        lr = self.scheduler.get_last_lr()[0]  # the rate this update applies (engine.step advances the schedule)
         self.engine.step()  # the accumulation boundary: the optimizer applies the step here
         if not self.engine.was_step_applied() and not self.engine.fp16_enabled():
             # DeepSpeed skips an update whose gradient norm is not finite; outside fp16 loss scaling that is a NaN
@@ -237,7 +238,7 @@ class Trainer:
         self.tokens_seen += int(global_real)
         lm = stats[0].item() / global_tokens
         values = {"loss": lm, "contrastive": stats[1].item() / max(global_samples, 1.0),
-                  "lr": self.scheduler.get_last_lr()[0], "tokens": global_real}
+                  "lr": lr, "tokens": global_real}
         grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is not None:
             values["grad_norm"] = float(grad_norm)
@@ -327,7 +328,7 @@ class Trainer:
                 if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
                     self.save_checkpoint()  # after the step's eval: a resume from it owes nothing
             self._eval_and_log(monitor)
-            if cfg.checkpoint.every and self.step % cfg.checkpoint.every != 0:
+            if not cfg.checkpoint.every or self.step % cfg.checkpoint.every != 0:  # every 0: only here (and SIGTERM)
                 self.save_checkpoint()
             self._finish(final, time.time() - t_start, self.tokens_seen - tokens_start)
         finally:
@@ -337,8 +338,9 @@ class Trainer:
     def _eval_and_log(self, monitor: Monitor) -> None:
         from pipeline.more import rank_map
 
-        self.last_eval = self.evaluate()
-        monitor.scalars(self.step, self.last_eval, prefix="eval/")
+        if self.data.eval is not None:  # without an eval split there is no held-out loss to report (not 0)
+            self.last_eval = self.evaluate()
+            monitor.scalars(self.step, self.last_eval, prefix="eval/")
         monitor.rank_map(self.step, rank_map(self.engine.module), self.cfg.more.max_rank)
 
     def _finish(self, final: dict[str, float], wall_s: float, tokens: int) -> None:
