@@ -133,6 +133,23 @@ def test_empty_prompt_without_bos_labels_no_sample_start(tmp_path):
     assert packed and manifest["tasks"]["t"]["supervised_tokens"] == trained
 
 
+def test_packed_rows_are_written_in_chunks_within_arrow_offsets(small_prep_config, tmp_path, monkeypatch):
+    """One Arrow list array holds fewer than 2^31 values (int32 offsets): a split of more tokens is written in
+    chunks of at most CHUNK_TOKENS. With a chunk of 2,000 tokens the output is the same rows as in one chunk."""
+    from pipeline.data import write
+
+    whole = run_prep(small_prep_config(output_dir=str(tmp_path / "whole")))
+    calls = []
+    chunk = write._packed_chunk
+    monkeypatch.setattr(write, "CHUNK_TOKENS", 2000)
+    monkeypatch.setattr(write, "_packed_chunk", lambda *a: calls.append(len(a[1])) or chunk(*a))
+    chunked = run_prep(small_prep_config(output_dir=str(tmp_path / "chunked")))
+    a, b = PackedDataset(whole), PackedDataset(chunked)
+    assert len(calls) > 2 and sum(calls) >= len(b)
+    assert len(a) == len(b) and all(
+        all((a[i][k] == b[i][k]).all() for k in a[i]) for i in range(len(a)))
+
+
 @pytest.mark.parametrize("overflow", ["drop", "truncate"])
 def test_overflow_is_counted(small_prep_config, overflow):
     cfg = small_prep_config(max_seq_len=80, overflow=overflow)

@@ -36,8 +36,23 @@ PACKED_FEATURES = datasets.Features({
 })
 
 
+CHUNK_TOKENS = 1 << 30  # Arrow list offsets are int32: each chunk of rows holds fewer tokens than 2^31
+
+
 def packed_table(samples: Samples, rows: list[list[int]], train_on_prompt: bool) -> pa.Table:
-    """One Arrow row per packed sequence, built with vectorised numpy from the flat sample arrays."""
+    """One Arrow row per packed sequence, built with vectorised numpy from the flat sample arrays, in chunks of at
+    most CHUNK_TOKENS tokens (a split of more than 2^31 tokens would overflow one list array's offsets)."""
+    per_row = np.array([len(r) for r in rows], dtype=np.int64)
+    order = np.fromiter((i for row in rows for i in row), dtype=np.int64, count=int(per_row.sum()))
+    tokens_before = np.concatenate([[0], np.cumsum(samples.lengths[order])])[np.concatenate([[0], np.cumsum(per_row)])]
+    if tokens_before[-1] <= CHUNK_TOKENS:
+        return _packed_chunk(samples, rows, train_on_prompt)
+    cuts = np.searchsorted(tokens_before, np.arange(CHUNK_TOKENS, tokens_before[-1], CHUNK_TOKENS), side="right") - 1
+    bounds = [0, *sorted(set(cuts.tolist()) - {0}), len(rows)]
+    return pa.concat_tables([_packed_chunk(samples, rows[a:b], train_on_prompt) for a, b in zip(bounds, bounds[1:])])
+
+
+def _packed_chunk(samples: Samples, rows: list[list[int]], train_on_prompt: bool) -> pa.Table:
     order = np.fromiter((i for row in rows for i in row), dtype=np.int64, count=sum(len(r) for r in rows))
     s = samples.select(order)
     n_tok = len(s.ids)
