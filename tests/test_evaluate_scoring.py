@@ -85,12 +85,12 @@ def test_batched_scores_equal_one_at_a_time(tiny):
 
 def test_batched_greedy_equals_one_at_a_time(tiny):
     prompts = _prompts()
-    one = greedy_generate(tiny, prompts, ["t"] * 4, max_new_tokens=6, batch_size=1, pad_id=0, eos_id=None)
-    many = greedy_generate(tiny, prompts, ["t"] * 4, max_new_tokens=6, batch_size=4, pad_id=0, eos_id=None)
+    one = greedy_generate(tiny, prompts, ["t"] * 4, max_new_tokens=6, batch_size=1, pad_id=0, stop_ids=())
+    many = greedy_generate(tiny, prompts, ["t"] * 4, max_new_tokens=6, batch_size=4, pad_id=0, stop_ids=())
     assert many == one and all(len(x) == 6 for x in one)
     # the answer is cut before the first EOS: make the first generated token the EOS
     eos = one[0][0]
-    cut = greedy_generate(tiny, prompts[:1], ["t"], max_new_tokens=6, pad_id=0, eos_id=eos)
+    cut = greedy_generate(tiny, prompts[:1], ["t"], max_new_tokens=6, pad_id=0, stop_ids=[eos])
     assert cut == [[]]
     # and a manual greedy loop agrees (no cache, full recompute)
     ids = torch.tensor([prompts[1]])
@@ -98,3 +98,44 @@ def test_batched_greedy_equals_one_at_a_time(tiny):
         nxt = tiny.logits(ids, torch.ones_like(ids), ["t"])[0, -1].argmax()
         ids = torch.cat([ids, nxt.view(1, 1)], 1)
     assert ids[0, len(prompts[1]):].tolist() == one[1]
+
+
+def test_generation_ends_at_the_chat_templates_end_of_turn(prepared_builtin_data):
+    """A chat-template task's training replies end with the template's end of turn, not EOS (Llama-3's <|eot_id|>):
+    the evaluator stops there too. A model that writes the trained reply and then another turn is scored on the
+    reply alone."""
+    from transformers import AutoTokenizer
+
+    from pipeline.config.tasks import TaskConfig
+    from pipeline.data.render import render
+    from pipeline.data.tokenize import encode_texts
+    from pipeline.evaluate.runner import score_task
+    from pipeline.evaluate.tasks import encode, stop_token_ids
+
+    tok = AutoTokenizer.from_pretrained(prepared_builtin_data / "tokenizer")
+    tok.add_special_tokens({"additional_special_tokens": ["<|end|>"]})
+    tok.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>\n{% endfor %}"
+                         "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    source = {"type": "jsonl", "path": "unused.jsonl"}
+    task = TaskConfig(name="rev", source=source, format="chat", kind="generation", metrics=["exact_match"],
+                      max_new_tokens=24)
+    end = tok.convert_tokens_to_ids("<|end|>")
+    assert stop_token_ids(task, tok) == [tok.eos_token_id, end]
+    plain = TaskConfig(name="p", source=source, template={"prompt": "Q: {q}\nA:", "response": " {a}"},
+                       kind="generation", metrics=["exact_match"])
+    assert stop_token_ids(plain, tok) == [tok.eos_token_id]
+
+    rows = [{"messages": [{"role": "user", "content": "reverse: a b c"}, {"role": "assistant", "content": "c b a"}]}]
+    reply = encode_texts(tok, [render(task, rows[0], tok)[1]])[0]
+    assert end in reply
+    more = encode_texts(tok, ["<|user|>reverse: x y<|end|>\n"])[0]
+
+    class Scripted(EvalModel):
+        def identity(self):
+            return {}
+
+        def generate(self, ids, mask, tasks, max_new_tokens, pad_id, stop_ids):
+            return torch.tensor([(reply + more)[:max_new_tokens]] * ids.shape[0])
+
+    info = score_task(Scripted(), task, encode(task, rows, tok, None, True), tok, progress=False)
+    assert info["samples"][0]["prediction"] == "c b a" and info["metrics"]["exact_match"] == 1.0

@@ -38,9 +38,9 @@ def _check_hf_folder(path: Path, what: str) -> None:
         raise EvalError(f"{what}: {path} is not a model folder (no config.json)")
 
 
-def _hf_generate(model, ids, mask, max_new_tokens, pad_id, eos_id, **kw) -> torch.Tensor:
+def _hf_generate(model, ids, mask, max_new_tokens, pad_id, stop_ids, **kw) -> torch.Tensor:
     out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                         num_beams=1, pad_token_id=pad_id, eos_token_id=eos_id, **kw)
+                         num_beams=1, pad_token_id=pad_id, eos_token_id=list(stop_ids) or None, **kw)
     return out[:, ids.shape[1]:].cpu()
 
 
@@ -71,7 +71,8 @@ class EvalModel:
         raise NotImplementedError
 
     def generate(self, input_ids, attention_mask, tasks: Sequence[str], max_new_tokens: int, pad_id: int,
-                 eos_id: Optional[int]) -> torch.Tensor:
+                 stop_ids: Sequence[int]) -> torch.Tensor:
+        """New tokens (B, <= max_new_tokens), greedy; generation of a row may end at any of `stop_ids`."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -113,9 +114,9 @@ class HFModel(EvalModel):
         return self.model(input_ids=input_ids.to(d), attention_mask=attention_mask.to(d), position_ids=pos,
                           use_cache=False, logits_to_keep=keep or 0).logits
 
-    def generate(self, input_ids, attention_mask, tasks, max_new_tokens, pad_id, eos_id):
+    def generate(self, input_ids, attention_mask, tasks, max_new_tokens, pad_id, stop_ids):
         return _hf_generate(self.model, input_ids.to(self.device), attention_mask.to(self.device), max_new_tokens,
-                            pad_id, eos_id)
+                            pad_id, stop_ids)
 
     def close(self) -> None:
         self._model = None
@@ -257,14 +258,15 @@ class AdapterModel(EvalModel):
         logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, task_ids=task_ids).logits
         return logits[:, -keep:] if keep else logits
 
-    def generate(self, input_ids, attention_mask, tasks, max_new_tokens, pad_id, eos_id):
+    def generate(self, input_ids, attention_mask, tasks, max_new_tokens, pad_id, stop_ids):
         d = self._device()
-        out = torch.full((len(tasks), max_new_tokens), pad_id if eos_id is None else eos_id, dtype=torch.long)
+        out = torch.full((len(tasks), max_new_tokens), stop_ids[0] if stop_ids else pad_id, dtype=torch.long)
         for t in dict.fromkeys(tasks):  # rows of one task generate together (the task context is per call)
             rows = [i for i, x in enumerate(tasks) if x == t]
             new = self.model.generate(input_ids=input_ids[rows].to(d), attention_mask=attention_mask[rows].to(d),
                                       max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                                      pad_token_id=pad_id, eos_token_id=eos_id, task=self.task_id(t))
+                                      pad_token_id=pad_id, eos_token_id=list(stop_ids) or None,
+                                      task=self.task_id(t))
             new = new[:, input_ids.shape[1]:].cpu()
             out[rows, :new.shape[1]] = new
         return out

@@ -21,7 +21,7 @@ from pipeline.evaluate.errors import EvalError
 from pipeline.evaluate.models import EvalModel
 from pipeline.evaluate.report import write_report, write_results
 from pipeline.evaluate.scoring import greedy_generate, label_logprobs, parse_number
-from pipeline.evaluate.tasks import Encoded, TaskSet, encode, eval_rows
+from pipeline.evaluate.tasks import Encoded, TaskSet, encode, eval_rows, stop_token_ids
 
 FORMAT_VERSION = 1
 N_SAMPLES = 3  # examples (prompt answer vs reference) kept per task in results.json
@@ -97,7 +97,7 @@ def score_task(model: EvalModel, task: TaskConfig, enc: Encoded, tokenizer, batc
             texts = [task.template.verbalizer[p] for p in preds]
         else:
             new = greedy_generate(model, enc.prompts, assigned, task.max_new_tokens, batch_size, pad_id,
-                                  tokenizer.eos_token_id, bar)
+                                  stop_token_ids(task, tokenizer), bar)
             texts = [tokenizer.decode(t, skip_special_tokens=True).strip() for t in new]
             preds = texts
     info["metrics"] = _task_metrics(task, enc, preds, texts, info)

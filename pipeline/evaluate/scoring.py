@@ -12,7 +12,7 @@
 
 A model is anything with `logits(input_ids, attention_mask, tasks, position_ids=None, keep=None)` (logits of the
 last `keep` positions, all when None) and
-`generate(input_ids, attention_mask, tasks, max_new_tokens, pad_id, eos_id)`; `tasks` lists, per row, which
+`generate(input_ids, attention_mask, tasks, max_new_tokens, pad_id, stop_ids)`; `tasks` lists, per row, which
 adapter task runs it (ignored by single models). Pairs are sorted by length so batches carry little padding.
 """
 from __future__ import annotations
@@ -88,19 +88,19 @@ def label_logprobs(model, prompts: Sequence[list[int]], candidates: Sequence[Seq
 
 @torch.no_grad()
 def greedy_generate(model, prompts: Sequence[list[int]], tasks: Sequence[str], max_new_tokens: int,
-                    batch_size: int = 16, pad_id: int = 0, eos_id: Optional[int] = None,
+                    batch_size: int = 16, pad_id: int = 0, stop_ids: Sequence[int] = (),
                     progress=None) -> list[list[int]]:
-    """New token ids per prompt (greedy, at most `max_new_tokens`, ending before the first EOS)."""
+    """New token ids per prompt (greedy, at most `max_new_tokens`, ending before the first stop token: EOS, or a
+    chat template's end of turn, `tasks.stop_token_ids`)."""
     out: list[list[int]] = [[] for _ in prompts]
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     for idx in _batches(order, batch_size):
         ids, mask = pad_batch([list(prompts[i]) for i in idx], pad_id, left=True)
-        new = model.generate(ids, mask, [tasks[i] for i in idx], max_new_tokens, pad_id, eos_id)
+        new = model.generate(ids, mask, [tasks[i] for i in idx], max_new_tokens, pad_id, list(stop_ids))
         for row, i in enumerate(idx):
             toks = new[row].tolist()
-            if eos_id is not None and eos_id in toks:
-                toks = toks[:toks.index(eos_id)]
-            out[i] = toks
+            end = next((j for j, t in enumerate(toks) if t in stop_ids), len(toks))
+            out[i] = toks[:end]
         if progress is not None:
             progress.update(len(idx))
     return out

@@ -140,6 +140,26 @@ def _regression_ref(task: TaskConfig, row: dict, text: str) -> float:
     return value
 
 
+def stop_token_ids(task: TaskConfig, tokenizer) -> list[int]:
+    """Where a generated answer ends: what prep put after each training reply. EOS, and for a task rendered through
+    the chat template the template's end-of-turn token (SmolLM2's <|im_end|>; Llama-3's <|eot_id|>, which is not
+    its tokenizer's EOS), the first special token the template writes after the reply's content."""
+    from pipeline.data.render import render, uses_chat_template
+    from pipeline.data.tokenize import encode_texts
+
+    stop = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    if uses_chat_template(task, tokenizer):
+        content = "ok"
+        reply = render(TaskConfig(name="probe", source=task.source, format="chat"), {"messages": [
+            {"role": "user", "content": "hi"}, {"role": "assistant", "content": content}]}, tokenizer)[1]
+        tail = encode_texts(tokenizer, [reply[reply.find(content) + len(content):]])[0]
+        special = set(tokenizer.all_special_ids) | set(tokenizer.get_added_vocab().values())
+        first = next((t for t in tail if t in special), None)
+        if first is not None and first not in stop:
+            stop.append(first)
+    return stop
+
+
 def encode(task: TaskConfig, rows: list[dict], tokenizer, add_bos: Optional[bool] = None, add_eos: bool = True) -> Encoded:
     from pipeline.data.errors import PrepError
     from pipeline.data.render import render, uses_chat_template
