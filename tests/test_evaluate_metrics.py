@@ -66,3 +66,18 @@ def test_parse_number_and_fill():
     values, bad, fill = fill_numbers(["1", "x", "3.0", ""])
     assert values == [1.0, 2.0, 3.0, 2.0] and bad == 2 and fill == 2.0  # unparseable -> mean of parsed
     assert fill_numbers(["x", "y"]) == ([0.0, 0.0], 2, 0.0)  # none parsed -> 0.0
+
+
+def test_regression_reference_is_the_column_the_answer_writes():
+    """SICK-style rows hold a class `label` beside the score the answer template writes: the reference is the
+    score (at full precision), not the label; stsb-style `{label:.1f}` keeps the label's full value."""
+    from pipeline.config.tasks import TaskConfig
+    from pipeline.evaluate.tasks import _regression_ref
+
+    src = {"type": "jsonl", "path": "unused.jsonl"}
+    sick = TaskConfig(name="sick", source=src, kind="regression", metrics=["pearson"],
+                      template={"prompt": "{text}\nScore:", "response": " {score:.1f}"})
+    assert _regression_ref(sick, {"text": "a", "label": 1, "score": 4.25}, " 4.2") == 4.25
+    stsb = TaskConfig(name="stsb", source=src, kind="regression", metrics=["pearson"],
+                      template={"prompt": "{text}\nScore:", "response": "{label:.1f}"})
+    assert _regression_ref(stsb, {"text": "a", "label": 3.75}, "3.8") == 3.75

@@ -129,10 +129,21 @@ def _reference_text(task: TaskConfig, row: dict, tokenizer) -> str:
 
 
 def _regression_ref(task: TaskConfig, row: dict, text: str) -> float:
-    """The label column when the row has one (full precision: stsb's 3.75, not the template's "3.8"), else the
-    number in the rendered answer."""
-    col = task.template.label_column if task.template else "label"
-    if col in row and isinstance(row[col], (int, float)) and not isinstance(row[col], bool):
+    """The numeric column the answer template writes (full precision: stsb's 3.75, not the template's "3.8"), else
+    the number in the rendered answer. A `label` column the answer does not read (SICK's class label beside its
+    relatedness score) is not the reference."""
+    from pipeline.data.render import template_columns
+
+    def numeric(c):
+        return isinstance(row.get(c), (int, float)) and not isinstance(row.get(c), bool)
+
+    if task.template is None:
+        col = "label"
+    else:
+        written = [c for c in sorted(template_columns(task.template.response)) if numeric(c)]
+        col = task.template.label_column if task.template.label_column in written else (
+            written[0] if len(written) == 1 else None)
+    if col is not None and numeric(col):
         return float(row[col])
     value = parse_number(text)
     if value is None:
