@@ -139,3 +139,20 @@ def test_generation_ends_at_the_chat_templates_end_of_turn(prepared_builtin_data
 
     info = score_task(Scripted(), task, encode(task, rows, tok, None, True), tok, progress=False)
     assert info["samples"][0]["prediction"] == "c b a" and info["metrics"]["exact_match"] == 1.0
+
+
+def test_greedy_ignores_the_checkpoints_generation_config(tiny, tmp_path):
+    """A checkpoint may ship generation_config.json with a repetition penalty or sampling defaults (Qwen2.5-Instruct
+    does); the evaluator's decoding stays plain greedy, so the same weights score the same."""
+    import json
+    import shutil
+
+    folder = tmp_path / "m"
+    shutil.copytree(tiny.path, folder)
+    (folder / "generation_config.json").write_text(json.dumps(
+        {"repetition_penalty": 5.0, "no_repeat_ngram_size": 1, "do_sample": True, "temperature": 3.0}))
+    prompts = _prompts()
+    want = greedy_generate(tiny, prompts, ["t"] * 4, max_new_tokens=12, pad_id=0, stop_ids=())
+    assert any(len(set(x)) < len(x) for x in want)  # repeats that the file's settings would have changed
+    assert greedy_generate(HFModel(folder, device="cpu"), prompts, ["t"] * 4, max_new_tokens=12, pad_id=0,
+                           stop_ids=()) == want

@@ -38,6 +38,16 @@ def _check_hf_folder(path: Path, what: str) -> None:
         raise EvalError(f"{what}: {path} is not a model folder (no config.json)")
 
 
+def without_generation_defaults(model):
+    """The model with the generation settings of its config alone: a checkpoint's generation_config.json (a
+    repetition penalty, sampling defaults: Qwen2.5-Instruct ships both) would change what plain greedy decoding
+    scores. generate() fills what a call leaves unset from the model's own config, so that config is replaced."""
+    from transformers import GenerationConfig
+
+    model.generation_config = GenerationConfig.from_model_config(model.config)
+    return model
+
+
 def _hf_generate(model, ids, mask, max_new_tokens, pad_id, stop_ids, **kw) -> torch.Tensor:
     out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                          num_beams=1, pad_token_id=pad_id, eos_token_id=list(stop_ids) or None, **kw)
@@ -101,7 +111,8 @@ class HFModel(EvalModel):
         if self._model is None:
             from transformers import AutoModelForCausalLM
             dt = "auto" if self.dtype == "auto" else _DTYPES[self.dtype]
-            self._model = AutoModelForCausalLM.from_pretrained(str(self.path), dtype=dt).to(self.device).eval()
+            self._model = without_generation_defaults(
+                AutoModelForCausalLM.from_pretrained(str(self.path), dtype=dt).to(self.device).eval())
         return self._model
 
     def use_task(self, task: str) -> dict:
@@ -216,7 +227,8 @@ class AdapterModel(EvalModel):
                                    device_map=self.device if self.quantization == "nf4" else None)
             if self.quantization != "nf4":
                 base = base.to(self.device)
-            self._model = load_adapter(base, self.adapter_dir, freeze_selection=True).eval()
+            self._model = load_adapter(without_generation_defaults(base), self.adapter_dir,
+                                       freeze_selection=True).eval()
         return self._model
 
     def task_id(self, task: str) -> int:
