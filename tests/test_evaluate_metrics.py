@@ -62,6 +62,8 @@ def test_parse_number_and_fill():
     assert parse_number("3.8 out of 5") == 3.8
     assert parse_number(" -2") == -2.0
     assert parse_number("about .5") == 0.5
+    assert parse_number("1,234 points") == 1234.0 and parse_number("1,5") == 1.0
+    assert parse_number("\u22122") == -2.0 and parse_number("2.5e3") == 2500.0 and parse_number("3.8.") == 3.8
     assert parse_number("no idea") is None
     values, bad, fill = fill_numbers(["1", "x", "3.0", ""])
     assert values == [1.0, 2.0, 3.0, 2.0] and bad == 2 and fill == 2.0  # unparseable -> mean of parsed

@@ -58,6 +58,9 @@ def test_unsupported_tasks_are_named_and_nothing_is_written(prepared_builtin_dat
     assert not (tmp_path / "out").exists()
     written = write_lm_eval_tasks(tasks[:1], tok, tmp_path / "out")
     assert [p.name for p in written] == ["rte.yaml"] and yaml.safe_load(written[0].read_text())["task"] == "rte"
+    no_eval = tasks[0].model_copy(update={"eval_split": None})  # evaluate refuses it too: never the train split
+    with pytest.raises(EvalError, match="task 'rte' has no eval_split in its config"):
+        lm_eval_task(no_eval, tok)
 
 
 @pytest.mark.slow

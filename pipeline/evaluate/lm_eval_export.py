@@ -72,7 +72,9 @@ def lm_eval_task(task: TaskConfig, tokenizer, add_bos: Optional[bool] = None, ad
     if template_columns(tpl.response) - {"label_text"}:
         raise EvalError(f"task {task.name!r}: the response template {tpl.response!r} reads columns other than "
                         f"label_text, so its choices differ per row; lm-eval's fixed choice list cannot say that")
-    split = split or task.eval_split or task.source.split or "validation"
+    split = split or task.eval_split
+    if not split:  # as evaluate: never the training split by default
+        raise EvalError(f"task {task.name!r} has no eval_split in its config; set one (the export never scores the training split)")
     eos = tokenizer.eos_token if add_eos and tokenizer.eos_token_id is not None else ""
     keys = list(tpl.verbalizer)
     choices = [tpl.response.format(label_text=tpl.verbalizer[k]) + eos for k in keys]

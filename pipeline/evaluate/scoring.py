@@ -22,7 +22,8 @@ from typing import Iterable, Optional, Sequence
 
 import torch
 
-_NUMBER = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)")
+# thousands separators only in groups of three ("1,234"; "1,5" stays 1), an optional exponent
+_NUMBER = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+(?:\.\d*)?|\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?")
 
 
 def _batches(order: Sequence[int], size: int) -> Iterable[list[int]]:
@@ -108,5 +109,5 @@ def greedy_generate(model, prompts: Sequence[list[int]], tasks: Sequence[str], m
 
 def parse_number(text: str) -> Optional[float]:
     """The first number in `text` ("3.8 out of 5" -> 3.8), or None."""
-    m = _NUMBER.search(text)
-    return float(m.group(0)) if m else None
+    m = _NUMBER.search(text.replace("\u2212", "-"))  # the typographic minus sign too
+    return float(m.group(0).replace(",", "")) if m else None
