@@ -68,11 +68,13 @@ def row_location(task: TaskConfig, split: Optional[str], example_id: int) -> str
 
 
 def check_rows(task: TaskConfig, ds, split: Optional[str], skip_invalid: bool):
-    """Rows that lack a field the task reads, or hold null in it, are errors naming the row and field (or, with
-    `skip_invalid`, are left out and counted). A JSONL row without a key gets null when the rows become one table,
-    so without this check the template would render the word "None" into the training text.
+    """Rows the task cannot render are errors naming the row (or, with `skip_invalid`, are left out and counted):
+    a field the task reads missing or null (a JSONL row without a key gets null when the rows become one table, and
+    the template would render the word "None"), a label without verbalizer entry, a chat row whose `messages` are
+    empty, hold a null role or content, or do not end with the assistant's reply.
 
-    Returns (dataset without such rows, number left out). Vectorised: one null count per column read."""
+    Returns (dataset without such rows, number left out). Nulls and labels are checked per column (vectorised), chat
+    rows one by one."""
     bad = np.zeros(len(ds), dtype=bool)
     for col in sorted(required_columns(task)):
         column = ds.data.column(col)
@@ -101,13 +103,15 @@ def check_rows(task: TaskConfig, ds, split: Optional[str], skip_invalid: bool):
                                            f" ({int(rows.sum())} such row(s); fix the data or set skip_invalid: true)")
             bad |= rows
     if task.format == "chat" and "messages" in ds.column_names:
-        for i, msgs in enumerate(ds.data.column("messages").to_pylist()):
-            problem = None if bad[i] else chat_problem(msgs)
-            if problem and not skip_invalid:
-                ex = int(ds.data.column(EXAMPLE_ID)[i].as_py())
-                raise PrepError(f"task {task.name!r}: {row_location(task, split, ex)}: {problem}. Fix the data or set "
-                                f"skip_invalid: true")
-            bad[i] |= problem is not None
+        column, step = ds.data.column("messages"), 10_000  # Python objects for a slice of rows at a time
+        for start in range(0, len(column), step):
+            for i, msgs in enumerate(column.slice(start, step).to_pylist(), start):
+                problem = None if bad[i] else chat_problem(msgs)
+                if problem and not skip_invalid:
+                    ex = int(ds.data.column(EXAMPLE_ID)[i].as_py())
+                    raise PrepError(f"task {task.name!r}: {row_location(task, split, ex)}: {problem}. Fix the data or "
+                                    f"set skip_invalid: true")
+                bad[i] |= problem is not None
     if not bad.any():
         return ds, 0
     return ds.select(np.flatnonzero(~bad)), int(bad.sum())
