@@ -74,7 +74,8 @@ def lm_eval_task(task: TaskConfig, tokenizer, add_bos: Optional[bool] = None, ad
                         f"label_text, so its choices differ per row; lm-eval's fixed choice list cannot say that")
     split = split or task.eval_split
     if not split:  # as evaluate: never the training split by default
-        raise EvalError(f"task {task.name!r} has no eval_split in its config; set one (the export never scores the training split)")
+        raise EvalError(f"task {task.name!r} has no eval_split in its config; set one (the export never scores the "
+                        f"training split)")
     eos = tokenizer.eos_token if add_eos and tokenizer.eos_token_id is not None else ""
     keys = list(tpl.verbalizer)
     choices = [tpl.response.format(label_text=tpl.verbalizer[k]) + eos for k in keys]

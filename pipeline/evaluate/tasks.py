@@ -153,8 +153,8 @@ def _regression_ref(task: TaskConfig, row: dict, text: str) -> float:
 
 def stop_token_ids(task: TaskConfig, tokenizer) -> list[int]:
     """Where a generated answer ends: what prep put after each training reply. EOS, and for a task rendered through
-    the chat template the template's end-of-turn token (SmolLM2's <|im_end|>; Llama-3's <|eot_id|>, which is not
-    its tokenizer's EOS), the first special token the template writes after the reply's content."""
+    the chat template the first special token the template writes after the reply's content, its end of turn
+    (SmolLM2's <|im_end|> is its EOS; the base tokenizers of Llama-3 and Qwen2.5 end a turn with another token)."""
     from pipeline.data.render import render, uses_chat_template
     from pipeline.data.tokenize import encode_texts
 
@@ -163,6 +163,8 @@ def stop_token_ids(task: TaskConfig, tokenizer) -> list[int]:
         content = "ok"
         reply = render(TaskConfig(name="probe", source=task.source, format="chat"), {"messages": [
             {"role": "user", "content": "hi"}, {"role": "assistant", "content": content}]}, tokenizer)[1]
+        if content not in reply:  # a template that rewrites the reply: EOS alone
+            return stop
         tail = encode_texts(tokenizer, [reply[reply.find(content) + len(content):]])[0]
         special = set(tokenizer.all_special_ids) | set(tokenizer.get_added_vocab().values())
         first = next((t for t in tail if t in special), None)
