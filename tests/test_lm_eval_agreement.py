@@ -47,6 +47,9 @@ def test_exported_prompt_choices_and_target_render_as_ours(prepared_builtin_data
     for row in eval_rows(task, 20)[0]:
         assert env.from_string(cfg["doc_to_text"]).render(**row) == render(task, row)[0]
         assert int(env.from_string(cfg["doc_to_target"]).render(**row)) == row["label"]
+    strict = jinja2.Environment(undefined=jinja2.StrictUndefined)  # as lm-eval renders: a missing key raises
+    for label in (2, 2.0, "2"):  # a float label column's 2.0 is key "2", as prep and evaluate read it
+        assert strict.from_string(cfg["doc_to_target"]).render(label=label) == "2"
     assert lm_eval_task(task, tok, add_bos=False, add_eos=False)["doc_to_choice"][0] == "entailment"
 
 

@@ -80,6 +80,7 @@ def lm_eval_task(task: TaskConfig, tokenizer, add_bos: Optional[bool] = None, ad
     keys = list(tpl.verbalizer)
     choices = [tpl.response.format(label_text=tpl.verbalizer[k]) + eos for k in keys]
     index = "{" + ", ".join(f"{k!r}: {i}" for i, k in enumerate(keys)) + "}"
+    col = tpl.label_column
     return {
         "task": task.name,
         **_dataset(task, split),
@@ -87,7 +88,9 @@ def lm_eval_task(task: TaskConfig, tokenizer, add_bos: Optional[bool] = None, ad
         "output_type": "multiple_choice",
         "doc_to_text": jinja_from_format(tpl.prompt, f"task {task.name!r} template.prompt"),
         "doc_to_choice": choices,
-        "doc_to_target": "{{ " + index + "[" + tpl.label_column + " | string] }}",
+        # a float label column's 1.0 is key "1", as prep and evaluate read it
+        "doc_to_target": "{{ " + index + "[(" + col + " | int | string) if (" + col + " is number and " + col +
+                         " == " + col + " | int) else (" + col + " | string)] }}",
         "target_delimiter": "",
         "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
         "metadata": {"version": 1.0,
