@@ -125,6 +125,8 @@ def test_clear_errors(glue_run, tmp_path):
     assert code == 2 and "['qqp']" in err and "cola, mrpc, rte, stsb, mnli" in err
     code, err = run_cli("--model", tmp_path / "nope", *base)
     assert code == 2 and "folder not found" in err and "nope" in err
+    code, err = run_cli("--model", tmp_path / "nope", "--config", CONFIG, "--out", tmp_path / "e")  # no --tokenizer
+    assert code == 2 and "--model: folder not found" in err and "nope" in err, err
     code, err = run_cli("--model", root / "m", "--tasks", "cola", "--eval-split", "cola=test", *base)
     assert code == 2 and "not 'test'" in err and "validation" in err
     code, err = run_cli("--adapter", root / "m", *base)

@@ -28,7 +28,9 @@ def resolve_tokenizer(taskset: TaskSet, tokenizer=None, model=None, base=None):
     path = tokenizer or taskset.tokenizer_path
     if path is None:
         root = Path(base or model)
-        cands = [root] + (sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else [])
+        if not root.is_dir():
+            raise EvalError(f"{'--base' if base else '--model'}: folder not found: {root}")
+        cands = [root] + sorted(p for p in root.iterdir() if p.is_dir())
         found = [p for p in cands if _has_tokenizer(p)]
         if not found:
             raise EvalError(f"no tokenizer found in {root}; pass a tokenizer folder (--tokenizer) or --data")
