@@ -25,7 +25,7 @@ from pipeline.export.check import (CheckError, CheckResult, SampleError, base_sp
                                    sample_prompts)
 from pipeline.export.merge import DTYPES, TARGETS, AdapterDeltas, BasePlan, copy_tokenizer, stream_merge
 from pipeline.export.shards import DEFAULT_MAX_SHARD, parse_size
-from pipeline.more.io import ADAPTER_FILE, CONFIG_FILE, RANK_MAP_FILE
+from pipeline.more.io import ADAPTER_FILE, CONFIG_FILE, RANK_MAP_FILE, base_mismatch
 
 REPORT_FILE = "merge_report.json"
 FORMATS = ("full", "peft")
@@ -133,9 +133,7 @@ def check_base(base: Path, meta: dict, adapter: Path) -> None:
         cfg = AutoConfig.from_pretrained(str(base))
     except (OSError, ValueError) as e:
         raise MergeInputError(f"base {base} is not a model folder: {e}") from None
-    want = meta["base_model"]
-    bad = {k: (want[k], getattr(cfg, k, None)) for k in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")
-           if want.get(k) is not None and want[k] != getattr(cfg, k, None)}
+    bad = base_mismatch(meta["base_model"], cfg)
     if bad:
         raise MergeInputError(f"adapter {adapter} was trained on a different base than {base}: {bad} (trained on, "
                               f"given)")

@@ -55,6 +55,12 @@ def base_identity(model: MoreCausalLM) -> Dict:
                 vocab_size=getattr(cfg, "vocab_size", None), quantized_nf4=model.quantized_base)
 
 
+def base_mismatch(saved: Dict, config) -> Dict:
+    """{field: (saved, given)} where an HF `config` differs from the base an adapter recorded (its shape)."""
+    fields = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")
+    return {k: (saved.get(k), getattr(config, k, None)) for k in fields if saved.get(k) != getattr(config, k, None)}
+
+
 def _full_shape(p) -> tuple:
     return tuple(p.ds_shape) if hasattr(p, "ds_shape") else tuple(p.shape)
 
@@ -131,9 +137,7 @@ def load_adapter(base_model, adapter_dir, freeze_selection: bool = False, check_
     cfg = MoreConfig(**meta["more_config"])
     model = MoreCausalLM(base_model, cfg, meta["task_names"], base_model_id=meta["base_model"].get("id"))
     if check_base:
-        have, want = base_identity(model), meta["base_model"]
-        bad = {k: (want[k], have[k]) for k in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")
-               if want.get(k) != have.get(k)}
+        bad = base_mismatch(meta["base_model"], model.hf_config)
         if bad:
             raise ValueError(f"adapter {adapter_dir} was trained on a different base: {bad} (saved, given)")
     params = dict(model.trainable_named_parameters())
