@@ -140,9 +140,9 @@ def test_packed_rows_are_written_in_chunks_within_arrow_offsets(small_prep_confi
 
     whole = run_prep(small_prep_config(output_dir=str(tmp_path / "whole")))
     calls = []
-    chunk = write._packed_chunk
+    chunk = write._packed_rows
     monkeypatch.setattr(write, "CHUNK_TOKENS", 2000)
-    monkeypatch.setattr(write, "_packed_chunk", lambda *a: calls.append(len(a[1])) or chunk(*a))
+    monkeypatch.setattr(write, "_packed_rows", lambda *a: calls.append(len(a[1]) - 1) or chunk(*a))  # rows
     chunked = run_prep(small_prep_config(output_dir=str(tmp_path / "chunked")))
     a, b = PackedDataset(whole), PackedDataset(chunked)
     assert len(calls) > 2 and sum(calls) >= len(b)

@@ -43,24 +43,25 @@ def packed_table(samples: Samples, rows: list[list[int]], train_on_prompt: bool)
     """One Arrow row per packed sequence, built with vectorised numpy from the flat sample arrays, in chunks of at
     most CHUNK_TOKENS tokens (a split of more than 2^31 tokens would overflow one list array's offsets)."""
     per_row = np.array([len(r) for r in rows], dtype=np.int64)
-    order = np.fromiter((i for row in rows for i in row), dtype=np.int64, count=int(per_row.sum()))
-    tokens_before = np.concatenate([[0], np.cumsum(samples.lengths[order])])[np.concatenate([[0], np.cumsum(per_row)])]
+    s = samples.select(np.fromiter((i for row in rows for i in row), dtype=np.int64, count=int(per_row.sum())))
+    sample_row_start = np.concatenate([[0], np.cumsum(per_row)])
+    tokens_before = s.offsets[sample_row_start]  # per row boundary
     if tokens_before[-1] <= CHUNK_TOKENS:
-        return _packed_chunk(samples, rows, train_on_prompt)
+        return _packed_rows(s, sample_row_start, train_on_prompt)
     cuts = np.searchsorted(tokens_before, np.arange(CHUNK_TOKENS, tokens_before[-1], CHUNK_TOKENS), side="right") - 1
     bounds = [0, *sorted(set(cuts.tolist()) - {0}), len(rows)]
-    return pa.concat_tables([_packed_chunk(samples, rows[a:b], train_on_prompt) for a, b in zip(bounds, bounds[1:])])
+    return pa.concat_tables([
+        _packed_rows(s.select(np.arange(sample_row_start[a], sample_row_start[b])),
+                     sample_row_start[a:b + 1] - sample_row_start[a], train_on_prompt)
+        for a, b in zip(bounds, bounds[1:])])
 
 
-def _packed_chunk(samples: Samples, rows: list[list[int]], train_on_prompt: bool) -> pa.Table:
-    order = np.fromiter((i for row in rows for i in row), dtype=np.int64, count=sum(len(r) for r in rows))
-    s = samples.select(order)
+def _packed_rows(s: Samples, sample_row_start: np.ndarray, train_on_prompt: bool) -> pa.Table:
+    """`s`: the samples in row order; row r holds samples sample_row_start[r] .. sample_row_start[r + 1] - 1."""
     n_tok = len(s.ids)
     sample_start = np.repeat(s.offsets[:-1], s.lengths)
     positions = (np.arange(n_tok) - sample_start).astype(np.int32)
     labels = build_labels(s.ids, positions, np.repeat(s.n_prompt, s.lengths), train_on_prompt)
-    per_row = np.array([len(r) for r in rows], dtype=np.int64)
-    sample_row_start = np.concatenate([[0], np.cumsum(per_row)]).astype(np.int32)
     token_row_start = s.offsets[sample_row_start].astype(np.int32)
 
     def lst(values: np.ndarray, offsets: np.ndarray) -> pa.ListArray:
@@ -72,7 +73,7 @@ def _packed_chunk(samples: Samples, rows: list[list[int]], train_on_prompt: bool
         "position_ids": lst(positions, token_row_start),
         "task_ids": lst(np.repeat(s.task_id, s.lengths).astype(np.int16), token_row_start),
         "prompt_mask": lst((positions < np.repeat(s.n_prompt, s.lengths)).astype(np.int8), token_row_start),
-        "seq_lens": lst(s.lengths.astype(np.int32), sample_row_start),
+        "seq_lens": lst(s.lengths.astype(np.int32), sample_row_start.astype(np.int32)),
     })
 
 
