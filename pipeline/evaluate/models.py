@@ -275,11 +275,8 @@ class AdapterModel(EvalModel):
         out = torch.full((len(tasks), max_new_tokens), stop_ids[0] if stop_ids else pad_id, dtype=torch.long)
         for t in dict.fromkeys(tasks):  # rows of one task generate together (the task context is per call)
             rows = [i for i, x in enumerate(tasks) if x == t]
-            new = self.model.generate(input_ids=input_ids[rows].to(d), attention_mask=attention_mask[rows].to(d),
-                                      max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                                      pad_token_id=pad_id, eos_token_id=list(stop_ids) or None,
-                                      task=self.task_id(t))
-            new = new[:, input_ids.shape[1]:].cpu()
+            new = _hf_generate(self.model, input_ids[rows].to(d), attention_mask[rows].to(d), max_new_tokens,
+                               pad_id, stop_ids, task=self.task_id(t))
             out[rows, :new.shape[1]] = new
         return out
 
