@@ -146,7 +146,7 @@ def _label_text(task: TaskConfig, row: dict[str, Any]) -> str:
     return tpl.verbalizer[key]
 
 
-def _apply_chat_template(msgs: list[dict], tokenizer) -> tuple[str, str]:
+def apply_chat_template(msgs: list[dict], tokenizer) -> tuple[str, str]:
     """(prompt, response) of messages whose last is the assistant's: the template over the earlier turns with the
     generation prompt, and what the template adds for the last turn (end-of-turn tokens included)."""
     prompt = tokenizer.apply_chat_template(msgs[:-1], tokenize=False, add_generation_prompt=True)
@@ -183,7 +183,7 @@ def _chat(task: TaskConfig, row: dict[str, Any], tokenizer) -> tuple[str, str]:
         raise PrepError(f"task {task.name!r}: example {row.get('_example_id')}: {problem}")
     msgs = [{"role": m["role"], "content": m["content"]} for m in msgs]
     if _has_chat_template(tokenizer):
-        return _apply_chat_template(msgs, tokenizer)
+        return apply_chat_template(msgs, tokenizer)
     prompt = "".join(f"{m['role']}: {m['content']}\n" for m in msgs[:-1]) + "assistant:"
     return prompt, msgs[-1]["content"]
 
@@ -220,6 +220,6 @@ def render(task: TaskConfig, row: dict[str, Any], tokenizer: Optional[Any] = Non
         if not _has_chat_template(tokenizer):
             raise PrepError(f"task {task.name!r}: chat_template is set, but the tokenizer has no chat template "
                             f"(set chat_template: false, or use an instruct model's tokenizer)")
-        return _apply_chat_template([{"role": "user", "content": prompt},
+        return apply_chat_template([{"role": "user", "content": prompt},
                                      {"role": "assistant", "content": response}], tokenizer)
     return prompt, response

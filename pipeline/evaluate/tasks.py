@@ -155,14 +155,14 @@ def stop_token_ids(task: TaskConfig, tokenizer) -> list[int]:
     """Where a generated answer ends: what prep put after each training reply. EOS, and for a task rendered through
     the chat template the first special token the template writes after the reply's content, its end of turn
     (SmolLM2's <|im_end|> is its EOS; the base tokenizers of Llama-3 and Qwen2.5 end a turn with another token)."""
-    from pipeline.data.render import render, uses_chat_template
+    from pipeline.data.render import apply_chat_template, uses_chat_template
     from pipeline.data.tokenize import encode_texts
 
     stop = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     if uses_chat_template(task, tokenizer):
         content = "ok"
-        reply = render(TaskConfig(name="probe", source=task.source, format="chat"), {"messages": [
-            {"role": "user", "content": "hi"}, {"role": "assistant", "content": content}]}, tokenizer)[1]
+        reply = apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": content}],
+                                    tokenizer)[1]
         if content not in reply:  # a template that rewrites the reply: EOS alone
             return stop
         tail = encode_texts(tokenizer, [reply[reply.find(content) + len(content):]])[0]
