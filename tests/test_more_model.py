@@ -96,6 +96,30 @@ def test_packed_attention_without_a_mask_equals_the_dense_mask(rope):
             m(input_ids=b["input_ids"])
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_packed_rows_on_the_varlen_kernel_equal_each_sample_alone(monkeypatch):
+    """On a GPU in bf16 packed attention takes torch's varlen flash kernel, once per layer: every sample's logits
+    in the packed mixed-task batch equal those of the sample run alone through plain sdpa."""
+    from pipeline.models import packed_attention as pa
+
+    calls = []
+    varlen = pa.varlen_attention
+    monkeypatch.setattr(pa, "varlen_attention", lambda *a, **k: calls.append(1) or varlen(*a, **k))
+    m = _model().to("cuda", torch.bfloat16)
+    b = {k: v.cuda() for k, v in mixed_batch().items() if k != "attention_mask"}
+    with torch.no_grad():
+        m.base_model.config._attn_implementation = "packed_sdpa"
+        packed = m(**b).logits.float()
+        assert len(calls) == m.base_model.config.num_hidden_layers
+        m.base_model.config._attn_implementation = "sdpa"
+        for s in range(int(b["segment_ids"].max()) + 1):
+            where = b["segment_ids"] == s
+            row = int(where.any(1).nonzero()[0])
+            ids = b["input_ids"][row][where[row]].unsqueeze(0)
+            alone = m(input_ids=ids, task_ids=torch.full_like(ids, int(b["task_ids"][where][0]))).logits[0]
+            torch.testing.assert_close(packed[row][where[row]], alone.float(), atol=2e-2, rtol=2e-2)
+
+
 @pytest.mark.parametrize("typo,meant", [("prompt_masks", "prompt_mask"), ("segment_id", "segment_ids"),
                                         ("task_id", "task_ids")])
 def test_forward_rejects_a_misspelt_keyword(typo, meant):

@@ -1,22 +1,54 @@
-"""packed_sdpa against one sdpa call with the dense block-causal mask: outputs and gradients at real positions."""
+"""packed_sdpa against one sdpa call with the dense block-causal mask: outputs and gradients at real positions, on
+each of its kernels: per-sample sdpa (CPU), varlen over the flat batch with a reference kernel standing in for
+torch's CUDA-only flash kernel (its layout: cumulative lengths, padding tails, zeroed padding), and the real varlen
+kernel where a GPU is present."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.models.packed_attention import packed_sdpa_attention
+from pipeline.models import packed_attention as pa
+
+SEGMENTS = {
+    "distinct_lengths": [[3, 5, 4, 2], [6, 2]],  # one sdpa call per sample; the second row ends in 6 padding positions
+    "equal_length_runs": [[3, 3, 3, 5], [4, 4, 2, 2]],  # runs of equal lengths: one batched call per run
+}
 
 
-@pytest.mark.parametrize("segments", [
-    [[3, 5, 4, 2], [6, 2]],  # one sdpa call per sample; the second row ends in 6 padding positions
-    [[3, 3, 3, 5], [4, 4, 2, 2]],  # runs of equal lengths: one batched call per run
-], ids=["distinct_lengths", "equal_length_runs"])
+def reference_varlen(q, k, v, cu, max_len, scale):
+    """What varlen flash attention computes, from its arguments alone: causal attention within each of the flat
+    sequences that `cu` delimits, as one dense masked sdpa."""
+    assert cu.dtype == torch.int32 and cu[0] == 0 and cu[-1] == q.shape[0]
+    lengths = (cu[1:] - cu[:-1]).long()
+    assert (lengths > 0).all() and max_len == int(lengths.max())
+    seq = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
+    mask = (seq[:, None] == seq[None, :]) & torch.ones(len(seq), len(seq), dtype=torch.bool).tril()
+    out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask,
+                                         scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+    return out.transpose(0, 1)
+
+
+def run_packed(path, q, k, v, segments, scaling):
+    if path == "per_sample":
+        return pa.packed_sdpa_attention(None, q, k, v, None, scaling=scaling, packed_segments=segments)[0]
+    if path == "varlen_reference":
+        return pa.varlen_attention(q, k, v, pa.PackedSegments(segments), scaling, kernel=reference_varlen)
+    assert pa.takes_varlen(q, 0.0)
+    return pa.packed_sdpa_attention(None, q, k, v, None, scaling=scaling, packed_segments=segments)[0]
+
+
+PATHS = ["per_sample", "varlen_reference",
+         pytest.param("varlen_cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU"))]
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("segments", SEGMENTS.values(), ids=SEGMENTS.keys())
 @pytest.mark.parametrize("kv_heads", [4, 2])  # plain and grouped-query attention
-def test_outputs_and_gradients_equal_the_dense_block_mask(kv_heads, segments):
+def test_outputs_and_gradients_equal_the_dense_block_mask(path, kv_heads, segments):
     g = torch.Generator().manual_seed(0)
     B, H, L, D = 2, 4, 14, 8
-    q = torch.randn(B, H, L, D, generator=g, requires_grad=True)
-    k = torch.randn(B, kv_heads, L, D, generator=g, requires_grad=True)
-    v = torch.randn(B, kv_heads, L, D, generator=g, requires_grad=True)
+    device, dtype, tol = ("cuda", torch.bfloat16, 2e-2) if path == "varlen_cuda" else ("cpu", torch.float32, 1e-5)
+    scaling = 0.3  # not the default 1/sqrt(D): the kernels must apply the model's scale
+    q, k, v = (torch.randn(B, h, L, D, generator=g).to(device, dtype).requires_grad_() for h in (H, kv_heads, kv_heads))
     seg = torch.full((B, L), -1)
     for b, lens in enumerate(segments):
         seg[b, :sum(lens)] = torch.repeat_interleave(torch.arange(len(lens)), torch.tensor(lens))
@@ -26,14 +58,65 @@ def test_outputs_and_gradients_equal_the_dense_block_mask(kv_heads, segments):
     mask |= ~real[:, :, None] & torch.eye(L, dtype=torch.bool)  # padding rows attend to themselves (no NaN)
     upstream = torch.randn(B, L, H, D, generator=g) * real[:, :, None, None]
 
-    out, _ = packed_sdpa_attention(None, q, k, v, None, packed_segments=segments)
-    (out * upstream).sum().backward()
-    packed = [out.detach(), q.grad, k.grad, v.grad]
-    q.grad = k.grad = v.grad = None
-    dense = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=kv_heads != H)
+    out = run_packed(path, q, k, v, segments, scaling)
+    assert out.shape == (B, L, H, D) and out.dtype == dtype
+    (out.float().cpu() * upstream).sum().backward()
+    packed = [out.detach().float().cpu()] + [t.grad.float().cpu() for t in (q, k, v)]
+    qf, kf, vf = (t.detach().float().cpu().requires_grad_() for t in (q, k, v))  # the reference in fp32 on CPU
+    dense = F.scaled_dot_product_attention(qf, kf, vf, attn_mask=mask[:, None], scale=scaling,
+                                           enable_gqa=kv_heads != H)
     (dense.transpose(1, 2) * upstream).sum().backward()
 
     assert (packed[0][~real] == 0).all()
-    torch.testing.assert_close(packed[0][real], dense.transpose(1, 2).detach()[real], atol=1e-5, rtol=1e-5)
-    for got, want in zip(packed[1:], [q.grad, k.grad, v.grad]):
+    torch.testing.assert_close(packed[0][real], dense.transpose(1, 2).detach()[real], atol=tol, rtol=tol)
+    for got, want in zip(packed[1:], [qf.grad, kf.grad, vf.grad]):
+        torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+
+
+def test_varlen_layout_is_built_once_per_forward_and_covers_every_token():
+    segments = pa.packed_segments(torch.tensor([[0, 0, 1, 1, 1, -1], [0, 1, 2, 3, 4, 5]]))
+    assert segments == [[2, 3], [1, 1, 1, 1, 1, 1]]
+    cu, max_len, padding = segments.varlen_layout(6, torch.device("cpu"))
+    assert cu.tolist() == [0, 2, 5, 6, 7, 8, 9, 10, 11, 12] and max_len == 3
+    assert padding.tolist() == [False] * 5 + [True] + [False] * 6
+    assert segments.varlen_layout(6, torch.device("cpu"))[0] is cu  # shared by every layer of the forward
+    with pytest.raises(ValueError, match="5 tokens in a row of 4"):
+        segments.varlen_layout(4, torch.device("cpu"))
+
+
+def test_varlen_kernel_is_taken_only_where_it_runs():
+    x = torch.zeros(1, 2, 4, 64)
+    assert not pa.takes_varlen(x, 0.0)  # CPU: per-sample sdpa
+    assert pa.torch_varlen_kernel() is not None  # this torch has the kernel (CUDA-only at run time)
+
+
+@pytest.mark.parametrize("release", ["2.10", "current"])
+def test_varlen_kernel_keywords_follow_the_torch_release(monkeypatch, release):
+    """torch 2.10's varlen_attn took is_causal and no scale; later ones window_size, scale and enable_gqa. A stand-in
+    with each signature (computing what the flash kernel does) must give the model's scaled causal attention."""
+    import torch.nn.attention.varlen as varlen
+
+    def flash(q, k, v, cu, max_len, causal, scale=None):
+        assert causal
+        return reference_varlen(q, k, v, cu, max_len, scale)
+
+    if release == "2.10":
+        def stand_in(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
+            return flash(query, key, value, cu_seq_q, max_q, is_causal)
+    else:
+        def stand_in(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                     window_size=(-1, -1), enable_gqa=False):
+            assert enable_gqa or key.shape[1] == query.shape[1]
+            return flash(query, key, value, cu_seq_q, max_q, tuple(window_size) == (-1, 0), scale)
+
+    monkeypatch.setattr(varlen, "varlen_attn", stand_in)
+    pa.torch_varlen_kernel.cache_clear()
+    try:
+        g = torch.Generator().manual_seed(1)
+        q, k, v = (torch.randn(1, h, 9, 8, generator=g) for h in (4, 2, 2))
+        segments = pa.PackedSegments([[4, 3]])
+        got = pa.varlen_attention(q, k, v, segments, scaling=0.3)
+        want = pa.per_sample_attention(q, k, v, segments, scaling=0.3)
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    finally:
+        pa.torch_varlen_kernel.cache_clear()

@@ -21,6 +21,7 @@ class ModelConfig(StrictModel):
     # fp32 on other CPUs (pipeline/models/cpu.py), resolved when the config loads.
     dtype: Literal["auto", "bf16", "fp32", "fp16"] = Field(default="auto", validate_default=True)
     # packed_sdpa: each packed sample attends within itself (pipeline/models/packed_attention.py), no L x L mask;
+    # on a GPU in 16 bits through torch's varlen flash kernel, elsewhere one sdpa call per run of equal samples;
     # sdpa / eager: the collator's dense block-causal mask.
     attn_implementation: Literal["packed_sdpa", "sdpa", "eager"] = "packed_sdpa"
     # auto: recompute activations only when the memory planner says the run does not fit without (decided at

@@ -1,18 +1,24 @@
-"""Attention over packed rows, sample by sample: `attn_implementation="packed_sdpa"`.
+"""Attention over packed rows, each sample attending only within itself: `attn_implementation="packed_sdpa"`.
 
 A packed row of 512 holds ~7 GLUE-style samples of ~70 tokens. With a dense (B, 1, L, L) block-causal mask, sdpa
 computes all L^2 scores of the row and masks most of them away (on CPU its backward took a fifth of a SmolLM2
-training step), and the mask itself is built and held for every micro-batch. Here each sample runs its own causal
-sdpa over its own tokens (sum of l^2 scores instead of L^2, no mask tensor), which is what a varlen kernel does on
-GPU. Consecutive samples of equal length (best-fit-decreasing packing places samples longest first, so a row is
-mostly such runs) share ONE sdpa call as a batch: a view of the row, no copy, no padding; ~23 samples per 4 GLUE
-rows take ~7 calls. The samples' boundaries come in as `packed_segments`, computed once per forward
-(`packed_segments(...)`) and passed through the model's keyword arguments to every layer. Padding positions get a
-zero output (nothing reads them: no label, no contrastive pooling).
+training step), and the mask itself is built and held for every micro-batch. Here no mask exists; the samples'
+boundaries come in as `packed_segments` (per row, its samples' lengths), computed once per forward
+(`packed_segments(...)`) and passed through the model's keyword arguments to every layer. Two kernels:
+- CUDA, bf16/fp16: torch's varlen flash attention (`torch.nn.attention.varlen.varlen_attn`) over the whole batch
+  as one flat sequence of tokens, each sample (and each row's padding tail) a sequence of its own: one kernel call
+  per layer, sum of l^2 scores. Its cumulative lengths are built once per forward and shared by every layer.
+- otherwise (CPU; fp32 or dropout on CUDA): each sample runs its own causal sdpa over its own tokens. Consecutive
+  samples of equal length (best-fit-decreasing packing places samples longest first, so a row is mostly such runs)
+  share ONE sdpa call as a batch: a view of the row, no copy, no padding; ~23 samples per 4 GLUE rows take ~7 calls.
+Padding positions get a zero output on both (nothing reads them: no label, no contrastive pooling).
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import itertools
+import math
 
 import torch
 import torch.nn.functional as F
@@ -21,28 +27,84 @@ from transformers import AttentionInterface
 NAME = "packed_sdpa"
 
 
-def packed_segments(segment_ids: torch.Tensor) -> list[list[int]]:
+class PackedSegments(list):
+    """Per row, its samples' lengths in order (a list of lists), plus the varlen kernel's layout of them, built on
+    first use and kept: one object serves every layer of one forward."""
+
+    def __init__(self, lengths):
+        super().__init__(lengths)
+        self._varlen = None
+
+    def varlen_layout(self, row_len: int, device: torch.device):
+        """(cu_seqlens int32 (N+1,), longest sequence, padding (B*L,) bool or None) for B rows of `row_len` tokens
+        flattened into one: every sample, and every row's padding tail, is one of the N sequences."""
+        if self._varlen is None or self._varlen[0] != (row_len, device):
+            lengths, padding = [], []
+            for lens in self:
+                pad = row_len - sum(lens)
+                if pad < 0:
+                    raise ValueError(f"packed samples of {sum(lens)} tokens in a row of {row_len}")
+                lengths += lens + ([pad] if pad else [])
+                padding += [False] * sum(lens) + [True] * pad
+            cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32).to(device)
+            pad_mask = torch.tensor(padding).to(device) if any(padding) else None
+            self._varlen = ((row_len, device), (cu, max(lengths), pad_mask))
+        return self._varlen[1]
+
+
+def packed_segments(segment_ids: torch.Tensor) -> PackedSegments:
     """(B, L) segment ids (-1 = padding, each row's samples contiguous from position 0) -> per row, its samples'
     lengths in order."""
-    return [torch.unique_consecutive(row[row >= 0], return_counts=True)[1].tolist() for row in segment_ids]
+    return PackedSegments([torch.unique_consecutive(row[row >= 0], return_counts=True)[1].tolist()
+                           for row in segment_ids])
 
 
-def packed_sdpa_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
-                          packed_segments=None, out_dtype=None, **kwargs):
-    """query (B, H, L, D), key/value (B, Hkv, L, D) -> (B, L, H, D) in `out_dtype` (default value's), as
-    transformers' attention functions return."""
-    if packed_segments is None:
-        raise ValueError("attn_implementation='packed_sdpa' needs packed_segments=... in the forward call (the "
-                         "samples' lengths per row; pipeline.models.packed_attention.packed_segments)")
+@functools.cache
+def torch_varlen_kernel():
+    """kernel(q (T, H, D), k, v (T, Hkv, D), cu_seqlens, max_len, scale) -> causal attention within each sequence,
+    through torch's varlen flash attention; None where this torch has none. Its keywords moved between releases
+    (torch 2.10: is_causal; later: window_size=(-1, 0), scale, enable_gqa); the flash kernel itself takes grouped
+    KV heads."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    params = inspect.signature(varlen_attn).parameters
+    kw = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+    if "enable_gqa" in params:
+        kw["enable_gqa"] = True
+    takes_scale = "scale" in params
+
+    def kernel(q, k, v, cu, max_len, scale):
+        if takes_scale:
+            return varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scale, **kw)
+        if scale is not None:  # the kernel's own scale is 1/sqrt(D)
+            q = q * (scale * math.sqrt(q.shape[-1]))
+        return varlen_attn(q, k, v, cu, cu, max_len, max_len, **kw)
+
+    return kernel
+
+
+def varlen_attention(query, key, value, segments: PackedSegments, scaling=None, kernel=None) -> torch.Tensor:
+    """query (B, H, L, D), key/value (B, Hkv, L, D) -> (B, L, H, D): every row's tokens in one flat sequence,
+    one kernel call (`kernel`: torch_varlen_kernel()'s signature; tests pass a reference)."""
+    B, H, L, D = query.shape
+    cu, max_len, padding = segments.varlen_layout(L, query.device)
+    flat = [t.transpose(1, 2).reshape(B * L, t.shape[1], t.shape[-1]) for t in (query, key, value)]
+    out = (kernel or torch_varlen_kernel())(*flat, cu, max_len, scaling)
+    if padding is not None:  # padding tails attended among themselves: give them the per-sample path's zeros
+        out = out.masked_fill(padding[:, None, None], 0.0)
+    return out.view(B, L, H, value.shape[-1])
+
+
+def per_sample_attention(query, key, value, segments, dropout: float = 0.0, scaling=None) -> torch.Tensor:
+    """query (B, H, L, D), key/value (B, Hkv, L, D) -> (B, L, H, D): one sdpa call per run of equal-length samples."""
     B, H, L, D = query.shape
     gqa = key.shape[1] != H
-    out_dtype = out_dtype or value.dtype
-    if query.device.type == "cpu":  # CPU sdpa in bf16 ran 1.5-5x slower than in fp32 per sample (AMX machine)
-        query, key, value = query.float(), key.float(), value.float()
     rows = []
     # split/unbind, not per-sample slicing: slicing's backward fills and adds a full-size (B, H, L, D) gradient per
     # piece and tensor; split's backward is one cat per row
-    for q, k, v, lens in zip(query.unbind(0), key.unbind(0), value.unbind(0), packed_segments):
+    for q, k, v, lens in zip(query.unbind(0), key.unbind(0), value.unbind(0), segments):
         runs = [(n, len(list(same))) for n, same in itertools.groupby(lens)]  # (sample length, how many in a row)
         sizes = [n * count for n, count in runs]
         sizes.append(L - sum(sizes))  # the last piece is the row's padding (possibly empty)
@@ -55,7 +117,31 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, dropout: fl
         if sizes[-1]:  # padding positions: zero output
             parts.append(query.new_zeros(sizes[-1], H, value.shape[-1]))
         rows.append(torch.cat(parts) if len(parts) > 1 else parts[0])
-    return torch.stack(rows).to(out_dtype), None
+    return torch.stack(rows)
+
+
+def takes_varlen(query: torch.Tensor, dropout: float) -> bool:
+    """Whether the varlen kernel runs: CUDA, 16-bit, no attention dropout (it has none), a flash head size."""
+    D = query.shape[-1]
+    return (query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and not dropout
+            and D % 8 == 0 and D <= 256 and torch_varlen_kernel() is not None)
+
+
+def packed_sdpa_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
+                          packed_segments=None, out_dtype=None, **kwargs):
+    """query (B, H, L, D), key/value (B, Hkv, L, D) -> (B, L, H, D) in `out_dtype` (default value's), as
+    transformers' attention functions return."""
+    if packed_segments is None:
+        raise ValueError("attn_implementation='packed_sdpa' needs packed_segments=... in the forward call (the "
+                         "samples' lengths per row; pipeline.models.packed_attention.packed_segments)")
+    out_dtype = out_dtype or value.dtype
+    if takes_varlen(query, dropout):
+        if not isinstance(packed_segments, PackedSegments):
+            packed_segments = PackedSegments(packed_segments)
+        return varlen_attention(query, key, value, packed_segments, scaling).to(out_dtype), None
+    if query.device.type == "cpu":  # CPU sdpa in bf16 ran 1.5-5x slower than in fp32 per sample (AMX machine)
+        query, key, value = query.float(), key.float(), value.float()
+    return per_sample_attention(query, key, value, packed_segments, dropout, scaling).to(out_dtype), None
 
 
 AttentionInterface.register(NAME, packed_sdpa_attention)
