@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 DEEPSPEED  := $(PYTHON) -m deepspeed.launcher.runner
 
 .PHONY: env test test-fast model prep base train merge evaluate demo-tiny prep-llm train-llm merge-llm evaluate-llm \
-	demo bench clean
+	demo bench gpu-bundle clean
 
 env: $(ENV_READY)
 
@@ -117,10 +117,16 @@ bench: model
 		--out bench/results/vs_trl_1b.json
 	$(PYTHON) bench/step_profile.py --model $(MODEL_DIR)
 	$(PYTHON) bench/loader_memory.py
+	$(PYTHON) bench/packed_attention_kernels.py --device cpu --out bench/results/packed_attention_cpu.json
 	$(PYTHON) bench/merge.py
 	$(PYTHON) bench/fidelity.py
 	$(PYTHON) bench/glue_variants.py --quick
 	$(PYTHON) bench/report.py
+
+# What a lent GPU machine needs to run bench/gpu_check.sh (carried as .gpu/; bench/gpu_bundle.py says what is in it).
+GLUE_DIR ?= ../shared/data/glue
+gpu-bundle: model
+	$(PYTHON) bench/gpu_bundle.py --glue $(GLUE_DIR) --model $(MODEL_DIR)
 
 clean:
 	rm -rf runs outputs data/built

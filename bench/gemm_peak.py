@@ -28,23 +28,33 @@ from pipeline.models.cpu import cpu_isa, fastest_dtype, vector_flags  # noqa: E4
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 PEAK_SIZES = (512, 1024, 2048)  # squares; on a 2-core AVX512-BF16 EPYC 512-1024 ran 3-7% faster than 2048
+CUDA_PEAK_SIZES = (4096, 8192)  # a GPU needs large squares to reach its peak
 
 
-def best_gflops(m: int, k: int, n: int, dtype: torch.dtype, seconds: float) -> float:
-    """Best rate of (m x k) @ (k x n) over `seconds` of back-to-back calls."""
-    a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+def best_gflops(m: int, k: int, n: int, dtype: torch.dtype, seconds: float, device: str = "cpu") -> float:
+    """Best rate of (m x k) @ (k x n) over `seconds` of back-to-back calls (on CUDA each call synchronised)."""
+    a, b = torch.randn(m, k, dtype=dtype, device=device), torch.randn(k, n, dtype=dtype, device=device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     torch.mm(a, b)
+    sync()
     best, t_end = 0.0, time.perf_counter() + seconds
     while time.perf_counter() < t_end:
         t0 = time.perf_counter()
         torch.mm(a, b)
+        sync()
         best = max(best, 2 * m * k * n / (time.perf_counter() - t0) / 1e9)
     return best
 
 
-def peak_gflops(dtype: torch.dtype, seconds: float = 3.0) -> float:
-    """This process's GEMM peak on all its threads: the best rate over the PEAK_SIZES squares, `seconds` in all."""
-    return max(best_gflops(s, s, s, dtype, seconds / len(PEAK_SIZES)) for s in PEAK_SIZES)
+def peak_sizes(device: str = "cpu") -> tuple[int, ...]:
+    return CUDA_PEAK_SIZES if device == "cuda" else PEAK_SIZES
+
+
+def peak_gflops(dtype: torch.dtype, seconds: float = 3.0, device: str = "cpu") -> float:
+    """This process's GEMM peak on all its threads (or its GPU): the best rate over the peak squares, `seconds` in
+    all."""
+    sizes = peak_sizes(device)
+    return max(best_gflops(s, s, s, dtype, seconds / len(sizes), device) for s in sizes)
 
 
 def model_shapes(model_dir: Path, tokens: int) -> dict[str, tuple[int, int, int]]:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
@@ -30,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from pipeline.atomic import atomic_write  # noqa: E402
 from pipeline.models import packed_attention as pa  # noqa: E402
+from pipeline.models.cpu import cpu_isa  # noqa: E402
 
 SHAPES = {"smollm2-135m": (9, 3, 64), "llama-1b": (32, 8, 64)}  # query heads, KV heads, head width
 
@@ -146,7 +146,8 @@ def main() -> int:
     out = {"command": "python bench/packed_attention_kernels.py" + (" --quick" if a.quick else "")
                       + f" --device {device}" + (f" --rows {a.rows}" if a.rows else "")
                       + (f" --out {a.out}" if a.out else ""),
-           "device": torch.cuda.get_device_name() if device == "cuda" else (platform.processor() or "cpu"),
+           "device": (torch.cuda.get_device_name() if device == "cuda"
+                      else f"{cpu_isa()} CPU, {torch.get_num_threads()} threads"),
            "dtype": str(dtype).removeprefix("torch."), "rows": rows, "row_len": row_len, "repeats": repeats,
            "samples": sum(len(s) for s in segments), "real_tokens": sum(map(sum, segments)),
            "torch": torch.__version__, "shapes": results}

@@ -250,7 +250,7 @@ def vs_trl(r) -> list[str]:
              "ours_zero3_more_sharded_base": "this project, MoRE, ZeRO-3, 2 ranks, frozen base sharded (before)",
              "ours_1p_more_sharded_base": "this project, MoRE, 1 process, frozen base a ZeRO-3 parameter (before)",
              "trl_padded": "TRL SFTTrainer + PEFT LoRA r8, padded micro-batches of 16",
-             "trl_packed": "TRL SFTTrainer + PEFT LoRA r8, `packing=True` (samples not isolated on CPU)",
+             "trl_packed": "TRL SFTTrainer + PEFT LoRA r8, `packing=True` (samples not isolated: sdpa, no varlen kernel)",
              "trl_packed_compiled": "TRL, `packing=True`, `torch_compile=True` (compiles in its first step)"}
     v, S, R = r["versions"], r["systems"], r["ratios"]
     if any(n.endswith("_fresh_outputs") for n in S):  # the pool was on by default in these runs
@@ -261,7 +261,9 @@ def vs_trl(r) -> list[str]:
             label[n] += ", frozen base whole on each rank (default)"
     dtype = r.get("dtype", "fp32")  # runs before --dtype existed computed in fp32
     isa = r.get("cpu_isa") or ("AVX-512" if "avx512f" in r["cpu_flags"] else "AVX2")
-    lines = [f"## Training throughput against TRL + PEFT, {isa} CPU, {dtype} (`" + r["command"] + "`)",
+    gpu = r.get("gpu")  # runs on a GPU: its name
+    where = (f"{dtype} GEMM on the {gpu}, best of " if gpu else f"{dtype} GEMM, {r['cores']} cores, best of ")
+    lines = [f"## Training throughput against TRL + PEFT, {gpu or isa + ' CPU'}, {dtype} (`" + r["command"] + "`)",
              f"{r['model']} on an NF4 base, {dtype} compute, gradient checkpointing off everywhere, the same GLUE "
              f"samples "
              f"(chat template, loss on the answer: {r['supervised_share']:.1%} of real tokens), about "
@@ -271,20 +273,20 @@ def vs_trl(r) -> list[str]:
                 else "") + f"; rates over the "
              f"steps after the first {r['skip_steps']}; the systems ran one after another in the table's row order. "
              f"Matmul peak measured in the same run: "
-             f"{r['matmul_peak_gflops']:.0f} GFLOP/s ({dtype} GEMM, {r['cores']} cores, best of "
+             f"{r['matmul_peak_gflops']:.0f} GFLOP/s ({where}"
              f"{', '.join(r.get('matmul_peak_shapes', ['2048^3']))}); useful work "
              f"{r['useful_flops_per_token'] / 1e6:.0f} MFLOP per real token. trl {v['trl']}, peft {v['peft']}, "
              f"transformers {v['transformers']}, torch {v['torch']}; CPU flags: "
              f"{' '.join(r['cpu_flags'])}.", "",
-             "| system | steps | real tokens/s | × TRL's best | peak RSS per process (GB) | share of matmul peak "
-             "| s to the target loss |",
+             f"| system | steps | real tokens/s | × TRL's best | peak {r.get('memory', 'RSS per process')} (GB) "
+             f"| share of matmul peak{' (MFU)' if gpu else ''} | s to the target loss |",
              "|---|---|---|---|---|---|---|"]
     best = max((x["tokens_per_s"] for n, x in S.items() if n.startswith("trl")), default=None)
     for n, x in S.items():
         ratio = f"{x['tokens_per_s'] / best:.2f}" if best else "–"
         to_loss = x.get("seconds_to_target_loss")  # runs before it was measured have none
         lines.append(f"| {label.get(n, n)} | {x['steps']} | {x['tokens_per_s']:.0f} | {ratio} | "
-                     f"{x['peak_rss_gb']:.2f} | {x['matmul_peak_share']:.1%} | "
+                     f"{x.get('peak_mem_gb', x.get('peak_rss_gb')):.2f} | {x['matmul_peak_share']:.1%} | "
                      f"{'–' if to_loss is None else f'{to_loss:.0f}'} |")
     if "target_loss" in r:
         lines += ["", f"Target loss {r['target_loss']:.3f}: the highest final held-out loss of any system (answer tokens "
@@ -355,6 +357,22 @@ def gemm_peak(r) -> list[str]:
     return lines
 
 
+def packed_attention_kernels(r) -> list[str]:
+    names = {"per_sample": "per-sample sdpa (one call per run of equal lengths)",
+             "varlen": "varlen flash kernel (one call per batch)", "dense_mask": "dense (B, 1, L, L) block-causal mask"}
+    lines = [f"## Packed attention kernels, {r['device']}, {r['dtype']} (`{r['command']}`)",
+             f"One layer's attention over {r['rows']} packed rows of {r['row_len']} ({r['samples']} GLUE-like samples, "
+             f"{r['real_tokens']:,} real tokens), forward + backward, median of {r['repeats']}; every kernel's output and "
+             "input gradients checked against the dense mask's first (max abs difference below).", "",
+             "| shape (heads, KV heads, width) | kernel | ms | per-sample / kernel time | max abs diff |",
+             "|---|---|---|---|---|"]
+    for shape, x in r["shapes"].items():
+        for k, v in x["kernels"].items():
+            lines.append(f"| {shape} ({x['heads']}, {x['kv_heads']}, {x['head_dim']}) | {names.get(k, k)} | "
+                         f"{v['ms']:.2f} | {v['speedup_vs_per_sample']:.2f} | {v['max_abs_diff_vs_dense']:.1e} |")
+    return lines
+
+
 def loader_memory(r) -> list[str]:
     lay = r["layout"]
     lines = [f"## Trainer data start-up memory against data size (`{r['command']}`)",
@@ -380,6 +398,8 @@ SECTIONS = [("prep", prep), ("packing", packing), ("adapter_step", adapter_step)
             ("vs_trl_1b", vs_trl), ("vs_trl_1b_dequant", vs_trl), ("vs_trl_1b_pool_ab", vs_trl),
             ("vs_trl_1b_pool_order", vs_trl), ("vs_trl_1b_pool_order_1p", vs_trl), ("vs_trl_1b_rope", vs_trl),
             ("vs_trl_1b_attention_runs", vs_trl), ("step_profile", step_profile), ("loader_memory", loader_memory),
+            ("packed_attention_cpu", packed_attention_kernels), ("packed_attention_cuda", packed_attention_kernels),
+            ("vs_trl_135m_gpu", vs_trl), ("vs_trl_1b_gpu", vs_trl),
             ("merge", merge), ("fidelity", fidelity), ("glue_variants", glue_variants),
             ("glue_variants_quick", glue_variants)]
 

@@ -50,15 +50,18 @@ its LoRA is cast to fp32).
 Every system: gradient checkpointing off (the model fits easily; each tool at its fastest setting), the loss on the
 answer tokens only, the same GLUE samples (configs/prep/glue.yaml through SmolLM2's chat template). MoRE's selector
 learns from step 1 (no warm-up), its slower mode. Measured per system: real (non-pad) tokens/s over the steps after
-the first --skip, peak RSS of a training process, and the share of the machine's matmul peak in that dtype (measured
-in the same run: the best rate of square GEMMs of 512, 1024 and 2048, bench/gemm_peak.py; runs before 2026-12-06
-10:50 UTC took 2048 alone, 3-7% lower on a 2-core EPYC) that the model's useful FLOPs reach: 4 x (decoder linear
-weights) per real token (forward, and backward to the inputs; the base is frozen) plus the head at supervised
+the first --skip, peak memory of a training process (RSS; on a GPU its allocated memory), and the share of the
+machine's matmul peak in that dtype (measured in the same run: the best rate of square GEMMs of 512, 1024 and 2048
+on CPU, 4096 and 8192 on a GPU, bench/gemm_peak.py; runs before 2026-12-06 10:50 UTC took 2048 alone, 3-7% lower on
+a 2-core EPYC) that the model's useful FLOPs reach (on a GPU: the MFU against its measured peak): 4 x (decoder
+linear weights) per real token (forward, and backward to the inputs; the base is frozen) plus the head at supervised
 positions; attention's few % are left out. And the seconds of training (evaluations not counted) each system takes
 to reach one fixed held-out loss, the highest final loss of any system (so every system reaches it): the answer
 tokens' CE over the same held-out samples (the prep's eval split), at step 0 and every --eval-every steps (TRL:
 after as many real tokens as our --eval-every steps, whatever its batch); TRL's is computed sample by sample in the
 same worker, ours is the trainer's eval/loss (packed rows, per-sample attention: the same value).
+
+On a GPU (one is used where torch sees one) every system runs on it; the 2-rank systems need 2 GPUs.
 
     .venv/bin/python bench/vs_trl.py --model models/smollm2-135m-instruct   # make model first; ~22 min, 2 cores
     .venv/bin/python bench/vs_trl.py --quick --model DIR                    # a few steps (the test)
@@ -81,7 +84,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from gemm_peak import PEAK_SIZES, peak_gflops  # noqa: E402
+from gemm_peak import peak_gflops, peak_sizes  # noqa: E402
 from glue_variants import run  # noqa: E402  (a stage command with its log; a failure stops with the log's tail)
 from pipeline.atomic import atomic_write  # noqa: E402
 from pipeline.models.cpu import cpu_isa, fastest_dtype, vector_flags  # noqa: E402
@@ -166,7 +169,7 @@ def ours_overrides(out: Path, model: Path, data: Path, steps: int, ranks: int, d
 
 def run_ours(name: str, ranks: int, extra: list[str], model: Path, data: Path, tokens: int, work: Path,
              port: int, dtype: str, eval_every: int, rows_per_step: int) -> dict:
-    """Train through the project's own command; tokens/s from its per-step metrics, RSS from rank 0's, the held-out
+    """Train through the project's own command; tokens/s from its per-step metrics, memory from rank 0's, the held-out
     loss (the whole eval split) at step 0 and every `eval_every` steps from its eval rows."""
     from pipeline.data.loader import PackedDataset
 
@@ -186,7 +189,8 @@ def run_ours(name: str, ranks: int, extra: list[str], model: Path, data: Path, t
     evals = {r["step"]: r["eval/loss"] for r in rows if "eval/loss" in r}
     rows = [r for r in rows if "train/tokens" in r]
     return {"steps": [(r["train/tokens"], r["train/tokens"] / r["train/tokens_per_s"]) for r in rows],
-            "peak_rss_gb": max(r["train/peak_rss_gb"] for r in rows), "eval": sorted(evals.items()),
+            "peak_mem_gb": max(r.get("train/peak_rss_gb", r.get("train/peak_mem_gb", 0.0)) for r in rows),
+            "eval": sorted(evals.items()),
             "eval_every_steps": eval_every}
 
 
@@ -227,8 +231,9 @@ def trl_worker(spec: dict) -> None:
     eval_every = max(1, round(spec["eval_tokens"] / per_step))
     bf16 = spec["dtype"] == "bf16"
     dt = torch.bfloat16 if bf16 else torch.float32
+    cuda = torch.cuda.is_available()
     model = AutoModelForCausalLM.from_pretrained(
-        spec["model"], dtype=dt, device_map="cpu",
+        spec["model"], dtype=dt, device_map={"": 0} if cuda else "cpu",
         quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                bnb_4bit_compute_dtype=dt))
     # On a CPU with AVX512-BF16, bitsandbytes repacks an NF4 weight in place at its first eval-mode forward; the
@@ -240,7 +245,7 @@ def trl_worker(spec: dict) -> None:
                      per_device_train_batch_size=spec["batch"], gradient_accumulation_steps=spec["accum"],
                      learning_rate=1e-3, warmup_steps=1,
                      gradient_checkpointing=False, packing=spec["packed"], max_length=ROW_LEN, logging_steps=1,
-                     report_to="none", save_strategy="no", use_cpu=True, dataloader_num_workers=0, seed=0,
+                     report_to="none", save_strategy="no", use_cpu=not cuda, dataloader_num_workers=0, seed=0,
                      torch_compile=spec["torch_compile"],
                      bf16=bf16)  # SFTConfig's default is bf16 autocast; in fp32 like ours where fp32 is faster
     log: list[tuple[float, float]] = []  # per optimizer step: (real tokens, seconds)
@@ -283,8 +288,9 @@ def trl_worker(spec: dict) -> None:
     if repacked:
         raise RuntimeError(f"{len(repacked)} NF4 layers were repacked for CPU inference during training, e.g. "
                            f"{repacked[0]}: their gradients are wrong")
+    peak = (torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     Path(spec["out"]).write_text(json.dumps(
-        {"steps": log, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "eval": evals,
+        {"steps": log, "peak_mem_gb": peak / 2**30, "eval": evals,
          "eval_every_steps": eval_every}))
 
 
@@ -296,8 +302,8 @@ def held_out_loss(model, samples) -> float:
     model.eval()
     total, count = 0.0, 0
     for ids, labels in zip(samples["input_ids"], samples["labels"]):
-        logits = model(input_ids=torch.tensor([ids])).logits[0, :-1].float()
-        target = torch.tensor(labels[1:])
+        logits = model(input_ids=torch.tensor([ids], device=model.device)).logits[0, :-1].float()
+        target = torch.tensor(labels[1:], device=logits.device)
         total += float(torch.nn.functional.cross_entropy(logits, target, ignore_index=-100, reduction="sum"))
         count += int((target != -100).sum())
     model.train(was)
@@ -312,7 +318,7 @@ def summarise(rec: dict, skip: int, flops_per_token: float, peak: float) -> dict
     for _, t in rec["steps"]:
         elapsed.append(elapsed[-1] + t)
     return {"steps": len(rec["steps"]), "real_tokens": int(sum(n for n, _ in rec["steps"])),
-            "measured_steps": len(steady), "tokens_per_s": rate, "peak_rss_gb": rec["peak_rss_gb"],
+            "measured_steps": len(steady), "tokens_per_s": rate, "peak_mem_gb": rec["peak_mem_gb"],
             "matmul_peak_share": rate * flops_per_token / (peak * 1e9),
             "step_log": [[n, round(t, 4)] for n, t in rec["steps"]],  # per step: real tokens, seconds
             "eval_every_steps": rec["eval_every_steps"],
@@ -356,6 +362,10 @@ def main() -> int:
     unknown = sorted(set(chosen) - set(SYSTEMS))
     if unknown:
         sys.exit(f"--systems: unknown {unknown} (known: {', '.join(SYSTEMS)})")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    two_ranks = [n for n in chosen if SYSTEMS[n][0] == "ours" and SYSTEMS[n][1] > 1]
+    if device == "cuda" and torch.cuda.device_count() < 2 and two_ranks:
+        sys.exit(f"--systems: {', '.join(two_ranks)} need 2 GPUs, this machine has 1 (take the 1-process systems)")
     model = Path(a.model).resolve()
     if not (model / "config.json").is_file():
         sys.exit(f"--model {model}: not a model folder (run `make model` first)")
@@ -375,9 +385,10 @@ def main() -> int:
     supervised_share = float(ds.row_task_counts("supervised_tokens").sum() / ds.lengths().sum())
     flops = useful_flops_per_token(model, supervised_share)
     dtype = fastest_dtype() if a.dtype == "auto" else a.dtype
-    peak = peak_gflops(torch.bfloat16 if dtype == "bf16" else torch.float32)
-    print(f"[vs_trl] {dtype} matmul peak {peak:.1f} GFLOP/s ({cpu_isa()}); {flops / 1e6:.0f} MFLOP per real token",
-          flush=True)
+    peak = peak_gflops(torch.bfloat16 if dtype == "bf16" else torch.float32, device=device)
+    gpu = torch.cuda.get_device_name() if device == "cuda" else None
+    print(f"[vs_trl] {dtype} matmul peak {peak:.1f} GFLOP/s ({gpu or cpu_isa()}); {flops / 1e6:.0f} MFLOP per real "
+          f"token", flush=True)
     results = {}
     order = list(dict.fromkeys(chosen)) if a.order == "given" else [n for n in SYSTEMS if n in chosen]
     for i, name in enumerate(order):
@@ -390,8 +401,8 @@ def main() -> int:
                                               model, samples, eval_samples, tokens, work, dtype,
                                               a.eval_every * a.rows_per_step * ROW_LEN * 0.97))
         results[name] = {**summarise(rec, a.skip, flops, peak), "wall_s": round(time.perf_counter() - t0, 1)}
-        print(f"[vs_trl] {name}: {results[name]['tokens_per_s']:.1f} real tokens/s, peak RSS "
-              f"{results[name]['peak_rss_gb']:.2f} GB, {results[name]['matmul_peak_share']:.1%} of matmul peak",
+        print(f"[vs_trl] {name}: {results[name]['tokens_per_s']:.1f} real tokens/s, peak memory "
+              f"{results[name]['peak_mem_gb']:.2f} GB, {results[name]['matmul_peak_share']:.1%} of matmul peak",
               flush=True)
     # The fixed loss every system reached: the highest of their final held-out losses.
     target = max(r["eval_curve"][-1][2] for r in results.values())
@@ -441,7 +452,8 @@ def main() -> int:
            "model": a.model, "tokens_per_system": tokens, "rows_per_step": a.rows_per_step,
            "trl_micro_rows": a.trl_micro_rows,
            "row_len": ROW_LEN, "supervised_share": supervised_share, "useful_flops_per_token": flops,
-           "matmul_peak_gflops": peak, "matmul_peak_shapes": [f"{n}^3" for n in PEAK_SIZES], "run_order": order,
+           "matmul_peak_gflops": peak, "matmul_peak_shapes": [f"{n}^3" for n in peak_sizes(device)], "run_order": order,
+           "gpu": gpu, "memory": "GPU memory allocated" if gpu else "RSS per process",
            "systems": results, "ratios": ratios, "skip_steps": a.skip,
            "target_loss": target, "eval_every": a.eval_every, "eval_samples": n_eval,
            "cpu": platform.processor() or platform.machine(), "cpu_isa": cpu_isa(), "dtype": dtype,

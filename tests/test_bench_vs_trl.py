@@ -27,6 +27,7 @@ def test_quick_side_by_side_measures_both_tools_on_the_same_budget(tiny_chat_mod
     # run in the order given (TRL first), not the table's
     assert list(r["systems"]) == r["run_order"] == ["trl_packed", "ours_1p_more", "ours_1p_lora"]
     assert "--order given" in r["command"] and r["matmul_peak_shapes"] == ["512^3", "1024^3", "2048^3"]
+    assert r["gpu"] is None and r["memory"] == "RSS per process"
     for name, s in r["systems"].items():
         log = s["step_log"]
         assert len(log) == s["steps"] >= 4 and s["real_tokens"] == sum(n for n, _ in log)
@@ -34,7 +35,7 @@ def test_quick_side_by_side_measures_both_tools_on_the_same_budget(tiny_chat_mod
         assert s["tokens_per_s"] == pytest.approx(sum(n for n, _ in steady) / sum(t for _, t in steady), rel=1e-3)
         assert s["matmul_peak_share"] == pytest.approx(
             s["tokens_per_s"] * r["useful_flops_per_token"] / (r["matmul_peak_gflops"] * 1e9))
-        assert 0 < s["peak_rss_gb"] < 24
+        assert 0 < s["peak_mem_gb"] < 24
         assert all(0 < n <= 4 * 512 for n, _ in log), (name, log)  # 4 rows of 512 per step, pads not counted
         # [step, training seconds, held-out loss] at 0, every 2 steps (TRL: after as many tokens) and the last step
         every = s["eval_every_steps"]
