@@ -80,7 +80,7 @@ step env 60 bash -c "nvidia-smi; $PY runs/gpu/env.py"
 cp runs/gpu/logs/env.log "$OUT/env.txt"
 
 step tests 150 $PY -m pytest -q -p no:cacheprovider --noconftest -rs tests/test_packed_attention.py \
-  tests/test_more_model.py -k "varlen or packed"
+  tests/test_more_model.py -k "varlen or packed or cuda"
 step kernels 90 $PY bench/packed_attention_kernels.py --device cuda --out "$OUT/packed_attention_cuda.json"
 
 step models 90 bash -c "$PY bench/random_model.py --like .gpu/smollm2 --out runs/gpu/smollm2-shape \

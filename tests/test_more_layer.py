@@ -307,3 +307,27 @@ def test_without_warmup_the_gates_saturate_at_max_rank():
                      selector_warmup_steps=0)
     start, end, loss, _ = _train_selector(cfg, steps=200)
     assert start == end == [4, 4]
+
+
+@pytest.mark.parametrize("rank_scaling", ["none", "linear"])
+def test_fixed_ranks_mask_follows_every_change_of_setting(rank_scaling):
+    """Frozen selection and forced ranks build their constant mask once per setting (not per forward), and a new
+    frozen map, a forced rank and its end each give the mask of what is set now."""
+    layer, ctx = _layer(MoreConfig(max_rank=8, expert_ranks=[2, 4, 8], gate_init="random", rank_scaling=rank_scaling))
+    cs = column_scale(8, rank_scaling) * layer.scale
+
+    def expected(ranks):
+        M = (torch.arange(8)[None, :] < torch.tensor(ranks)[:, None]).float() * cs
+        return torch.cat([M, torch.zeros(1, 8)])
+
+    layer.frozen_ranks = torch.tensor([2, 8, 4, 2])
+    first = layer.task_mask()
+    assert torch.equal(first, expected([2, 8, 4, 2])) and layer.task_mask() is first  # built once
+    layer.frozen_ranks = torch.tensor([8, 8, 2, 4])  # what freeze_selection does with a new map
+    assert torch.equal(layer.task_mask(), expected([8, 8, 2, 4]))
+    ctx.forced_rank = 4
+    assert torch.equal(layer.task_mask(), expected([4] * T))
+    ctx.forced_rank = None
+    assert torch.equal(layer.task_mask(), expected([8, 8, 2, 4]))
+    layer.frozen_ranks = None  # unfrozen: the gates choose again, with gradient
+    assert layer.task_mask().requires_grad

@@ -120,6 +120,21 @@ def test_packed_rows_on_the_varlen_kernel_equal_each_sample_alone(monkeypatch):
             torch.testing.assert_close(packed[row][where[row]], alone.float(), atol=2e-2, rtol=2e-2)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_inject_into_a_base_on_cuda_initialises_as_on_cpu():
+    """The trainer loads the base onto the GPU before injecting: the adapters start there from the same values as
+    on CPU (a CUDA tensor cannot draw from the CPU generator), and the mixed-task forward runs."""
+    cfg = MoreConfig(gate_init="random", task_embedding="per_layer")
+    on_cpu = inject(tiny_llama(0), cfg, TASKS)
+    on_cuda = inject(tiny_llama(0).to("cuda"), cfg, TASKS)
+    for name, layer in on_cuda.layers.items():
+        assert layer.lora_A.is_cuda and layer.task_embedding.is_cuda
+        torch.testing.assert_close(layer.lora_A.cpu(), on_cpu.layers[name].lora_A, rtol=0, atol=0)
+        torch.testing.assert_close(layer.task_embedding.cpu(), on_cpu.layers[name].task_embedding, rtol=0, atol=0)
+    b = {k: v.cuda() for k, v in mixed_batch().items()}
+    assert torch.isfinite(on_cuda.eval()(**b).logits).all()
+
+
 @pytest.mark.parametrize("typo,meant", [("prompt_masks", "prompt_mask"), ("segment_id", "segment_ids"),
                                         ("task_id", "task_ids")])
 def test_forward_rejects_a_misspelt_keyword(typo, meant):

@@ -6,6 +6,7 @@ launcher (the README's main entry) or one process per rank with RANK/WORLD_SIZE 
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -414,3 +415,28 @@ def test_capped_eval_reads_rows_spread_over_the_split(tiny_train_setup):
     rows = [data.eval[i]["input_ids"] for i in range(n)]
     read = [any(torch.equal(r, b[j, :len(r)]) for b in seen for j in range(b.shape[0])) for r in (rows[0], rows[-1])]
     assert read == [True, True], "the first and the last row of the split are both read"
+
+
+@pytest.mark.parametrize("stage", [0, 3])
+def test_local_gradient_square_sum_reads_every_gradient_and_keeps_non_finite(stage):
+    """The pre-update check's sum of squares: every gradient this rank holds (ZeRO-3: its reduced partitions),
+    bf16 ones summed in fp32, and a NaN or inf anywhere comes through."""
+    from types import SimpleNamespace
+
+    from pipeline.train.loop import _local_grad_sq_sum
+
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(300, generator=g), torch.randn(7, 5, generator=g).bfloat16(), torch.randn(1, generator=g)]
+
+    def engine(gs):
+        params = [torch.nn.Parameter(torch.zeros_like(x)) for x in gs]
+        for p, x in zip(params, gs):
+            p.grad = x
+        opt = SimpleNamespace(averaged_gradients={0: gs[:2], 1: gs[2:]})
+        return SimpleNamespace(optimizer=opt, zero_optimization_stage=lambda: stage,
+                               module=SimpleNamespace(parameters=lambda: iter(params)))
+
+    want = sum(float(x.float().pow(2).sum()) for x in grads)
+    assert _local_grad_sq_sum(engine(grads)) == pytest.approx(want, rel=1e-5)
+    assert math.isinf(_local_grad_sq_sum(engine(grads[:2] + [torch.tensor([float("inf")])])))
+    assert math.isnan(_local_grad_sq_sum(engine([grads[0], torch.tensor([1.0, float("nan")])])))

@@ -56,8 +56,10 @@ class BaseSpec:
     dtype: str
 
     def load(self, base_dir):
+        """On the CPU, like the merged model and the prompts it is compared with (on a GPU host bitsandbytes would
+        otherwise place an NF4 base on the GPU)."""
         from pipeline.models.loading import load_base_model
-        return load_base_model(str(base_dir), self.quantization, self.dtype).eval()
+        return load_base_model(str(base_dir), self.quantization, self.dtype, device_map="cpu").eval()
 
 
 def base_spec(meta: dict, target: str) -> BaseSpec:

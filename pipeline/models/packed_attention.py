@@ -54,9 +54,9 @@ class PackedSegments(list):
 
 def packed_segments(segment_ids: torch.Tensor) -> PackedSegments:
     """(B, L) segment ids (-1 = padding, each row's samples contiguous from position 0) -> per row, its samples'
-    lengths in order."""
+    lengths in order. Read on the CPU: one copy from a GPU, not a wait per row."""
     return PackedSegments([torch.unique_consecutive(row[row >= 0], return_counts=True)[1].tolist()
-                           for row in segment_ids])
+                           for row in segment_ids.cpu()])
 
 
 @functools.cache

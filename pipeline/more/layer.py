@@ -155,17 +155,17 @@ class MoreLinear(nn.Module):
         self.scale = config.scale
         self.ste = config.ste
         self.num_tasks = num_tasks
+        # initialised on CPU from the CPU generator (a CUDA tensor takes only a CUDA generator), then moved to the
+        # base's device: the same initial values wherever the base lives
         dev = base_layer.weight.device
-        self.lora_A = nn.Parameter(torch.empty(R, self.in_features, device=dev))
+        bound = 1.0 / math.sqrt(self.in_features)  # kaiming_uniform_(a=sqrt(5)) as nn.Linear / PEFT
+        self.lora_A = nn.Parameter(torch.empty(R, self.in_features).uniform_(-bound, bound, generator=generator)
+                                   .to(dev))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, R, device=dev))
-        with torch.no_grad():  # kaiming_uniform_(a=sqrt(5)) as nn.Linear / PEFT, from our own generator
-            bound = 1.0 / math.sqrt(self.in_features)
-            self.lora_A.uniform_(-bound, bound, generator=generator)
         K = len(self.expert_ranks)
         if config.task_embedding == "per_layer":
-            self.task_embedding = nn.Parameter(torch.empty(num_tasks, self.in_features, device=dev))
-            with torch.no_grad():
-                self.task_embedding.normal_(0.0, 0.01, generator=generator)
+            self.task_embedding = nn.Parameter(torch.empty(num_tasks, self.in_features)
+                                               .normal_(0.0, 0.01, generator=generator).to(dev))
             self.gate = Gate(self.in_features, K, config.gate_temperature, config.gate_init, config.gate_init_margin,
                              generator=generator)
         else:
@@ -178,6 +178,7 @@ class MoreLinear(nn.Module):
         self.frozen_ranks: Optional[torch.Tensor] = None  # (T,) ranks when the selection is frozen
         object.__setattr__(self, "_ctx", context)
         self._consts = {}
+        self._fixed_mask = None  # (device, forced rank, frozen ranks, mask): _fixed_task_mask's last result
 
     # ---------------------------------------------------------------- selection
     def _constants(self, device):
@@ -206,19 +207,28 @@ class MoreLinear(nn.Module):
     def task_mask(self) -> torch.Tensor:
         """(T+1) x R float32: per-task rank mask x straight-through weight x column scale x scale; last row 0."""
         device = self.lora_A.device
-        C, cs = self._constants(device)
         ctx = self._ctx
-        T = self.num_tasks
         if ctx.forced_rank is not None or self.frozen_ranks is not None:
-            ranks = (torch.full((T,), int(ctx.forced_rank)) if ctx.forced_rank is not None else self.frozen_ranks)
-            j = torch.arange(self.max_rank, device=device)
-            M = (j[None, :] < ranks.to(device)[:, None]).float()
-        else:
-            p = self.probs()
-            w = straight_through(p.detach() if ctx.selector_detached else p, self.ste)
-            M = w @ C
-        M = M * (cs * self.scale)
+            return self._fixed_task_mask(device)
+        C, cs = self._constants(device)
+        p = self.probs()
+        w = straight_through(p.detach() if ctx.selector_detached else p, self.ste)
+        M = (w @ C) * (cs * self.scale)
         return torch.cat([M, M.new_zeros(1, self.max_rank)], 0)
+
+    def _fixed_task_mask(self, device) -> torch.Tensor:
+        """task_mask() for fixed ranks (a forced rank, or the frozen selection of evaluation and generation): a
+        constant, built on the CPU and copied to `device` once per setting, not in every forward (on a GPU that copy
+        would wait for the device in each of the model's MoRE layers)."""
+        forced = self._ctx.forced_rank
+        hit = self._fixed_mask
+        if hit is None or hit[0] != device or hit[1] != forced or hit[2] is not self.frozen_ranks:
+            ranks = torch.full((self.num_tasks,), int(forced)) if forced is not None else self.frozen_ranks
+            M = (torch.arange(self.max_rank)[None, :] < ranks[:, None]).float()
+            M = M * (column_scale(self.max_rank, self.rank_scaling) * self.scale)
+            mask = torch.cat([M, M.new_zeros(1, self.max_rank)], 0).to(device)
+            self._fixed_mask = hit = (device, forced, self.frozen_ranks, mask)
+        return hit[3]
 
     # ---------------------------------------------------------------- forward
     def _fused_base(self, x2: torch.Tensor):
