@@ -254,3 +254,20 @@ def test_cli(capsys):
     assert cli.main(["--model", "llama-2-70b", "--gpus-per-node", "1", "--gpu-mem-gb", "16", "--check"]) == 3
     assert cli.main(["--model", "no-such-model"]) == 2
     assert "shipped" in capsys.readouterr().err
+
+
+def test_loss_peak_counts_the_positions_the_lm_head_runs_at():
+    """The trainer's LM head runs at supervised positions only, LOSS_CHUNK at a time: the planner counts at most that
+    many positions' logits and loss tensors, not every token's (which made long micro-batches look like they need
+    recomputation)."""
+    from pipeline.more.model import LOSS_CHUNK
+
+    shape = dict(hidden=64, intermediate=128, heads=4, kv_heads=2, head_dim=16, vocab=32000, layers=2)
+    every = activation_bytes(batch=4, seq=4096, **shape)
+    bounded = activation_bytes(batch=4, seq=4096, loss_positions=LOSS_CHUNK, **shape)
+    assert every.logits_peak == 4 * 4096 * 32000 * (2 + 12) and bounded.logits_peak == LOSS_CHUNK * 32000 * 14
+    assert every.no_ckpt - bounded.no_ckpt == every.logits_peak - bounded.logits_peak
+    short = activation_bytes(batch=1, seq=512, loss_positions=LOSS_CHUNK, **shape)  # fewer tokens than a chunk
+    assert short.logits_peak == 512 * 32000 * 14
+    p = _70b(seq_len=8192, grad_ckpt=False)
+    assert p.activations.logits_peak == LOSS_CHUNK * 32000 * 14

@@ -15,7 +15,9 @@ against saved-tensor hooks in tests/test_plan.py:
 - SwiGLU keeps gate (SiLU input), SiLU(gate) and up (the product's inputs): 3a*i;
 - adapter dropout p>0 adds its output and a 1-byte mask per adapted Linear: (a + 1) x in_features.
 Beyond the layers: the final norm 4h, a 4-D additive mask a*S^2 per row unless flash-varlen, and the loss peak
-B*S*V*(a + 12): the logits, the fp32 log-softmax kept for backward, its incoming gradient and the gradient it makes.
+P*V*(a + 12) over the P positions the LM head runs at (every position, B*S, unless `loss_positions` bounds them: the
+trainer runs it at supervised positions only, at most pipeline.more.model.LOSS_CHUNK at a time): the logits, the fp32
+log-softmax kept for backward, its incoming gradient and the gradient it makes.
 """
 from __future__ import annotations
 
@@ -38,7 +40,8 @@ class ActivationEstimate:
 
 def activation_bytes(*, batch: int, seq: int, hidden: int, intermediate: int, heads: int, kv_heads: int,
                      head_dim: int, vocab: int, layers: int, act_bytes: int = 2, adapted=ROLES, rank: int = 8,
-                     attn_impl: str = "flash", packed_mask: bool = True, dropout: float = 0.0) -> ActivationEstimate:
+                     attn_impl: str = "flash", packed_mask: bool = True, dropout: float = 0.0,
+                     loss_positions: int | None = None) -> ActivationEstimate:
     """Peak activation bytes of one micro batch (B x S tokens), with and without gradient checkpointing."""
     if attn_impl not in ("flash", "sdpa", "eager"):
         raise ValueError(f"attn_impl must be flash, sdpa or eager, got {attn_impl!r}")
@@ -67,7 +70,7 @@ def activation_bytes(*, batch: int, seq: int, hidden: int, intermediate: int, he
     n = batch * seq
     mask = a * batch * seq * seq if (attn_impl != "flash" and packed_mask) else 0
     outside = 4 * n * h + mask
-    logits_peak = n * vocab * (a + 12)
+    logits_peak = min(n, loss_positions or n) * vocab * (a + 12)
     workspace = a * n * (2 * h + 2 * i)
     all_layers = layers * per_layer
     ckpt_inputs = layers * a * n * h

@@ -18,6 +18,7 @@ from .activations import ActivationEstimate, activation_bytes
 from .adapter import AdapterCount, more_param_count, target_linears
 from .model import ModelInventory, inventory, meta_model, resolve_config
 from .zero import ZeroSettings
+from pipeline.more.model import LOSS_CHUNK  # the trainer's LM head: supervised positions, this many at a time
 
 GiB = 1024 ** 3
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
@@ -160,7 +161,7 @@ def _evaluate(inp: PlanInputs, inv: ModelInventory, adapter: AdapterCount, adapt
                            intermediate=inv.intermediate, heads=inv.heads, kv_heads=inv.kv_heads,
                            head_dim=inv.head_dim, vocab=inv.vocab, layers=inv.num_layers, act_bytes=d,
                            adapted=adapted, rank=inp.max_rank, attn_impl=inp.attn_impl,
-                           dropout=inp.adapter_dropout)
+                           dropout=inp.adapter_dropout, loss_positions=LOSS_CHUNK)
     gathered = (inv.largest_fetch_unit_numel + z.prefetch_bucket_size
                 + min(z.max_reuse_distance, z.max_live_parameters, container_total)) * d
     gathered = min(gathered, (container_total + inv.largest_fetch_unit_numel) * d) if W > 1 else 0  # 1 rank: no gather
