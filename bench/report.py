@@ -288,6 +288,9 @@ def vs_trl(r) -> list[str]:
         lines.append(f"| {label.get(n, n)} | {x['steps']} | {x['tokens_per_s']:.0f} | {ratio} | "
                      f"{x.get('peak_mem_gb', x.get('peak_rss_gb')):.2f} | {x['matmul_peak_share']:.1%} | "
                      f"{'–' if to_loss is None else f'{to_loss:.0f}'} |")
+    if r.get("failed"):
+        lines += ["", "Failed in this run (its log under the run's --work folder): " + ", ".join(
+            label.get(n, n) for n in r["failed"])]
     if "target_loss" in r:
         lines += ["", f"Target loss {r['target_loss']:.3f}: the highest final held-out loss of any system (answer tokens "
                       f"of {r['eval_samples']} held-out samples, evaluated at step 0 and every {r['eval_every']} "

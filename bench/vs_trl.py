@@ -85,7 +85,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from gemm_peak import peak_gflops, peak_sizes  # noqa: E402
-from glue_variants import run  # noqa: E402  (a stage command with its log; a failure stops with the log's tail)
+from glue_variants import run  # noqa: E402  (a stage command with its log; a failure raises SystemExit with its tail)
 from pipeline.atomic import atomic_write  # noqa: E402
 from pipeline.models.cpu import cpu_isa, fastest_dtype, vector_flags  # noqa: E402
 
@@ -389,21 +389,64 @@ def main() -> int:
     gpu = torch.cuda.get_device_name() if device == "cuda" else None
     print(f"[vs_trl] {dtype} matmul peak {peak:.1f} GFLOP/s ({gpu or cpu_isa()}); {flops / 1e6:.0f} MFLOP per real "
           f"token", flush=True)
-    results = {}
+    import peft
+    import transformers
+    import trl
+
     order = list(dict.fromkeys(chosen)) if a.order == "given" else [n for n in SYSTEMS if n in chosen]
+    run_info = {"command": f"python bench/vs_trl.py --model {a.model}" + (" --quick" if a.quick else "")
+                           + (f" --tokens {a.tokens}" if a.tokens else "")
+                           + (f" --dtype {a.dtype}" if a.dtype != "auto" else "")
+                           + (f" --systems {a.systems}" if chosen != list(SYSTEMS) else "")
+                           + (f" --order {a.order}" if a.order != "table" else "")
+                           + (f" --rows-per-step {a.rows_per_step}" if a.rows_per_step != 4 else "")
+                           + (f" --trl-micro-rows {a.trl_micro_rows}" if a.trl_micro_rows != 1 else "")
+                           + (f" --eval-every {a.eval_every}" if a.eval_every != 2 else "")
+                           + (f" --work {a.work}" if a.work != "runs/bench-vs-trl" else "")
+                           + (f" --out {a.out}" if a.out else ""),
+                "model": a.model, "tokens_per_system": tokens, "rows_per_step": a.rows_per_step,
+                "trl_micro_rows": a.trl_micro_rows,
+                "row_len": ROW_LEN, "supervised_share": supervised_share, "useful_flops_per_token": flops,
+                "matmul_peak_gflops": peak, "matmul_peak_shapes": [f"{n}^3" for n in peak_sizes(device)],
+                "run_order": order, "gpu": gpu, "memory": "GPU memory allocated" if gpu else "RSS per process",
+                "skip_steps": a.skip, "eval_every": a.eval_every, "eval_samples": n_eval,
+                "cpu": platform.processor() or platform.machine(), "cpu_isa": cpu_isa(), "dtype": dtype,
+                "cpu_flags": vector_flags(), "cores": os.cpu_count(),
+                "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                             "trl": trl.__version__, "peft": peft.__version__}}
+    out_path = Path(a.out or ROOT / "bench" / "results" / f"vs_trl{'_quick' if a.quick else ''}.json")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    results, failed = {}, {}
     for i, name in enumerate(order):
         kind, size, extra = SYSTEMS[name]
         print(f"[vs_trl] {name}", flush=True)
         t0 = time.perf_counter()
-        rec = (run_ours(name, size, extra, model, data, tokens, work, 29600 + i, dtype, a.eval_every,
-                        a.rows_per_step)
-               if kind == "ours" else run_trl(name, extra, *trl_batches(size, a.rows_per_step, a.trl_micro_rows),
-                                              model, samples, eval_samples, tokens, work, dtype,
-                                              a.eval_every * a.rows_per_step * ROW_LEN * 0.97))
+        try:
+            rec = (run_ours(name, size, extra, model, data, tokens, work, 29600 + i, dtype, a.eval_every,
+                            a.rows_per_step)
+                   if kind == "ours" else run_trl(name, extra, *trl_batches(size, a.rows_per_step, a.trl_micro_rows),
+                                                  model, samples, eval_samples, tokens, work, dtype,
+                                                  a.eval_every * a.rows_per_step * ROW_LEN * 0.97))
+        except (SystemExit, Exception) as e:  # one system failing: said and kept, the others still run
+            failed[name] = str(e)[-3000:]
+            print(f"[vs_trl] {name} FAILED: {failed[name]}", flush=True)
+            continue
         results[name] = {**summarise(rec, a.skip, flops, peak), "wall_s": round(time.perf_counter() - t0, 1)}
         print(f"[vs_trl] {name}: {results[name]['tokens_per_s']:.1f} real tokens/s, peak memory "
               f"{results[name]['peak_mem_gb']:.2f} GB, {results[name]['matmul_peak_share']:.1%} of matmul peak",
               flush=True)
+        # after every system, so that a run cut short keeps what it measured
+        target, ratios = compare(results)
+        atomic_write(out_path, json.dumps({**run_info, "systems": results, "failed": failed, "ratios": ratios,
+                                           "target_loss": target}, indent=1))
+    if failed:
+        sys.exit(f"[vs_trl] failed: {', '.join(failed)} (the others are in {out_path})")
+    print(json.dumps(ratios, indent=1))
+    return 0
+
+
+def compare(results: dict) -> tuple[float, dict]:
+    """(target loss, ratios) over the systems measured so far; sets each one's seconds to the target loss."""
     # The fixed loss every system reached: the highest of their final held-out losses.
     target = max(r["eval_curve"][-1][2] for r in results.values())
     for r in results.values():
@@ -435,36 +478,7 @@ def main() -> int:
                                ("zero3_2ranks_over_1p_tokens_per_s", "ours_zero3_more", "ours_1p_more")):
         if system in results and base in results:  # tokens/s of `system` over `base`
             ratios[ratio] = results[system]["tokens_per_s"] / results[base]["tokens_per_s"]
-    import peft
-    import transformers
-    import trl
-
-    out = {"command": f"python bench/vs_trl.py --model {a.model}" + (" --quick" if a.quick else "")
-                      + (f" --tokens {a.tokens}" if a.tokens else "")
-                      + (f" --dtype {a.dtype}" if a.dtype != "auto" else "")
-                      + (f" --systems {a.systems}" if chosen != list(SYSTEMS) else "")
-                      + (f" --order {a.order}" if a.order != "table" else "")
-                      + (f" --rows-per-step {a.rows_per_step}" if a.rows_per_step != 4 else "")
-                      + (f" --trl-micro-rows {a.trl_micro_rows}" if a.trl_micro_rows != 1 else "")
-                      + (f" --eval-every {a.eval_every}" if a.eval_every != 2 else "")
-                      + (f" --work {a.work}" if a.work != "runs/bench-vs-trl" else "")
-                      + (f" --out {a.out}" if a.out else ""),
-           "model": a.model, "tokens_per_system": tokens, "rows_per_step": a.rows_per_step,
-           "trl_micro_rows": a.trl_micro_rows,
-           "row_len": ROW_LEN, "supervised_share": supervised_share, "useful_flops_per_token": flops,
-           "matmul_peak_gflops": peak, "matmul_peak_shapes": [f"{n}^3" for n in peak_sizes(device)], "run_order": order,
-           "gpu": gpu, "memory": "GPU memory allocated" if gpu else "RSS per process",
-           "systems": results, "ratios": ratios, "skip_steps": a.skip,
-           "target_loss": target, "eval_every": a.eval_every, "eval_samples": n_eval,
-           "cpu": platform.processor() or platform.machine(), "cpu_isa": cpu_isa(), "dtype": dtype,
-           "cpu_flags": vector_flags(), "cores": os.cpu_count(),
-           "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
-                        "peft": peft.__version__}}
-    out_path = Path(a.out or ROOT / "bench" / "results" / f"vs_trl{'_quick' if a.quick else ''}.json")
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(out_path, json.dumps(out, indent=1))
-    print(json.dumps(ratios, indent=1))
-    return 0
+    return target, ratios
 
 
 if __name__ == "__main__":

@@ -69,6 +69,31 @@ def test_quick_side_by_side_measures_both_tools_on_the_same_budget(tiny_chat_mod
     assert "MoRE / plain LoRA step time, 1 process" in section and "s to the target loss" in section
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not GLUE.is_dir(), reason="needs ../shared/data/glue")
+def test_a_failing_system_is_reported_and_the_others_still_run(tiny_chat_model, tmp_path):
+    """Our trainer made to fail at load (its fault hook): the run goes on to TRL, keeps TRL's results in the JSON
+    (written after every system, so a run cut short keeps what it measured), names the failure and exits non-zero."""
+    import os
+
+    out = tmp_path / "vs_trl.json"
+    cmd = [sys.executable, "bench/vs_trl.py", "--quick", "--model", str(tiny_chat_model), "--tokens", "600",
+           "--skip", "1", "--systems", "ours_1p_lora,trl_packed", "--order", "given", "--work", str(tmp_path / "work"),
+           "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900,
+                          env=dict(os.environ, PIPELINE_FAULT="raise@0:0:load"))
+    assert proc.returncode != 0 and "failed: ours_1p_lora" in proc.stderr, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert list(r["systems"]) == ["trl_packed"] and r["systems"]["trl_packed"]["tokens_per_s"] > 0
+    assert "injected failure" in r["failed"]["ours_1p_lora"]  # the log's tail: the trainer's own error
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import report
+
+    assert "Failed in this run (its log under the run's --work folder): this project, plain LoRA r8, 1 process" in \
+        "\n".join(report.vs_trl(r))
+
+
 def test_random_like_keeps_the_family_and_tokenizer_at_a_new_shape(smollm2_import, tiny_chat_model):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 

@@ -120,3 +120,9 @@ def test_varlen_kernel_keywords_follow_the_torch_release(monkeypatch, release):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     finally:
         pa.torch_varlen_kernel.cache_clear()
+
+
+def test_segments_must_cover_every_row():
+    q = torch.randn(2, 2, 6, 8)
+    with pytest.raises(ValueError, match="1 rows for a batch of 2"):  # zip would have dropped the second row
+        pa.packed_sdpa_attention(None, q, q, q, None, packed_segments=[[3, 3]])

@@ -121,10 +121,12 @@ def per_sample_attention(query, key, value, segments, dropout: float = 0.0, scal
 
 
 def takes_varlen(query: torch.Tensor, dropout: float) -> bool:
-    """Whether the varlen kernel runs: CUDA, 16-bit, no attention dropout (it has none), a flash head size."""
+    """Whether the varlen kernel runs: CUDA on an Ampere or newer GPU (flash attention's), 16-bit, no attention
+    dropout (it has none), a flash head size."""
     D = query.shape[-1]
     return (query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and not dropout
-            and D % 8 == 0 and D <= 256 and torch_varlen_kernel() is not None)
+            and D % 8 == 0 and D <= 256 and torch.cuda.get_device_capability(query.device) >= (8, 0)
+            and torch_varlen_kernel() is not None)
 
 
 def packed_sdpa_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
@@ -134,6 +136,8 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, dropout: fl
     if packed_segments is None:
         raise ValueError("attn_implementation='packed_sdpa' needs packed_segments=... in the forward call (the "
                          "samples' lengths per row; pipeline.models.packed_attention.packed_segments)")
+    if len(packed_segments) != query.shape[0]:
+        raise ValueError(f"packed_segments holds {len(packed_segments)} rows for a batch of {query.shape[0]}")
     out_dtype = out_dtype or value.dtype
     if takes_varlen(query, dropout):
         if not isinstance(packed_segments, PackedSegments):
