@@ -41,5 +41,6 @@ def token_loss_sums(token_loss: torch.Tensor, token_index: torch.Tensor, task_id
     per_task_tokens = torch.zeros_like(per_task)
     per_task.index_add_(0, tasks, token_loss.detach().float())
     per_task_tokens.index_add_(0, tasks, torch.ones_like(token_loss, dtype=torch.float32))
-    return LossSums(token_loss.sum(), torch.tensor(float(len(tasks)), device=token_loss.device), per_task,
+    # torch.full, not torch.tensor: a fill on the device, not a copy from the host that waits for the GPU
+    return LossSums(token_loss.sum(), torch.full((), float(len(tasks)), device=token_loss.device), per_task,
                     per_task_tokens)
