@@ -394,6 +394,7 @@ SECTIONS = [("prep", prep), ("packing", packing), ("adapter_step", adapter_step)
             ("train_throughput", train_throughput), ("lm_head", lm_head), ("vs_trl_epyc", vs_trl),
             ("vs_trl_epyc_repeat", vs_trl), ("vs_trl_epyc_run3", vs_trl), ("vs_trl_epyc_trl_first", vs_trl),
             ("vs_trl_epyc_trl_eager_first", vs_trl), ("vs_trl_epyc_trl_compiled_first", vs_trl),
+            ("vs_trl_epyc_run5", vs_trl),
             ("vs_trl_1b_epyc", vs_trl), ("vs_trl_1b_epyc_trl_first", vs_trl),
             ("gemm_peak", gemm_peak), ("gemm_peak_epyc", gemm_peak), ("gemm_peak_1b_epyc", gemm_peak),
             ("vs_trl_replicated_base", vs_trl), ("vs_trl_attention_runs", vs_trl),
