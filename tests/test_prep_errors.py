@@ -257,3 +257,19 @@ def test_a_label_without_verbalizer_entry_names_file_and_line_or_is_skipped(tmp_
     out = run(dict(cfg, skip_invalid=True))
     task = json.loads((out / "manifest.json").read_text())["tasks"]["plus"]
     assert task["invalid"] == 1 and task["examples"] == len(ROWS) - 1
+
+
+@pytest.mark.parametrize("stage", ["tokenizer_training", "tokenization"])
+def test_a_row_the_template_cannot_render_names_file_and_line(tmp_path, stage, request):
+    """A template that fails on one row only (here an index past a short text) names the row as file:line in both
+    places prep renders rows: the texts a sentencepiece tokenizer learns from, and tokenization."""
+    lines = [json.dumps(r) for r in ROWS]
+    lines[12] = json.dumps({"q": "short", "a": "1"})
+    cfg = make_cfg(tmp_path, lines)
+    cfg["tasks"][0]["template"]["prompt"] = "Q: {q[8]}\nA:"
+    if stage == "tokenization":  # a ready tokenizer: nothing renders the rows before tokenization
+        cfg["tokenizer"] = {"path": str(request.getfixturevalue("tiny_chat_model")), "train_sentencepiece": None}
+    with pytest.raises(PrepError, match=r"task 'plus': template could not be rendered for \S*src\.jsonl:13: "
+                                        r"IndexError"):
+        run(cfg)
+    assert_clean(tmp_path)

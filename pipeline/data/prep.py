@@ -25,9 +25,9 @@ from pipeline.data import builtin
 from pipeline.data.errors import PrepError
 from pipeline.data.mask import IGNORE_INDEX, build_labels
 from pipeline.data.pack import pack
-from pipeline.data.render import check_columns, check_rows, render
+from pipeline.data.render import check_columns, check_rows, render, row_location
 from pipeline.data.sampler import task_probabilities
-from pipeline.data.sources import fingerprint_source, load_task
+from pipeline.data.sources import EXAMPLE_ID, fingerprint_source, load_task
 from pipeline.data.tokenize import Samples, resolve_add_bos, tokenize_dataset
 from pipeline.data.tokenizer import hash_files, load_tokenizer, train_sentencepiece_model, wrap_sentencepiece
 from pipeline.data.write import PACKED_FEATURES, atomic_dir, packed_table, save_table, write_json
@@ -84,7 +84,7 @@ def _training_texts(cfg: PrepConfig):
         check_columns(task, ds.column_names, f"{task.source.path} (split {task.source.split})")
         ds, _ = check_rows(task, ds, task.source.split, cfg.skip_invalid)
         for row in ds.select(range(min(per_task, len(ds)))):
-            prompt, response = render(task, row)
+            prompt, response = render(task, row, where=row_location(task, task.source.split, row[EXAMPLE_ID]))
             yield prompt + " " + response
 
 
@@ -113,7 +113,7 @@ def _tokenize_split(cfg, task, tid, tok, split, max_examples, shard, work: Path,
     tokd = tokenize_dataset(
         ds, task, tok, add_bos=resolve_add_bos(tok, cfg.tokenizer.add_bos), add_eos=cfg.tokenizer.add_eos,
         num_proc=cfg.num_proc, batch_size=cfg.batch_size, cache_file=str(work / f"{tid}-{split}.arrow"),
-        fingerprint=hashlib.sha256(f"{key}:{task.name}:{split}:{shard}".encode()).hexdigest()[:16])
+        fingerprint=hashlib.sha256(f"{key}:{task.name}:{split}:{shard}".encode()).hexdigest()[:16], split=split)
     return Samples.from_dataset(tokd, tid), invalid, len(ds)
 
 

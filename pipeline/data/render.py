@@ -135,14 +135,18 @@ def _no_verbalizer_entry(task: TaskConfig, value: Any, where: str, note: str = "
                      f"{sorted(verbalizer)}{hint}")
 
 
-def _label_text(task: TaskConfig, row: dict[str, Any]) -> str:
+def _where(row: dict[str, Any], where: Optional[str]) -> str:
+    return where or f"example {row.get('_example_id')}"
+
+
+def _label_text(task: TaskConfig, row: dict[str, Any], where: Optional[str] = None) -> str:
     tpl = task.template
     value = row[tpl.label_column]
     if tpl.verbalizer is None:
         return str(value)
     key = _verbalizer_key(tpl.verbalizer, value)
     if key is None:  # check_rows catches these in prep, naming the file and line
-        raise _no_verbalizer_entry(task, value, f"example {row.get('_example_id')}")
+        raise _no_verbalizer_entry(task, value, _where(row, where))
     return tpl.verbalizer[key]
 
 
@@ -176,11 +180,11 @@ def chat_problem(msgs) -> Optional[str]:
     return None
 
 
-def _chat(task: TaskConfig, row: dict[str, Any], tokenizer) -> tuple[str, str]:
+def _chat(task: TaskConfig, row: dict[str, Any], tokenizer, where: Optional[str] = None) -> tuple[str, str]:
     msgs = row["messages"]
     problem = chat_problem(msgs)
     if problem:  # check_rows catches these in prep, naming the file and line
-        raise PrepError(f"task {task.name!r}: example {row.get('_example_id')}: {problem}")
+        raise PrepError(f"task {task.name!r}: {_where(row, where)}: {problem}")
     msgs = [{"role": m["role"], "content": m["content"]} for m in msgs]
     if _has_chat_template(tokenizer):
         return apply_chat_template(msgs, tokenizer)
@@ -193,9 +197,10 @@ def uses_chat_template(task: TaskConfig, tokenizer) -> bool:
     return (task.format == "chat" or bool(task.chat_template)) and _has_chat_template(tokenizer)
 
 
-def render_plain(task: TaskConfig, row: dict[str, Any]) -> tuple[str, str]:
+def render_plain(task: TaskConfig, row: dict[str, Any], where: Optional[str] = None) -> tuple[str, str]:
     """(prompt, response) of a `template` or `alpaca` task as its template writes them, before any chat template
-    (the response is the answer a prediction is compared with)."""
+    (the response is the answer a prediction is compared with). `where`: the row as an error names it (prep:
+    file:line; default: its example id)."""
     if task.format == "alpaca":
         inp = row.get("input") or ""
         prompt = ALPACA_PROMPT.format(instruction=row["instruction"], input_block=f"Input: {inp}\n" if inp else "")
@@ -203,19 +208,21 @@ def render_plain(task: TaskConfig, row: dict[str, Any]) -> tuple[str, str]:
     tpl = task.template
     fields = dict(row)
     if "{label_text" in tpl.prompt + tpl.response:
-        fields["label_text"] = _label_text(task, row)
+        fields["label_text"] = _label_text(task, row, where)
     try:
         return tpl.prompt.format(**fields), tpl.response.format(**fields)
     except (KeyError, IndexError, ValueError) as e:
-        raise PrepError(f"task {task.name!r}: template could not be rendered for example "
-                        f"{row.get('_example_id')}: {e!r}") from None
+        raise PrepError(f"task {task.name!r}: template could not be rendered for {_where(row, where)}: {e!r}"
+                        ) from None
 
 
-def render(task: TaskConfig, row: dict[str, Any], tokenizer: Optional[Any] = None) -> tuple[str, str]:
-    """(prompt, response) text of one row. `evaluate` uses the prompt and scores against the response."""
+def render(task: TaskConfig, row: dict[str, Any], tokenizer: Optional[Any] = None,
+           where: Optional[str] = None) -> tuple[str, str]:
+    """(prompt, response) text of one row. `evaluate` uses the prompt and scores against the response. `where`:
+    the row as an error names it (prep passes its file:line)."""
     if task.format == "chat":
-        return _chat(task, row, tokenizer)
-    prompt, response = render_plain(task, row)
+        return _chat(task, row, tokenizer, where)
+    prompt, response = render_plain(task, row, where)
     if task.chat_template:
         if not _has_chat_template(tokenizer):
             raise PrepError(f"task {task.name!r}: chat_template is set, but the tokenizer has no chat template "

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.config.tasks import TaskConfig
-from pipeline.data.render import render, uses_chat_template
+from pipeline.data.render import render, row_location, uses_chat_template
 from pipeline.data.sources import EXAMPLE_ID
 
 FEATURES = datasets.Features({
@@ -65,10 +65,11 @@ def prompt_ids(task: TaskConfig, tokenizer, rows: list[dict], add_bos: Optional[
     return encode_prompts(tokenizer, prompts, False if uses_chat_template(task, tokenizer) else add_bos)
 
 
-def _tokenize_batch(batch: dict[str, list], task: TaskConfig, tokenizer, add_bos: bool, add_eos: bool) -> dict:
+def _tokenize_batch(batch: dict[str, list], task: TaskConfig, tokenizer, add_bos: bool, add_eos: bool,
+                    split: Optional[str] = None) -> dict:
     n = len(batch[EXAMPLE_ID])
     rows = [{k: batch[k][i] for k in batch} for i in range(n)]
-    pairs = [render(task, r, tokenizer) for r in rows]
+    pairs = [render(task, r, tokenizer, row_location(task, split, r[EXAMPLE_ID])) for r in rows]
     chat = uses_chat_template(task, tokenizer)
     prompts = encode_prompts(tokenizer, [p for p, _ in pairs], False if chat else add_bos)
     responses = encode_texts(tokenizer, [r for _, r in pairs])
@@ -81,13 +82,15 @@ def _tokenize_batch(batch: dict[str, list], task: TaskConfig, tokenizer, add_bos
 
 
 def tokenize_dataset(ds: datasets.Dataset, task: TaskConfig, tokenizer, *, add_bos: bool, add_eos: bool,
-                     num_proc: int, batch_size: int, cache_file: str, fingerprint: str) -> datasets.Dataset:
+                     num_proc: int, batch_size: int, cache_file: str, fingerprint: str,
+                     split: Optional[str] = None) -> datasets.Dataset:
     """`ds` rows -> (input_ids, n_prompt, _example_id). Cache files go to `cache_file` (a scratch folder), never
     next to the source data (the shared GLUE folder is read-only)."""
     return ds.map(
         _tokenize_batch, batched=True, batch_size=batch_size, num_proc=num_proc if num_proc > 1 and len(ds) > batch_size else None,
         remove_columns=ds.column_names, features=FEATURES, cache_file_name=cache_file, new_fingerprint=fingerprint,
-        fn_kwargs=dict(task=task, tokenizer=tokenizer, add_bos=add_bos, add_eos=add_eos), desc=f"tokenize {task.name}",
+        fn_kwargs=dict(task=task, tokenizer=tokenizer, add_bos=add_bos, add_eos=add_eos, split=split),
+        desc=f"tokenize {task.name}",
     )
 
 
