@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pipeline.atomic import atomic_write  # noqa: E402
+from pipeline.data.loader import block_causal_mask  # noqa: E402
 from pipeline.models import packed_attention as pa  # noqa: E402
 from pipeline.models.cpu import cpu_isa  # noqa: E402
 
@@ -52,14 +53,12 @@ def glue_like_rows(rows: int, row_len: int, seed: int = 0) -> list[list[int]]:
     return sorted(packed, key=sum, reverse=True)[:rows]
 
 
-def dense_mask(segments: list[list[int]], row_len: int, device) -> torch.Tensor:
+def segment_ids(segments: list[list[int]], row_len: int) -> torch.Tensor:
+    """(B, row_len) segment ids of rows holding samples of these lengths (-1 = padding), as prep writes them."""
     seg = torch.full((len(segments), row_len), -1)
     for b, lens in enumerate(segments):
         seg[b, :sum(lens)] = torch.repeat_interleave(torch.arange(len(lens)), torch.tensor(lens))
-    real = seg >= 0
-    mask = (seg[:, :, None] == seg[:, None, :]) & torch.ones(row_len, row_len, dtype=torch.bool).tril()
-    mask = (mask & real[:, :, None]) | (~real[:, :, None] & torch.eye(row_len, dtype=torch.bool))
-    return mask[:, None].to(device), real.to(device)
+    return seg
 
 
 def kernels(device: str, dtype: torch.dtype, mask: torch.Tensor):
@@ -121,7 +120,9 @@ def main() -> int:
     repeats = a.repeats or (2 if a.quick else 20)
     shapes = {"smollm2-135m": SHAPES["smollm2-135m"]} if a.quick else SHAPES
     segments = pa.PackedSegments(glue_like_rows(rows, row_len))
-    mask, real = dense_mask(segments, row_len, device)
+    seg = segment_ids(segments, row_len)
+    mask = block_causal_mask(seg, dtype).to(device)  # the collator's mask for attn_implementation=sdpa
+    real = (seg >= 0).to(device)
     tol = 3e-2 if dtype == torch.bfloat16 else 1e-4
     results = {}
     for shape_name, (heads, kv_heads, width) in shapes.items():
