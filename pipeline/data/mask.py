@@ -9,6 +9,9 @@ from __future__ import annotations
 import numpy as np
 
 IGNORE_INDEX = -100
+# positions per LM-head chunk of the supervised loss (pipeline.more.model.supervised_ce): (chunk x vocab) logits
+# live at a time; the memory planner counts at most this many
+LOSS_CHUNK = 2048
 
 
 def build_labels(ids: np.ndarray, positions: np.ndarray, n_prompt_per_token: np.ndarray,

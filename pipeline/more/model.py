@@ -17,7 +17,7 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from pipeline.config.more import MoreConfig
-from pipeline.data.mask import supervised_positions
+from pipeline.data.mask import LOSS_CHUNK, supervised_positions
 from pipeline.models.packed_attention import NAME as PACKED_ATTENTION, packed_segments
 from pipeline.more.inject import _register_external, inject_layers, parameter_report
 from pipeline.more.layer import MoreContext, MoreLinear, is_linear4bit
@@ -84,7 +84,6 @@ def pool_samples(hidden: torch.Tensor, segment_ids: torch.Tensor, prompt_mask: t
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 _FORWARD_ARGS = ("input_ids", "attention_mask", "position_ids", "task_ids", "segment_ids", "prompt_mask",
                  "output_hidden_states", "inputs_embeds", "labels", "supervised_loss", "use_cache", "return_dict")
-LOSS_CHUNK = 2048  # positions per LM-head chunk of `supervised_loss`: (chunk x vocab) logits live at a time
 
 
 def _head_ce(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

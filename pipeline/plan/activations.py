@@ -16,7 +16,7 @@ against saved-tensor hooks in tests/test_plan.py:
 - adapter dropout p>0 adds its output and a 1-byte mask per adapted Linear: (a + 1) x in_features.
 Beyond the layers: the final norm 4h, a 4-D additive mask a*S^2 per row unless flash-varlen, and the loss peak
 P*V*(a + 12) over the P positions the LM head runs at (every position, B*S, unless `loss_positions` bounds them: the
-trainer runs it at supervised positions only, at most pipeline.more.model.LOSS_CHUNK at a time): the logits, the fp32
+trainer runs it at supervised positions only, at most pipeline.data.mask.LOSS_CHUNK at a time): the logits, the fp32
 log-softmax kept for backward, its incoming gradient and the gradient it makes.
 """
 from __future__ import annotations

@@ -18,7 +18,7 @@ from .activations import ActivationEstimate, activation_bytes
 from .adapter import AdapterCount, more_param_count, target_linears
 from .model import ModelInventory, inventory, meta_model, resolve_config
 from .zero import ZeroSettings
-from pipeline.more.model import LOSS_CHUNK  # the trainer's LM head: supervised positions, this many at a time
+from pipeline.data.mask import LOSS_CHUNK  # the trainer's LM head: supervised positions, this many at a time
 
 GiB = 1024 ** 3
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
