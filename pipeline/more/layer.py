@@ -223,9 +223,8 @@ class MoreLinear(nn.Module):
         forced = self._ctx.forced_rank
         hit = self._fixed_mask
         if hit is None or hit[0] != device or hit[1] != forced or hit[2] is not self.frozen_ranks:
-            ranks = torch.full((self.num_tasks,), int(forced)) if forced is not None else self.frozen_ranks
-            M = (torch.arange(self.max_rank)[None, :] < ranks[:, None]).float()
-            M = M * (column_scale(self.max_rank, self.rank_scaling) * self.scale)
+            ranks = [int(forced)] * self.num_tasks if forced is not None else self.frozen_ranks.tolist()
+            M = nested_expert_mask(ranks, self.max_rank) * column_scale(self.max_rank, self.rank_scaling) * self.scale
             mask = torch.cat([M, M.new_zeros(1, self.max_rank)], 0).to(device)
             self._fixed_mask = hit = (device, forced, self.frozen_ranks, mask)
         return hit[3]
