@@ -106,7 +106,7 @@ def measure(fn, q, k, v, seg, upstream, repeats: int, device: str) -> tuple[floa
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--rows", type=int, default=None, help="packed rows per batch (default: 16 on CUDA, 4 on CPU)")
     ap.add_argument("--row-len", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=None, help="timed calls per kernel (default 20; quick 2)")
@@ -114,6 +114,8 @@ def main() -> int:
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     device = a.device
+    if device == "cuda" and not torch.cuda.is_available():
+        sys.exit(f"--device cuda: torch {torch.__version__} sees no GPU here (take --device cpu)")
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     rows = a.rows or (2 if a.quick else 16 if device == "cuda" else 4)
     row_len = 256 if a.quick else a.row_len
