@@ -38,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     src.add_argument("--adapter", help="a MoRE adapter folder (needs --base)")
     ap.add_argument("--base", help="the base model folder the adapter was trained on")
     ap.add_argument("--routing", action="store_true", help="with --adapter: route each prompt zero-shot")
+    ap.add_argument("--allow-other-base-weights", action="store_true",
+                    help="with --adapter: evaluate even if --base's weights differ from those the adapter recorded "
+                         "at training (same shape, other checkpoint)")
     defs = ap.add_mutually_exclusive_group(required=True)
     defs.add_argument("--config", help="prep config YAML defining the tasks (configs/prep/*.yaml)")
     defs.add_argument("--data", help="prepared data folder (manifest.json + tokenizer/)")
@@ -65,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             tasks=[t.strip() for t in args.tasks.split(",") if t.strip()], max_examples=args.max_examples,
             seed=args.seed, batch_size=args.batch_size, baseline=args.baseline, tokenizer=args.tokenizer,
             eval_splits=_splits(args.eval_split), device=args.device, dtype=args.dtype,
-            progress=not args.no_progress)
+            progress=not args.no_progress, allow_other_base_weights=args.allow_other_base_weights)
     except (EvalError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2

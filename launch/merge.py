@@ -35,6 +35,9 @@ def parse_args(argv):
                          "fp16 1e-2, bf16 3e-2; see pipeline/export/check.py)")
     ap.add_argument("--no-check", action="store_true", help="skip the checks (logits and tensors)")
     ap.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard (e.g. 2GB, 500MB)")
+    ap.add_argument("--allow-other-base-weights", action="store_true",
+                    help="merge even if the base's weights differ from those the adapter recorded at training "
+                         "(same shape, other checkpoint)")
     ap.add_argument("--quiet", action="store_true")
     return ap.parse_args(argv)
 
@@ -49,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
                         format=args.format, target=args.target, check_samples=args.check_samples,
                         check=not args.no_check, check_n=args.check_n, check_rtol=args.check_rtol,
                         max_shard_size=args.max_shard_size,
-                        log=not args.quiet)
+                        allow_other_base_weights=args.allow_other_base_weights, log=not args.quiet)
     try:
         report = run_merge(opts)
     except MergeInputError as e:

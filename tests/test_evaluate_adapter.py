@@ -111,6 +111,19 @@ def test_task_not_in_adapter_is_named(adapter_setup, tmp_path):
     assert code == 2 and "task 'rte' is not in the adapter" in err and "sentiment" in err
 
 
+def test_base_with_other_weights_is_refused(adapter_setup, tmp_path):
+    """A base of the adapter's shape with other weights: refused before anything loads, unless allowed."""
+    root, data, base, tasks = adapter_setup
+    other = tiny_with_tokenizer(tmp_path / "other", data / "tokenizer", seed=1)
+    code, err = run_cli("--adapter", root / "adapter", "--base", other, "--data", data, "--tasks", "sentiment",
+                        "--out", tmp_path / "e", "--max-examples", 2)
+    assert code == 2 and "weights are not the ones the adapter was trained on" in err and str(other) in err
+    assert not (tmp_path / "e").exists()
+    code, err = run_cli("--adapter", root / "adapter", "--base", other, "--data", data, "--tasks", "sentiment",
+                        "--out", tmp_path / "e", "--max-examples", 2, "--allow-other-base-weights")
+    assert code == 0, err
+
+
 def test_nf4_adapter(adapter_setup, tmp_path):
     """An adapter trained on an NF4 base is evaluated on the base loaded as NF4 again (per more_config.json) and
     reproduces the trained model's logits."""

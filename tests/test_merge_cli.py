@@ -296,7 +296,8 @@ def test_check_uses_prepared_eval_samples(tmp_path, base_dir, adapters):
 
 
 @pytest.mark.parametrize("case", ["missing_adapter", "not_an_adapter", "unknown_task", "missing_base", "bad_json",
-                                  "rank_map_gap", "check_n_zero", "other_base_shape", "empty_base_peft"])
+                                  "rank_map_gap", "check_n_zero", "other_base_shape", "other_base_weights",
+                                  "empty_base_peft"])
 def test_bad_input_is_a_clear_error_and_writes_nothing(tmp_path, base_dir, adapters, capsys, case):
     import shutil
 
@@ -324,6 +325,8 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(tmp_path, base_dir, adapt
     elif case == "other_base_shape":
         base = tmp_path / "wide"
         tiny_llama(hidden_size=48).save_pretrained(base)
+    elif case == "other_base_weights":  # same shape, other values: only the recorded fingerprint tells
+        base = save_tiny_llama(tmp_path / "seed1", seed=1)
     elif case == "empty_base_peft":
         base = tmp_path / "empty_base"
         base.mkdir()
@@ -338,6 +341,32 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(tmp_path, base_dir, adapt
             "rank_map_gap": "rank_map.json: task 'beta' has no rank for 1 adapted layer(s), e.g. "
                             "'model.layers.1.mlp.down_proj'",
             "check_n_zero": "--check-n must be at least 1", "other_base_shape": "'hidden_size': (",
+            "other_base_weights": "weights are not the ones the adapter was trained on",
             "empty_base_peft": "is not a model folder"}[case]
     assert err.startswith("error: ") and want in err
     assert not out.exists()
+
+
+def test_base_weights_recorded_and_compared(tmp_path, base_dir, adapters, capsys):
+    """The adapter records its base's weights fingerprint; a bf16 copy of the fp32 base is the same base for the
+    adapter trained in bf16 (NF4, bf16 storage) and not for the fp32 one; --allow-other-base-weights merges into a
+    base of other weights, and the merge check then holds against the adapter on that base."""
+    from safetensors.torch import save_file
+
+    for name, dtype in [("fp32", "fp32"), ("nf4", "bf16")]:
+        recorded = json.loads((adapters[name] / "more_config.json").read_text())["base_model"]
+        assert recorded["dtype"] == dtype and len(recorded["weights_sha256"]) == 64
+    half = tmp_path / "bf16_copy"
+    half.mkdir()
+    (half / "config.json").write_text((base_dir / "config.json").read_text())
+    save_file({k: v.to(torch.bfloat16) for k, v in load_file(str(base_dir / "model.safetensors")).items()},
+              str(half / "model.safetensors"), metadata={"format": "pt"})
+    assert merge_cli("--adapter", adapters["nf4"], "--out", tmp_path / "nf4", "--base", half, "--tasks", "alpha",
+                     "--dtype", "fp32", "--no-check") == 0
+    capsys.readouterr()
+    assert merge_cli("--adapter", adapters["fp32"], "--out", tmp_path / "fp32", "--base", half, "--no-check") == 2
+    assert "weights are not the ones" in capsys.readouterr().err and not (tmp_path / "fp32").exists()
+    other = save_tiny_llama(tmp_path / "seed1", seed=1)
+    assert merge_cli("--adapter", adapters["fp32"], "--out", tmp_path / "other", "--base", other, "--tasks", "alpha",
+                     "--allow-other-base-weights") == 0
+    assert _report(tmp_path / "other")["tasks"]["alpha"]["check"]["passed"]

@@ -45,14 +45,14 @@ def evaluate(out, *, model=None, adapter=None, base=None, routing: bool = False,
              overrides: Sequence[str] = (), tasks: Optional[Sequence[str]] = None, max_examples: Optional[int] = None,
              seed: int = 0, batch_size: int = 16, baseline=None, tokenizer=None,
              eval_splits: Optional[Mapping[str, str]] = None, device: Optional[str] = None, dtype: str = "auto",
-             progress: bool = True) -> dict:
+             progress: bool = True, allow_other_base_weights: bool = False) -> dict:
     """Evaluate and write `out/results.json` + `out/report.md`; returns the results dict (see runner)."""
     if (model is None) == (adapter is None):
         raise EvalError("give exactly one of a model folder (--model) or an adapter (--adapter)")
     if adapter is not None and base is None:
         raise EvalError("--adapter needs --base (the base model folder it was trained on)")
-    if adapter is None and (base is not None or routing):
-        raise EvalError("--base/--routing go with --adapter")
+    if adapter is None and (base is not None or routing or allow_other_base_weights):
+        raise EvalError("--base/--routing/--allow-other-base-weights go with --adapter")
     if (config is None) == (data is None):
         raise EvalError("give exactly one of a prep config (--config) or a prepared data folder (--data)")
     if max_examples is not None and max_examples <= 0:
@@ -66,7 +66,8 @@ def evaluate(out, *, model=None, adapter=None, base=None, routing: bool = False,
     if baseline is not None:
         runs["baseline"] = HFModel(baseline, device, dtype, label="--baseline")
     if adapter is not None:
-        runs["trained"] = AdapterModel(base, adapter, device, None if dtype == "auto" else dtype, routing=routing)
+        runs["trained"] = AdapterModel(base, adapter, device, None if dtype == "auto" else dtype, routing=routing,
+                                       allow_other_base_weights=allow_other_base_weights)
     else:
         runs["trained"] = open_model(model, device, dtype)
     return run_evaluation(runs, selected, taskset, tok, out, max_examples, seed, batch_size, eval_splits, progress)

@@ -195,13 +195,20 @@ class AdapterModel(EvalModel):
     kind = "adapter"
 
     def __init__(self, base, adapter_dir, device: Optional[str] = None, dtype: Optional[str] = None,
-                 routing: bool = False):
+                 routing: bool = False, allow_other_base_weights: bool = False):
         self.base, self.adapter_dir = Path(base), Path(adapter_dir)
         _check_hf_folder(self.base, "--base")
         cfg_file = self.adapter_dir / "more_config.json"
         if not cfg_file.is_file():
             raise EvalError(f"--adapter: {self.adapter_dir} is not a MoRE adapter folder (no more_config.json)")
         self.meta = json.loads(cfg_file.read_text())
+        if not allow_other_base_weights:
+            from pipeline.more.io import base_weights_mismatch
+
+            why = base_weights_mismatch(self.meta["base_model"], self.base)
+            if why:
+                raise EvalError(f"--base {self.base}: {why}, in {cfg_file}. Pass the base it was trained on, or "
+                                f"--allow-other-base-weights to evaluate it on this one anyway")
         self.task_names: list[str] = list(self.meta["task_names"])
         self.device = device or default_device()
         self.dtype = dtype or self.meta["base_model"].get("dtype", "fp32")

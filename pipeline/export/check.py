@@ -238,7 +238,7 @@ def check_tensors(folder, plan, deltas, task: str, out_dtype: torch.dtype) -> Te
     tensor at a time (memory: a few fp32 copies of the largest adapted weight)."""
     from safetensors import safe_open
 
-    from pipeline.export.shards import checkpoint_files
+    from pipeline.models.base_weights import checkpoint_files
 
     res = TensorCheck(tensor_rule(out_dtype))
     folder = Path(folder)

@@ -41,7 +41,8 @@ from typing import List, Optional, Set, Tuple
 import torch
 
 from pipeline.atomic import atomic_write
-from pipeline.export.shards import DEFAULT_MAX_SHARD, ShardWriter, checkpoint_files, parse_size, trim_heap
+from pipeline.export.shards import DEFAULT_MAX_SHARD, ShardWriter, parse_size, trim_heap
+from pipeline.models.base_weights import checkpoint_files
 from pipeline.more.io import read_adapter
 from pipeline.more.selector import column_scale
 

@@ -25,7 +25,8 @@ from pipeline.export.check import (CheckError, CheckResult, SampleError, base_sp
                                    sample_prompts)
 from pipeline.export.merge import DTYPES, TARGETS, AdapterDeltas, BasePlan, copy_tokenizer, stream_merge
 from pipeline.export.shards import DEFAULT_MAX_SHARD, parse_size
-from pipeline.more.io import ADAPTER_FILE, CONFIG_FILE, RANK_MAP_FILE, base_mismatch
+from pipeline.models.base_weights import local_model_dir
+from pipeline.more.io import ADAPTER_FILE, CONFIG_FILE, RANK_MAP_FILE, base_mismatch, base_weights_mismatch
 
 REPORT_FILE = "merge_report.json"
 FORMATS = ("full", "peft")
@@ -49,6 +50,7 @@ class MergeOptions:
     check_n: int = 4
     check_rtol: Optional[float] = None  # overrides the per-precision default (check.py)
     max_shard_size: str = DEFAULT_MAX_SHARD
+    allow_other_base_weights: bool = False  # merge into a base whose weights differ from the trained-on ones
     log: bool = True
 
 
@@ -62,15 +64,12 @@ def resolve_base(base: Optional[str], meta: dict, adapter: Path) -> Path:
     name = base or meta["base_model"].get("id")
     if not name:
         raise MergeInputError(f"{adapter / CONFIG_FILE} records no base model: pass --base")
-    if Path(name).is_dir():
-        return Path(name)
-    try:
-        from huggingface_hub import snapshot_download
-        return Path(snapshot_download(name, local_files_only=True))
-    except Exception:
+    folder = local_model_dir(name)
+    if folder is None:
         how = "--base" if base else f"the base recorded in {adapter / CONFIG_FILE}"
         raise MergeInputError(f"base model {name!r} ({how}) is not a local folder nor in the HF cache "
-                              f"(no network here): pass --base PATH") from None
+                              f"(no network here): pass --base PATH")
+    return folder
 
 
 def validate(opts: MergeOptions) -> tuple:
@@ -113,7 +112,7 @@ def validate(opts: MergeOptions) -> tuple:
     if Path(opts.out).exists() and not Path(opts.out).is_dir():
         raise MergeInputError(f"--out {opts.out} exists and is not a folder")
     base = resolve_base(opts.base, meta, ad)
-    check_base(base, meta, ad)
+    check_base(base, meta, ad, opts.allow_other_base_weights)
     return meta, tasks, base
 
 
@@ -124,9 +123,9 @@ def _read_json(path: Path) -> dict:
         raise MergeInputError(f"{path}: not valid JSON ({e})") from None
 
 
-def check_base(base: Path, meta: dict, adapter: Path) -> None:
-    """The base folder holds a model of the shape the adapter was trained on (as load_adapter checks), before
-    anything is written."""
+def check_base(base: Path, meta: dict, adapter: Path, other_weights: bool = False) -> None:
+    """The base folder holds a model of the shape the adapter was trained on (as load_adapter checks) and, unless
+    `other_weights`, the weights it recorded, before anything is written."""
     from transformers import AutoConfig
 
     try:
@@ -137,6 +136,10 @@ def check_base(base: Path, meta: dict, adapter: Path) -> None:
     if bad:
         raise MergeInputError(f"adapter {adapter} was trained on a different base than {base}: {bad} (trained on, "
                               f"given)")
+    why = None if other_weights else base_weights_mismatch(meta["base_model"], base)
+    if why:
+        raise MergeInputError(f"base {base}: {why}, in {adapter / CONFIG_FILE}. Pass the base it was trained on, "
+                              f"or --allow-other-base-weights to merge into this one anyway")
 
 
 def _prompts(opts: MergeOptions, tasks: List[str], vocab: int) -> tuple:

@@ -17,9 +17,8 @@ import torch
 from safetensors.torch import save_file
 
 from pipeline.atomic import atomic_path, atomic_write
+from pipeline.models.base_weights import INDEX_FILE, SINGLE_FILE
 
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD = "2GB"
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -108,17 +107,3 @@ class ShardWriter:
         index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
         atomic_write(self.out / INDEX_FILE, json.dumps(index, indent=2))
         return files
-
-
-def checkpoint_files(model_dir) -> Dict[str, str]:
-    """{tensor name: safetensors file name} of an HF folder (single file or sharded with an index)."""
-    d = Path(model_dir)
-    if (d / INDEX_FILE).is_file():
-        return dict(json.loads((d / INDEX_FILE).read_text())["weight_map"])
-    if (d / SINGLE_FILE).is_file():
-        from safetensors import safe_open
-        with safe_open(str(d / SINGLE_FILE), "pt") as f:
-            return {k: SINGLE_FILE for k in f.keys()}
-    bins = sorted(p.name for p in d.glob("*.bin"))
-    hint = f" (found {bins[:2]}: convert the checkpoint to safetensors first)" if bins else ""
-    raise FileNotFoundError(f"{d} has no {SINGLE_FILE} or {INDEX_FILE}{hint}")

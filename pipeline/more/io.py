@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 
 from pipeline.atomic import replace_dir, temp_dir_for
 from pipeline.config.more import MoreConfig
+from pipeline.models.base_weights import local_model_dir, weights_fingerprint
 from pipeline.more.model import MoreCausalLM, gathered, rank_map
 
 FORMAT_VERSION = 1
@@ -50,15 +51,32 @@ def base_dtype(model: MoreCausalLM) -> str:
 
 def base_identity(model: MoreCausalLM) -> Dict:
     cfg = model.hf_config
-    return dict(id=model.base_model_id, dtype=base_dtype(model), model_type=getattr(cfg, "model_type", None),
+    dtype = base_dtype(model)
+    if not hasattr(model, "_base_weights_sha256"):  # read from the base's files once per model, at its first save
+        folder = local_model_dir(model.base_model_id)
+        model._base_weights_sha256 = weights_fingerprint(folder, dtype) if folder else None
+    return dict(id=model.base_model_id, dtype=dtype, model_type=getattr(cfg, "model_type", None),
                 hidden_size=getattr(cfg, "hidden_size", None), num_hidden_layers=getattr(cfg, "num_hidden_layers", None),
-                vocab_size=getattr(cfg, "vocab_size", None), quantized_nf4=model.quantized_base)
+                vocab_size=getattr(cfg, "vocab_size", None), quantized_nf4=model.quantized_base,
+                weights_sha256=model._base_weights_sha256)
 
 
 def base_mismatch(saved: Dict, config) -> Dict:
     """{field: (saved, given)} where an HF `config` differs from the base an adapter recorded (its shape)."""
     fields = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")
     return {k: (saved.get(k), getattr(config, k, None)) for k in fields if saved.get(k) != getattr(config, k, None)}
+
+
+def base_weights_mismatch(saved: Dict, base_dir) -> Optional[str]:
+    """Why the checkpoint in `base_dir` is not the one whose weights the adapter recorded (`saved`: its base_model
+    entry), or None: the same weights, or nothing to compare (an adapter saved without a fingerprint, or a base
+    without safetensors files)."""
+    want = saved.get("weights_sha256")
+    got = weights_fingerprint(base_dir, saved.get("dtype") or "fp32") if want else None
+    if got is None or got == want:
+        return None
+    return (f"its weights are not the ones the adapter was trained on (weights fingerprint {got[:12]}..., "
+            f"recorded at training {want[:12]}...)")
 
 
 def _full_shape(p) -> tuple:
