@@ -126,6 +126,29 @@ def test_ds_config_auto_values_filled_and_conflicts_named(tiny_train_setup, tmp_
         fill_ds_config(tmp_path / "bad.json", cfg, world_size=1)
 
 
+def test_ds_config_precision_sections_follow_model_dtype(tiny_train_setup, tmp_path):
+    """bf16 / fp16 mode follow model.dtype, also for a JSON without those sections (an fp16 run outside DeepSpeed's
+    fp16 mode would have no loss scaling); fp16 on a device DeepSpeed has no fp16 for is refused at config time."""
+    from deepspeed.accelerator import get_accelerator
+
+    from pipeline.config import ConfigError, load_config
+    from pipeline.config.train import TrainConfig
+    from pipeline.train.ds_config import fill_ds_config
+
+    bare = json.loads(ZERO3.read_text())
+    bare.pop("bf16"), bare.pop("fp16")
+    (tmp_path / "bare.json").write_text(json.dumps(bare))
+    for dtype in ("fp32", "bf16", "fp16"):
+        cfg = load_config(TrainConfig, tiny_train_setup["config"], [f"model.dtype={dtype}"])
+        for path in (ZERO3, ZERO2, tmp_path / "bare.json"):
+            if dtype == "fp16" and not get_accelerator().is_fp16_supported():
+                with pytest.raises(ConfigError, match="model.dtype: fp16 trains in DeepSpeed's fp16 mode"):
+                    fill_ds_config(path, cfg, world_size=2)
+                continue
+            ds = fill_ds_config(path, cfg, world_size=2)
+            assert ds["bf16"]["enabled"] is (dtype == "bf16") and ds["fp16"]["enabled"] is (dtype == "fp16")
+
+
 # --------------------------------------------------------------------------------------------- real runs
 
 

@@ -49,6 +49,14 @@ def fill_ds_config(path: str | Path, cfg: TrainConfig, world_size: int) -> dict:
                                   "set it to \"auto\" or change the training config")
 
     walk(ds, "")
-    if cfg.model.dtype != "bf16":
-        ds.setdefault("bf16", {})["enabled"] = False
+    # both sections, also where the JSON lacks one: without DeepSpeed's fp16 mode an fp16 run would train with no
+    # loss scaling (gradients that underflow in fp16 lost) and no fp32 master weights
+    for mode in ("bf16", "fp16"):
+        ds.setdefault(mode, {})["enabled"] = cfg.model.dtype == mode
+    if cfg.model.dtype == "fp16":
+        from deepspeed.accelerator import get_accelerator
+
+        if not get_accelerator().is_fp16_supported():
+            raise ConfigError(f"model.dtype: fp16 trains in DeepSpeed's fp16 mode (dynamic loss scaling), which this "
+                              f"device does not support ({get_accelerator().device_name()}): use bf16 or fp32")
     return ds
