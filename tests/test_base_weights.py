@@ -74,5 +74,28 @@ def test_other_seed_and_missing_checkpoint(base, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     assert weights_fingerprint(empty, "fp32") is None
+    for shards in (1, 2):  # a truncated file: single, or one shard of an index
+        cut = _resave(base, tmp_path / f"cut{shards}", shards=shards)
+        victim = sorted(cut.glob("*.safetensors"))[-1]
+        victim.write_bytes(victim.read_bytes()[:1000])
+        with pytest.raises(ValueError, match=str(cut)):
+            weights_fingerprint(cut, "fp32")
     assert local_model_dir(str(base)) == base
     assert local_model_dir(None) is None and local_model_dir("org/not-in-any-cache") is None
+
+
+def test_save_records_the_fingerprint_or_warns_without_it(tmp_path, capsys):
+    from more_fixtures import TASKS
+    from pipeline.config.more import MoreConfig
+    from pipeline.models.loading import load_base_model
+    from pipeline.more import inject, save_adapter
+
+    base = save_tiny_llama(tmp_path / "base", seed=0)
+    model = inject(load_base_model(str(base), "none", "fp32"), MoreConfig(), TASKS)
+    recorded = lambda d: json.loads((d / "more_config.json").read_text())["base_model"]["weights_sha256"]  # noqa: E731
+    assert recorded(save_adapter(model, tmp_path / "a")) == weights_fingerprint(base, "fp32")
+    model = inject(load_base_model(str(base), "none", "fp32"), MoreConfig(), TASKS)
+    (base / "model.safetensors").write_bytes(b"")  # the base's files became unreadable after loading
+    capsys.readouterr()
+    assert recorded(save_adapter(model, tmp_path / "b")) is None
+    assert "records no base weights fingerprint" in capsys.readouterr().err

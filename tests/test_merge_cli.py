@@ -297,7 +297,7 @@ def test_check_uses_prepared_eval_samples(tmp_path, base_dir, adapters):
 
 @pytest.mark.parametrize("case", ["missing_adapter", "not_an_adapter", "unknown_task", "missing_base", "bad_json",
                                   "rank_map_gap", "check_n_zero", "other_base_shape", "other_base_weights",
-                                  "empty_base_peft"])
+                                  "truncated_base", "empty_base_peft"])
 def test_bad_input_is_a_clear_error_and_writes_nothing(tmp_path, base_dir, adapters, capsys, case):
     import shutil
 
@@ -327,6 +327,9 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(tmp_path, base_dir, adapt
         tiny_llama(hidden_size=48).save_pretrained(base)
     elif case == "other_base_weights":  # same shape, other values: only the recorded fingerprint tells
         base = save_tiny_llama(tmp_path / "seed1", seed=1)
+    elif case == "truncated_base":
+        base = Path(shutil.copytree(base_dir, tmp_path / "cut"))
+        (base / "model.safetensors").write_bytes((base / "model.safetensors").read_bytes()[:1000])
     elif case == "empty_base_peft":
         base = tmp_path / "empty_base"
         base.mkdir()
@@ -342,6 +345,7 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(tmp_path, base_dir, adapt
                             "'model.layers.1.mlp.down_proj'",
             "check_n_zero": "--check-n must be at least 1", "other_base_shape": "'hidden_size': (",
             "other_base_weights": "weights are not the ones the adapter was trained on",
+            "truncated_base": "cannot list the checkpoint's tensors",
             "empty_base_peft": "is not a model folder"}[case]
     assert err.startswith("error: ") and want in err
     assert not out.exists()

@@ -205,7 +205,10 @@ class AdapterModel(EvalModel):
         if not allow_other_base_weights:
             from pipeline.more.io import base_weights_mismatch
 
-            why = base_weights_mismatch(self.meta["base_model"], self.base)
+            try:
+                why = base_weights_mismatch(self.meta["base_model"], self.base)
+            except ValueError as e:
+                raise EvalError(f"--base {self.base}: {e}") from None
             if why:
                 raise EvalError(f"--base {self.base}: {why}, in {cfg_file}. Pass the base it was trained on, or "
                                 f"--allow-other-base-weights to evaluate it on this one anyway")

@@ -136,7 +136,10 @@ def check_base(base: Path, meta: dict, adapter: Path, other_weights: bool = Fals
     if bad:
         raise MergeInputError(f"adapter {adapter} was trained on a different base than {base}: {bad} (trained on, "
                               f"given)")
-    why = None if other_weights else base_weights_mismatch(meta["base_model"], base)
+    try:
+        why = None if other_weights else base_weights_mismatch(meta["base_model"], base)
+    except ValueError as e:
+        raise MergeInputError(f"base {base}: {e}") from None
     if why:
         raise MergeInputError(f"base {base}: {why}, in {adapter / CONFIG_FILE}. Pass the base it was trained on, "
                               f"or --allow-other-base-weights to merge into this one anyway")

@@ -55,30 +55,39 @@ def local_model_dir(name) -> Optional[Path]:
         return None
 
 
+def _tensor_digest(f, name: str, cast: torch.dtype) -> bytes:
+    part = f.get_slice(name)
+    shape = list(part.get_shape())
+    row = math.prod(shape[1:]) if len(shape) > 1 else 1
+    head = part[: max(1, math.ceil(SLICE_VALUES / max(row, 1)))] if shape else f.get_tensor(name)
+    if head.is_floating_point():
+        head = head.to(cast)
+    data = head.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    return hashlib.sha256(f"{name}|{shape}|{head.dtype}|".encode() + data).digest()
+
+
 def weights_fingerprint(model_dir, dtype: str) -> Optional[str]:
     """sha256 hex of the checkpoint's tensors (names, shapes, first values; floats cast to `dtype`, the dtype training
-    loaded them in); None when the folder has no safetensors checkpoint."""
+    loaded them in); None when the folder has no safetensors checkpoint; ValueError naming a file it cannot read."""
     try:
         files = checkpoint_files(model_dir)
     except FileNotFoundError:
         return None
+    except Exception as e:  # an unreadable index or single file
+        raise ValueError(f"{model_dir}: cannot list the checkpoint's tensors ({e})") from None
     from safetensors import safe_open
 
     cast = _DTYPES[dtype]
     per_tensor: Dict[str, bytes] = {}
     for file in sorted(set(files.values())):
-        with safe_open(str(Path(model_dir) / file), "pt") as f:
-            for name in f.keys():
-                if files.get(name) != file:
-                    continue
-                part = f.get_slice(name)
-                shape = list(part.get_shape())
-                row = math.prod(shape[1:]) if len(shape) > 1 else 1
-                head = part[: max(1, math.ceil(SLICE_VALUES / max(row, 1)))] if shape else f.get_tensor(name)
-                if head.is_floating_point():
-                    head = head.to(cast)
-                data = head.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-                per_tensor[name] = hashlib.sha256(f"{name}|{shape}|{head.dtype}|".encode() + data).digest()
+        path = Path(model_dir) / file
+        try:
+            with safe_open(str(path), "pt") as f:
+                for name in f.keys():
+                    if files.get(name) == file:
+                        per_tensor[name] = _tensor_digest(f, name, cast)
+        except Exception as e:  # a missing, truncated or corrupt shard (safetensors raises its own error type)
+            raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
     total = hashlib.sha256()
     for name in sorted(per_tensor):
         total.update(per_tensor[name])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -54,7 +55,11 @@ def base_identity(model: MoreCausalLM) -> Dict:
     dtype = base_dtype(model)
     if not hasattr(model, "_base_weights_sha256"):  # read from the base's files once per model, at its first save
         folder = local_model_dir(model.base_model_id)
-        model._base_weights_sha256 = weights_fingerprint(folder, dtype) if folder else None
+        try:
+            model._base_weights_sha256 = weights_fingerprint(folder, dtype) if folder else None
+        except ValueError as e:  # the files changed since they loaded: save the adapter without the fingerprint
+            print(f"warning: the adapter records no base weights fingerprint: {e}", file=sys.stderr, flush=True)
+            model._base_weights_sha256 = None
     return dict(id=model.base_model_id, dtype=dtype, model_type=getattr(cfg, "model_type", None),
                 hidden_size=getattr(cfg, "hidden_size", None), num_hidden_layers=getattr(cfg, "num_hidden_layers", None),
                 vocab_size=getattr(cfg, "vocab_size", None), quantized_nf4=model.quantized_base,
