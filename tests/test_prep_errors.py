@@ -84,7 +84,8 @@ def test_unknown_task_in_sampling_weights(tmp_path):
 
 def test_max_seq_len_smaller_than_longest_prompt(tmp_path):
     cfg = make_cfg(tmp_path, max_seq_len=8)
-    with pytest.raises(PrepError, match=r"task 'plus': max_seq_len 8 is smaller than the longest prompt \(\d+ tokens"):
+    with pytest.raises(PrepError, match=r"task 'plus': .*src\.jsonl:\d+: max_seq_len 8 is smaller than this row's "
+                                        r"prompt \(\d+ tokens, the longest\)"):
         run(cfg)
     assert_clean(tmp_path)
 
@@ -117,7 +118,7 @@ def test_cli_prints_the_error_without_traceback(tmp_path, capsys):
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     assert main(["--config", str(tmp_path / "cfg.yaml")]) == 2
     err = capsys.readouterr().err
-    assert "\nerror: task 'plus': max_seq_len 8 is smaller" in err and "Traceback" not in err
+    assert "\nerror: task 'plus': " in err and "max_seq_len 8 is smaller" in err and "Traceback" not in err
     assert_clean(tmp_path)
 
 
@@ -273,3 +274,107 @@ def test_a_row_the_template_cannot_render_names_file_and_line(tmp_path, stage, r
                                         r"IndexError"):
         run(cfg)
     assert_clean(tmp_path)
+
+
+def test_a_key_missing_from_the_first_row_is_kept_for_the_others(tmp_path):
+    """The table's columns come from every row, not the first: an alpaca `input` that line 1 lacks stays in the
+    other rows' prompts, and a template field that only line 1 lacks is named by that line."""
+    from pipeline.data.render import render
+    from pipeline.data.sources import load_task
+
+    rows = [{"instruction": "Sort", "output": "1"}] + [{"instruction": "Sort", "input": f"{i} 1", "output": "1"}
+                                                       for i in range(2, 5)]
+    cfg = make_cfg(tmp_path, [json.dumps(r) for r in rows])
+    task = load_config(PrepConfig, data=dict(cfg, tasks=[{"name": "sort", "format": "alpaca",
+                                                          "source": cfg["tasks"][0]["source"]}])).tasks[0]
+    ds, _ = load_task(task, None)
+    prompts = [render(task, r)[0] for r in ds]
+    assert "Input" not in prompts[0] and all(f"Input: {i} 1" in p for i, p in zip(range(2, 5), prompts[1:]))
+    lines = [json.dumps({"q": "first"})] + [json.dumps(r) for r in ROWS[1:]]
+    with pytest.raises(PrepError, match=r"src\.jsonl:1: field 'a' is missing or null \(1 such row"):
+        run(make_cfg(tmp_path, lines))
+    assert_clean(tmp_path)
+
+
+def test_a_type_clash_between_rows_names_both_lines_and_the_field(tmp_path):
+    lines = [json.dumps(r) for r in ROWS]
+    lines[4] = json.dumps({"q": ["a", "list"], "a": "5"})
+    with pytest.raises(PrepError, match=r"src\.jsonl:5: field 'q' is list \['a', 'list'\], but .*src\.jsonl:1 has "
+                                        r"string 'what is 0 plus one' there"):
+        run(make_cfg(tmp_path, lines))
+    lines = [json.dumps(dict(r, n=i)) for i, r in enumerate(ROWS)]
+    lines[3] = json.dumps(dict(ROWS[3], n=4.5))  # ints and floats mix (a float column): no error
+    assert run(make_cfg(tmp_path, lines)).is_dir()
+
+
+def test_a_line_that_is_not_utf8_names_file_and_line_or_is_skipped(tmp_path):
+    cfg = make_cfg(tmp_path)
+    src = Path(cfg["tasks"][0]["source"]["path"])
+    data = src.read_bytes().split(b"\n")
+    data[7] = b'{"q": "caf\xe9", "a": "1"}'  # latin-1, not UTF-8
+    src.write_bytes(b"\n".join(data))
+    with pytest.raises(PrepError, match=r"src\.jsonl:8: not UTF-8"):
+        run(cfg)
+    assert_clean(tmp_path)
+    task = json.loads((run(dict(cfg, skip_invalid=True)) / "manifest.json").read_text())["tasks"]["plus"]
+    assert task["invalid"] == 1 and task["examples"] == len(ROWS) - 1
+
+
+def test_an_eval_split_that_would_reread_the_training_rows_is_refused(tmp_path):
+    """eval.from_task_eval_split with a source that has no splits (one file, one save_to_disk dataset) used to read
+    the training rows again as the eval split."""
+    import datasets
+
+    cfg = make_cfg(tmp_path, eval={"fraction": 0, "from_task_eval_split": True})
+    cfg["tasks"][0].update(eval_split="validation")
+    cfg["tasks"][0]["source"]["split"] = "train"
+    with pytest.raises(PrepError, match=r"split 'validation' would read the same rows as the training split 'train' "
+                                        r"from .*src\.jsonl \(no \{split\} in its path\)"):
+        run(cfg)
+    assert_clean(tmp_path)
+    disk = tmp_path / "ds"
+    datasets.Dataset.from_list(ROWS).save_to_disk(str(disk))
+    cfg["tasks"][0]["source"] = {"type": "disk", "path": str(disk), "split": "train"}
+    with pytest.raises(PrepError, match=r"split 'validation' would read the same rows .*one dataset, no splits"):
+        run(cfg)
+    cfg["tasks"][0]["source"]["path"] = str(tmp_path)  # a folder that is not a dataset
+    with pytest.raises(PrepError, match=r"task 'plus': .* is not a dataset folder written by save_to_disk"):
+        run(cfg)
+
+
+def test_a_format_spec_that_does_not_fit_the_value_names_file_and_line(tmp_path):
+    cfg = make_cfg(tmp_path, [json.dumps({"q": [r["q"]], "a": r["a"]}) for r in ROWS])
+    cfg["tasks"][0]["template"]["prompt"] = "Q: {q:>8}\nA:"
+    with pytest.raises(PrepError, match=r"could not be rendered for .*src\.jsonl:1: TypeError"):
+        run(cfg)
+    assert_clean(tmp_path)
+
+
+def test_a_row_with_no_tokens_names_file_and_line_or_is_skipped(tmp_path):
+    """An empty prompt and response with no BOS/EOS used to pack as an empty sample, which broke the sampler."""
+    lines = [json.dumps(r) for r in ROWS]
+    lines[9] = json.dumps({"q": "", "a": ""})
+    cfg = make_cfg(tmp_path, lines, tokenizer={"train_sentencepiece": {"vocab_size": 300}, "add_bos": False,
+                                               "add_eos": False})
+    cfg["tasks"][0]["template"] = {"prompt": "{q}", "response": "{a}"}
+    with pytest.raises(PrepError, match=r"src\.jsonl:10: the row renders to no tokens"):
+        run(cfg)
+    assert_clean(tmp_path)
+    out = run(dict(cfg, skip_invalid=True))
+    task = json.loads((out / "manifest.json").read_text())["tasks"]["plus"]
+    assert task["invalid"] == 1 and task["examples"] == len(ROWS) - 1
+
+
+def test_a_row_the_chat_template_refuses_names_the_row(prepared_builtin_data):
+    from pipeline.config.tasks import TaskConfig
+    from pipeline.data.render import render
+    from pipeline.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(prepared_builtin_data / "tokenizer")
+    tok.chat_template = ("{% if messages[0]['role'] != 'user' %}{{ raise_exception('the first turn must be the "
+                         "user\\'s') }}{% endif %}{% for m in messages %}{{ m['content'] }}\n{% endfor %}")
+    task = TaskConfig(name="c", format="chat", source={"type": "jsonl", "path": "x.jsonl"})
+    row = {"messages": [{"role": "assistant", "content": "hi"}, {"role": "assistant", "content": "again"}]}
+    with pytest.raises(PrepError, match=r"task 'c': x\.jsonl:3: the tokenizer's chat template cannot render this row "
+                                        r"\(TemplateError: the first turn must be the user's\)"):
+        render(task, row, tok, where="x.jsonl:3")

@@ -117,14 +117,29 @@ def _tokenize_split(cfg, task, tid, tok, split, max_examples, shard, work: Path,
     return Samples.from_dataset(tokd, tid), invalid, len(ds)
 
 
-def _apply_overflow(cfg: PrepConfig, task: TaskConfig, s: Samples, stats: dict) -> Samples:
+def _drop_empty(cfg: PrepConfig, task: TaskConfig, s: Samples, split: Optional[str], stats: dict) -> Samples:
+    """A row that renders to no token at all (empty prompt and response, no BOS/EOS) would pack as an empty sample,
+    which the loader cannot place in any row: an error naming the row, or with `skip_invalid` left out and counted."""
+    empty = s.lengths == 0
+    if not empty.any():
+        return s
+    if not cfg.skip_invalid:
+        ex = int(s.example_id[int(np.flatnonzero(empty)[0])])
+        raise PrepError(f"task {task.name!r}: {row_location(task, split, ex)}: the row renders to no tokens (empty "
+                        f"prompt and response, no BOS/EOS added; {int(empty.sum())} such row(s)). Fix the data or "
+                        f"set skip_invalid: true")
+    stats["invalid"] += int(empty.sum())
+    return s.select(np.flatnonzero(~empty))
+
+
+def _apply_overflow(cfg: PrepConfig, task: TaskConfig, s: Samples, split: Optional[str], stats: dict) -> Samples:
     L = cfg.max_seq_len
     long_prompt = s.n_prompt >= L
     if cfg.overflow == "truncate" and long_prompt.any():
         i = int(np.argmax(s.n_prompt))
-        raise PrepError(f"task {task.name!r}: max_seq_len {L} is smaller than the longest prompt "
-                        f"({int(s.n_prompt[i])} tokens, example {int(s.example_id[i])}): no response token would "
-                        f"fit. Raise max_seq_len, shorten the template, or set overflow: drop")
+        raise PrepError(f"task {task.name!r}: {row_location(task, split, int(s.example_id[i]))}: max_seq_len {L} is "
+                        f"smaller than this row's prompt ({int(s.n_prompt[i])} tokens, the longest): no response "
+                        f"token would fit. Raise max_seq_len, shorten the template, or set overflow: drop")
     over = s.lengths > L
     if cfg.overflow == "drop":
         stats["dropped"] += int(over.sum())
@@ -152,7 +167,7 @@ def tokenize_tasks(cfg: PrepConfig, tok, shard: Optional[tuple[int, int]], work:
                 s.is_eval[:] = True
             elif cfg.eval.fraction > 0:
                 s.is_eval = heldout_mask(cfg.seed, task.name, s.example_id, cfg.eval.fraction)
-            parts.append(_apply_overflow(cfg, task, s, st))
+            parts.append(_apply_overflow(cfg, task, _drop_empty(cfg, task, s, split, st), split, st))
     if not parts:
         raise PrepError("no examples to prepare (every source slice is empty)")
     return Samples.concat(parts), stats

@@ -180,6 +180,16 @@ def chat_problem(msgs) -> Optional[str]:
     return None
 
 
+def _through_chat_template(task: TaskConfig, msgs: list[dict], tokenizer, row, where) -> tuple[str, str]:
+    """apply_chat_template, with what the template refuses (a conversation without a user turn, roles that do not
+    alternate: templates raise their own errors) named by the row."""
+    try:
+        return apply_chat_template(msgs, tokenizer)
+    except Exception as e:  # jinja's TemplateError, transformers' ValueError, ...
+        raise PrepError(f"task {task.name!r}: {_where(row, where)}: the tokenizer's chat template cannot render this "
+                        f"row ({type(e).__name__}: {e})") from None
+
+
 def _chat(task: TaskConfig, row: dict[str, Any], tokenizer, where: Optional[str] = None) -> tuple[str, str]:
     msgs = row["messages"]
     problem = chat_problem(msgs)
@@ -187,7 +197,7 @@ def _chat(task: TaskConfig, row: dict[str, Any], tokenizer, where: Optional[str]
         raise PrepError(f"task {task.name!r}: {_where(row, where)}: {problem}")
     msgs = [{"role": m["role"], "content": m["content"]} for m in msgs]
     if _has_chat_template(tokenizer):
-        return apply_chat_template(msgs, tokenizer)
+        return _through_chat_template(task, msgs, tokenizer, row, where)
     prompt = "".join(f"{m['role']}: {m['content']}\n" for m in msgs[:-1]) + "assistant:"
     return prompt, msgs[-1]["content"]
 
@@ -211,7 +221,7 @@ def render_plain(task: TaskConfig, row: dict[str, Any], where: Optional[str] = N
         fields["label_text"] = _label_text(task, row, where)
     try:
         return tpl.prompt.format(**fields), tpl.response.format(**fields)
-    except (KeyError, IndexError, ValueError) as e:
+    except (KeyError, IndexError, ValueError, TypeError, AttributeError) as e:  # a field, index or spec the row lacks
         raise PrepError(f"task {task.name!r}: template could not be rendered for {_where(row, where)}: {e!r}"
                         ) from None
 
@@ -227,6 +237,6 @@ def render(task: TaskConfig, row: dict[str, Any], tokenizer: Optional[Any] = Non
         if not _has_chat_template(tokenizer):
             raise PrepError(f"task {task.name!r}: chat_template is set, but the tokenizer has no chat template "
                             f"(set chat_template: false, or use an instruct model's tokenizer)")
-        return apply_chat_template([{"role": "user", "content": prompt},
-                                     {"role": "assistant", "content": response}], tokenizer)
+        return _through_chat_template(task, [{"role": "user", "content": prompt},
+                                             {"role": "assistant", "content": response}], tokenizer, row, where)
     return prompt, response

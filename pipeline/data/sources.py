@@ -25,19 +25,21 @@ def source_path(source: SourceConfig, split: Optional[str]) -> str:
 
 def _read_jsonl(path: Path, task: str, skip_invalid: bool) -> tuple[list[dict], int]:
     rows, invalid = [], 0
-    with path.open("r", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
             try:
+                line = raw.decode("utf-8")
+                if not line.strip():
+                    continue
                 row = json.loads(line)
                 if not isinstance(row, dict):
                     raise ValueError(f"expected a JSON object, got {type(row).__name__}")
-            except ValueError as e:
+            except ValueError as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
                 if skip_invalid:
                     invalid += 1
                     continue
-                raise PrepError(f"task {task!r}: {path}:{lineno}: malformed JSON line ({e}); "
+                what = "not UTF-8" if isinstance(e, UnicodeDecodeError) else "malformed JSON line"
+                raise PrepError(f"task {task!r}: {path}:{lineno}: {what} ({e}); "
                                 f"fix it or set skip_invalid: true") from None
             row[EXAMPLE_ID] = lineno - 1
             rows.append(row)
@@ -47,6 +49,8 @@ def _read_jsonl(path: Path, task: str, skip_invalid: bool) -> tuple[list[dict], 
 def _read_json(path: Path, task: str) -> list[dict]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise PrepError(f"task {task!r}: {path}: not UTF-8 ({e})") from None
     except json.JSONDecodeError as e:
         raise PrepError(f"task {task!r}: {path}:{e.lineno}: malformed JSON ({e.msg})") from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
@@ -56,11 +60,47 @@ def _read_json(path: Path, task: str) -> list[dict]:
     return [dict(r, **{EXAMPLE_ID: i}) for i, r in enumerate(data)]
 
 
-def _from_rows(rows: list[dict], task: str, where: str) -> datasets.Dataset:
+def _kind(value) -> str:
+    """A JSON value's type as one Arrow column can hold it: int and float mix (as float), nothing else does."""
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    return {str: "string", list: "list", dict: "object"}.get(type(value), type(value).__name__)
+
+
+def _first_type_clash(rows: list[dict], columns: list[str], where) -> str:
+    """The first row whose value in some column has another JSON type than that column's first non-null value."""
+    for col in columns:
+        first = None
+        for row in rows:
+            value = row.get(col)
+            if value is None:
+                continue
+            if first is None:
+                first = (row, _kind(value))
+            elif _kind(value) != first[1]:
+                return (f"{where(row)}: field {col!r} is {_kind(value)} {value!r}, but {where(first[0])} has "
+                        f"{first[1]} {first[0][col]!r} there")
+    return ""
+
+
+def _from_rows(rows: list[dict], task: str, where) -> datasets.Dataset:
+    """One table with every column any row has (a row without a key gets null there, which prep reports by row
+    when the task reads that column); `where(row)` names a row in errors."""
+    columns = list(dict.fromkeys(k for row in rows for k in row))
     try:
-        return datasets.Dataset.from_list(rows)
+        return datasets.Dataset.from_dict({c: [row.get(c) for row in rows] for c in columns})
     except Exception as e:  # pyarrow type clashes between rows
-        raise PrepError(f"task {task!r}: {where}: rows do not share one schema ({e})") from None
+        clash = _first_type_clash(rows, columns, where)
+        raise PrepError(f"task {task!r}: {clash or where(None)}: rows do not share one schema ({e})") from None
+
+
+def _same_data(task: TaskConfig, split: Optional[str], what: str) -> PrepError:
+    """Reading split `split` where the source has no splits would silently give the training rows again."""
+    return PrepError(f"task {task.name!r}: split {split!r} would read the same rows as the training split "
+                     f"{task.source.split!r} from {what}: put {{split}} in the path (one file per split) or point "
+                     f"the source at split files")
 
 
 def load_split(task: TaskConfig, split: Optional[str], skip_invalid: bool = False) -> tuple[datasets.Dataset, int]:
@@ -77,16 +117,31 @@ def load_split(task: TaskConfig, split: Optional[str], skip_invalid: bool = Fals
         if not rows:
             raise PrepError(f"task {task.name!r}: source {path} has no examples"
                             + (f" ({invalid} invalid lines skipped)" if invalid else ""))
-        return _from_rows(rows, task.name, str(path)), invalid
+        if split != src.split and "{split}" not in src.path:
+            raise _same_data(task, split, f"{path} (no {{split}} in its path)")
+
+        def where(row):
+            if row is None:
+                return str(path)
+            i = row[EXAMPLE_ID]
+            return f"{path}:{i + 1}" if src.type == "jsonl" else f"{path}: item {i}"
+
+        return _from_rows(rows, task.name, where), invalid
     if src.type == "disk":
         path = Path(src.path)
         if not path.exists():
             raise PrepError(f"task {task.name!r}: dataset folder not found: {path}")
-        obj = datasets.load_from_disk(str(path))
+        try:
+            obj = datasets.load_from_disk(str(path))
+        except FileNotFoundError as e:  # a folder that save_to_disk did not write (e.g. the parent of one)
+            raise PrepError(f"task {task.name!r}: {path} is not a dataset folder written by save_to_disk ({e})"
+                            ) from None
         if isinstance(obj, datasets.DatasetDict):
             if split not in obj:
                 raise PrepError(f"task {task.name!r}: {path} has splits {sorted(obj)}, not {split!r}")
             obj = obj[split]
+        elif split != src.split:
+            raise _same_data(task, split, f"{path} (one dataset, no splits)")
     else:  # hub: real loading code for users with network access (not exercised offline)
         obj = datasets.load_dataset(src.path, src.subset, split=split or "train")
     if len(obj) == 0:
