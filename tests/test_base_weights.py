@@ -98,4 +98,4 @@ def test_save_records_the_fingerprint_or_warns_without_it(tmp_path, capsys):
     (base / "model.safetensors").write_bytes(b"")  # the base's files became unreadable after loading
     capsys.readouterr()
     assert recorded(save_adapter(model, tmp_path / "b")) is None
-    assert "records no base weights fingerprint" in capsys.readouterr().err
+    assert "no base weights fingerprint recorded" in capsys.readouterr().err

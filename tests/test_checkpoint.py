@@ -41,7 +41,7 @@ IDENTITY = {"output_dir": "/runs/a", "seed": 0, "model": {"path": "/m", "quantiz
             "data": {"dir": "/d", "tasks": None, "task_caps": None, "temperature": 2.0},
             "more": {"max_rank": 4, "target_modules": ["q_proj", "v_proj"]},
             "optim": {"lr": 0.01, "max_steps": 6}, "eval": {"every": 0},
-            "run": {"world_size": 1, "task_names": ["a", "b"], "data_cache_key": "k1"}}
+            "run": {"world_size": 1, "task_names": ["a", "b"], "data_cache_key": "k1", "base_weights_sha256": "w1"}}
 
 
 def _save(ckpt, step, keep=5, **run):
@@ -205,10 +205,21 @@ def test_resume_refuses_other_model_data_tasks_ranks_and_names_the_fields(tmp_pa
                           ({"data__tasks": ["a"]}, "data.tasks"),
                           ({"run__task_names": ["a", "b", "c"]}, "run.task_names"),
                           ({"run__data_cache_key": "k2"}, "run.data_cache_key"),
-                          ({"run__world_size": 2}, "run.world_size: 1 -> 2")]:
+                          ({"run__world_size": 2}, "run.world_size: 1 -> 2"),
+                          ({"run__base_weights_sha256": "w2"}, 'run.base_weights_sha256: "w1" -> "w2"')]:
         with pytest.raises(RuntimeError, match="other settings") as err:
             checkpoint.load(FakeEngine(), ckpt, 0, _changed(IDENTITY, **dotted))
         assert field in str(err.value), (dotted, str(err.value))
+
+
+def test_resume_from_a_checkpoint_without_a_base_weights_fingerprint(tmp_path):
+    """Checkpoints written before the fingerprint was recorded resume; the fingerprint is compared where both have
+    one (above)."""
+    ckpt = tmp_path / "checkpoints"
+    older = _changed(IDENTITY)
+    del older["run"]["base_weights_sha256"]
+    _save(ckpt, 4, identity=older)
+    assert checkpoint.load(FakeEngine(), ckpt, 0, IDENTITY)[0]["step"] == 4
 
 
 def test_resume_allows_and_says_a_changed_lr_or_max_steps(tmp_path, capsys):
@@ -269,10 +280,13 @@ def test_non_finite_loss_stops_before_the_update_and_no_checkpoint_has_that_step
 
 def test_resume_trains_with_a_changed_lr_and_refuses_a_changed_rank(tiny_train_setup, tmp_path):
     """End to end, one process: the allowed change is said and takes effect (the loaded optimizer and scheduler
-    states carry the old lr); the refused one names the field and trains nothing."""
-    run = tmp_path / "run"
+    states carry the old lr); the refused ones (a rank; the base's weights rewritten under the same model.path) name
+    the field and train nothing."""
+    import shutil
+
+    run, model = tmp_path / "run", Path(shutil.copytree(tiny_train_setup["base"], tmp_path / "base"))
     base = [sys.executable, str(TRAIN), "--config", str(tiny_train_setup["config"]), "--set", f"output_dir={run}",
-            "--set", "checkpoint.every=2"]
+            "--set", "checkpoint.every=2", "--set", f"model.path={model}"]
     first = subprocess.run(base + ["--set", "optim.max_steps=2"], env=_env(), cwd=ROOT, capture_output=True,
                            text=True, timeout=600)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
@@ -289,6 +303,20 @@ def test_resume_trains_with_a_changed_lr_and_refuses_a_changed_rank(tiny_train_s
     assert refused.returncode != 0
     assert "more.max_rank: 4 -> 2" in refused.stderr, refused.stderr[-3000:]
     assert max(r["step"] for r in (json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines())) == 3
+    from transformers import AutoTokenizer
+
+    from pipeline.models import build_tiny_llama
+    from pipeline.models.base_weights import weights_fingerprint
+
+    trained_on = weights_fingerprint(model, "fp32")
+    assert json.loads((run / "adapter" / "more_config.json").read_text())["base_model"]["weights_sha256"] == trained_on
+    tok = AutoTokenizer.from_pretrained(model)
+    build_tiny_llama(model, vocab_size=len(tok), tokenizer=tok, hidden_size=64, num_layers=2, seed=1)
+    refused = subprocess.run(base + ["--set", "optim.max_steps=4"], env=_env(), cwd=ROOT, capture_output=True,
+                             text=True, timeout=600)
+    assert refused.returncode != 0
+    assert f'run.base_weights_sha256: "{trained_on}" -> "{weights_fingerprint(model, "fp32")}"' in refused.stderr, \
+        refused.stderr[-3000:]
 
 
 def _env() -> dict:

@@ -255,6 +255,24 @@ def test_sigterm_checkpoint_and_resume_reproduce_uninterrupted_losses(tiny_train
 
 
 @pytest.mark.slow
+def test_preempted_at_the_last_step_the_resumed_summary_keeps_the_final_loss(tiny_train_setup, uninterrupted_run,
+                                                                             tmp_path):
+    """SIGTERM during the last step: the step finishes and is checkpointed; the resumed run only owes its eval and
+    the summary, whose final train loss (per task too) is the uninterrupted run's, not None."""
+    run = tmp_path / "late"
+    run.mkdir()
+    args = ["--config", str(tiny_train_setup["config"]), "--set", f"output_dir={run}", "--set", "eval.every=1"]
+    assert wait_all(spawn_ranks(2, args, run, {"PIPELINE_FAULT": "term@*:6"})) == [75, 75], _logs(run)
+    assert (run / "checkpoints" / "step_6" / "meta.json").is_file() and not (run / "train_summary.json").exists()
+    assert wait_all(spawn_ranks(2, args, run)) == [0, 0], _logs(run)
+    got = json.loads((run / "train_summary.json").read_text())
+    want = json.loads((uninterrupted_run / "train_summary.json").read_text())
+    assert got["final_train_loss"] == pytest.approx(want["final_train_loss"], rel=1e-6)
+    assert got["final_train_loss_per_task"] == pytest.approx(want["final_train_loss_per_task"], rel=1e-6)
+    assert got["final_train_loss_per_task"] and got["tokens_per_s"] is None  # no step ran in the resumed process
+
+
+@pytest.mark.slow
 def test_one_process_with_accumulation_matches_two_ranks(tiny_train_setup, uninterrupted_run, tmp_path):
     """Same global batch (2 ranks x 2 rows vs 1 process x 2 micro-batches of 2 rows): same losses."""
     run = tmp_path / "single"

@@ -50,20 +50,27 @@ def base_dtype(model: MoreCausalLM) -> str:
     return _DT_NAMES.get(qs.dtype if qs is not None else w.dtype, "fp32")
 
 
-def base_identity(model: MoreCausalLM) -> Dict:
-    cfg = model.hf_config
-    dtype = base_dtype(model)
-    if not hasattr(model, "_base_weights_sha256"):  # read from the base's files once per model, at its first save
+def base_weights_sha256(model: MoreCausalLM) -> Optional[str]:
+    """The weights fingerprint of the base checkpoint `model` was loaded from (pipeline/models/base_weights.py), read
+    from its files at the first call and kept: the trainer calls this right after loading, so the adapter and the
+    checkpoints record the weights that trained, even if the base folder is rewritten later. None where the base is
+    not a local safetensors checkpoint, or its files cannot be read (with a warning)."""
+    if not hasattr(model, "_base_weights_sha256"):
         folder = local_model_dir(model.base_model_id)
         try:
-            model._base_weights_sha256 = weights_fingerprint(folder, dtype) if folder else None
-        except ValueError as e:  # the files changed since they loaded: save the adapter without the fingerprint
-            print(f"warning: the adapter records no base weights fingerprint: {e}", file=sys.stderr, flush=True)
+            model._base_weights_sha256 = weights_fingerprint(folder, base_dtype(model)) if folder else None
+        except ValueError as e:  # the files changed since they loaded
+            print(f"warning: no base weights fingerprint recorded: {e}", file=sys.stderr, flush=True)
             model._base_weights_sha256 = None
-    return dict(id=model.base_model_id, dtype=dtype, model_type=getattr(cfg, "model_type", None),
+    return model._base_weights_sha256
+
+
+def base_identity(model: MoreCausalLM) -> Dict:
+    cfg = model.hf_config
+    return dict(id=model.base_model_id, dtype=base_dtype(model), model_type=getattr(cfg, "model_type", None),
                 hidden_size=getattr(cfg, "hidden_size", None), num_hidden_layers=getattr(cfg, "num_hidden_layers", None),
                 vocab_size=getattr(cfg, "vocab_size", None), quantized_nf4=model.quantized_base,
-                weights_sha256=model._base_weights_sha256)
+                weights_sha256=base_weights_sha256(model))
 
 
 def base_mismatch(saved: Dict, config) -> Dict:

@@ -50,6 +50,7 @@ FORMAT = 1
 REFUSED = ("run.", "seed", "model.path", "model.quantization", "model.dtype", "model.frozen_base", "data.tasks",
            "data.task_caps", "data.temperature", "more.")
 IGNORED = ("output_dir",)  # a moved run folder is the same run
+RECORDED_SINCE = ("run.base_weights_sha256",)  # facts older checkpoints lack: not compared when they do
 
 
 class CheckpointError(RuntimeError):
@@ -176,9 +177,11 @@ def choose(ckpt_dir: Path, identity: Optional[dict[str, Any]] = None) -> Choice:
 
 
 def run_identity(config: dict[str, Any], world_size: int, task_names: list[str],
-                 data_key: Optional[str]) -> dict[str, Any]:
-    """What a checkpoint records about its run: the resolved config plus the facts a config does not say."""
-    return {**config, "run": {"world_size": world_size, "task_names": list(task_names), "data_cache_key": data_key}}
+                 data_key: Optional[str], base_weights: Optional[str] = None) -> dict[str, Any]:
+    """What a checkpoint records about its run: the resolved config plus the facts a config does not say (the
+    base's weights fingerprint: a base folder rewritten between runs keeps its model.path)."""
+    return {**config, "run": {"world_size": world_size, "task_names": list(task_names), "data_cache_key": data_key,
+                              "base_weights_sha256": base_weights}}
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -199,7 +202,7 @@ def compare(saved: dict[str, Any], current: dict[str, Any]) -> tuple[list[str], 
     refused, changed = [], []
     for key in sorted(set(a) | set(b)):
         old, new = a.get(key, _MISSING), b.get(key, _MISSING)
-        if old == new or key.startswith(IGNORED):
+        if old == new or key.startswith(IGNORED) or (old is _MISSING and key in RECORDED_SINCE):
             continue
         line = f"{key}: {json.dumps(old)} -> {json.dumps(new)}"
         (refused if key.startswith(REFUSED) else changed).append(line)

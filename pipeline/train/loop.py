@@ -75,6 +75,7 @@ def build_model(cfg: TrainConfig, task_names: list[str], dist_info: DistInfo):
     from pipeline.models.packed_attention import NAME as PACKED_ATTENTION
     from pipeline.models.pooled_swiglu import pool_swiglu_mlps
     from pipeline.more import inject
+    from pipeline.more.io import base_weights_sha256
 
     device_map = {"": dist_info.device} if cfg.model.quantization == "nf4" else None
     base = load_base_model(cfg.model.path, cfg.model.quantization, cfg.model.dtype,
@@ -83,6 +84,7 @@ def build_model(cfg: TrainConfig, task_names: list[str], dist_info: DistInfo):
     faults.point("load", dist_info.rank, 0)
     base.config.use_cache = False
     model = inject(base, cfg.more_for_run(), task_names, base_model_id=cfg.model.path)
+    base_weights_sha256(model)  # now, from the files that loaded: checkpoints and the adapter record it
     if cfg.model.compile_norms:
         n = compile_rms_norms(model.base_model)
         if dist_info.is_main:
@@ -110,6 +112,8 @@ class Trainer:
         seed_everything(cfg.seed)
         import deepspeed
 
+        from pipeline.more.io import base_weights_sha256
+
         model = build_model(cfg, task_names, dist_info)
         ds = fill_ds_config(ds_config, cfg, dist_info.world_size)
         if ds.get("zero_optimization", {}).get("stage") == 3:
@@ -130,11 +134,12 @@ class Trainer:
         self.tokens_seen = 0
         self.preempt = Preempted()
         self.last_eval: dict[str, float] = {}
+        self.last_values: dict[str, float] = {}  # the last step's train values (the summary's final loss)
         self.eval_pending = False  # a resumed run owes the eval of the step it was preempted at
         self.run_id = checkpoint.new_run_id()  # a resumed run takes its checkpoint's: pruning keeps to one run
         manifest = json.loads((Path(cfg.data.dir) / "manifest.json").read_text())
         self.identity = checkpoint.run_identity(cfg.model_dump(mode="json"), dist_info.world_size, task_names,
-                                                manifest.get("cache_key"))
+                                                manifest.get("cache_key"), base_weights_sha256(model))
         # This config's optimizer settings: a checkpoint's optimizer and scheduler states carry the saved run's,
         # and a resume with a changed lr (allowed, and said) must train with the new one.
         self._hparams = [{k: g[k] for k in ("lr", "weight_decay", "betas", "eps") if k in g}
@@ -156,6 +161,7 @@ class Trainer:
         self.tokens_seen = state["tokens_seen"]
         self.data.load_state_dict(state["data"])
         self.eval_pending = bool(state.get("eval_pending", False))
+        self.last_values = dict(state.get("last_values", {}))
         self.run_id = meta["run_id"]
         self._restore_hparams()
         if self.dist.is_main:
@@ -178,7 +184,7 @@ class Trainer:
             raise FloatingPointError(f"step {self.step}: trainable parameters are not finite; no checkpoint written "
                                      f"(the last one in {self.ckpt_dir} is from before)")
         state = {"step": self.step, "tokens_seen": self.tokens_seen, "data": self.data.state_dict(),
-                 "eval_pending": eval_pending}
+                 "eval_pending": eval_pending, "last_values": self.last_values}
         with faults.during_writes("checkpoint", self.dist.rank, self.step):
             checkpoint.save(self.engine, self.ckpt_dir, self.step, state, self.cfg.checkpoint.keep, self.dist.rank,
                             self.run_id, self.identity)
@@ -299,7 +305,6 @@ class Trainer:
         monitor = Monitor(self.out, cfg.optim.max_steps, self.step, self.dist.is_main)
         self.engine.train()
         t_start, tokens_start = time.time(), self.tokens_seen
-        final: dict[str, float] = {}
         try:
             if self.eval_pending or (cfg.eval.at_start and self.step == 0):  # step 0, or the eval of the step
                 self._eval_and_log(monitor)                                  # a preempted run was stopped at
@@ -310,7 +315,7 @@ class Trainer:
                 dt = time.time() - t0
                 values["tokens_per_s"] = values["tokens"] / max(dt, 1e-9)
                 values.update(_peak_memory_gb(self.dist.device))
-                final = values
+                self.last_values = values
                 if self.step % cfg.log_every == 0 or self.step == cfg.optim.max_steps:
                     monitor.scalars(self.step, values, prefix="train/")
                 monitor.progress(self.step, values["loss"], values["tokens_per_s"])
@@ -330,7 +335,7 @@ class Trainer:
             self._eval_and_log(monitor)
             if not cfg.checkpoint.every or self.step % cfg.checkpoint.every != 0:  # every 0: only here (and SIGTERM)
                 self.save_checkpoint()
-            self._finish(final, time.time() - t_start, self.tokens_seen - tokens_start)
+            self._finish(self.last_values, time.time() - t_start, self.tokens_seen - tokens_start)
         finally:
             monitor.close()
         return 0
@@ -357,7 +362,7 @@ class Trainer:
             "final_train_loss_per_task": {k[len("loss/"):]: v for k, v in final.items() if k.startswith("loss/")},
             "eval": self.last_eval,
             "wall_time_s": wall_s,
-            "tokens_per_s": tokens / max(wall_s, 1e-9),
+            "tokens_per_s": tokens / max(wall_s, 1e-9) if tokens else None,  # this process's (None: resumed at the end)
         }
         tmp = self.out / "train_summary.json.tmp"
         tmp.write_text(json.dumps(summary, indent=2))
