@@ -458,6 +458,42 @@ def test_capped_eval_reads_rows_spread_over_the_split(tiny_train_setup):
     assert read == [True, True], "the first and the last row of the split are both read"
 
 
+def test_task_mix_is_the_prep_configs_unless_the_train_config_sets_it(tiny_train_setup, tmp_path):
+    """data.temperature / data.task_caps unset: the sampler draws the mix prep recorded in the manifest (its
+    temperature, caps and weights); set, they replace prep's values; data.tasks zeroes the other tasks."""
+    import shutil
+
+    import numpy as np
+
+    from pipeline.config import load_config
+    from pipeline.config.train import TrainConfig
+    from pipeline.data.sampler import task_probabilities
+    from pipeline.train.data import TrainData
+    from pipeline.train.distributed import DistInfo
+
+    data = Path(shutil.copytree(tiny_train_setup["data"], tmp_path / "data"))
+    manifest = json.loads((data / "manifest.json").read_text())
+    names = [n for n, _ in sorted(manifest["tasks"].items(), key=lambda kv: kv[1]["id"])]
+    manifest["sampling"] = {"temperature": 5.0, "caps": {names[0]: 3}, "weights": {names[1]: 4.0}}
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    sizes = [manifest["tasks"][n]["examples"] for n in names]
+
+    def mix(*overrides):
+        cfg = load_config(TrainConfig, tiny_train_setup["config"], [f"data.dir={data}", *overrides])
+        return TrainData(cfg, names, DistInfo(0, 0, 1, torch.device("cpu")), torch.float32).sampler.probabilities
+
+    caps, weights = [3] + [None] * (len(names) - 1), [1.0, 4.0] + [1.0] * (len(names) - 2)
+    np.testing.assert_allclose(mix("data.temperature=null"), task_probabilities(sizes, 5.0, caps=caps,
+                                                                                  weights=weights))
+    np.testing.assert_allclose(mix("data.temperature=2.0"), task_probabilities(sizes, 2.0, caps=caps,
+                                                                                 weights=weights))
+    np.testing.assert_allclose(mix("data.temperature=null", f"data.task_caps={{{names[1]}: 2}}"),
+                               task_probabilities(sizes, 5.0, caps=[None, 2] + [None] * (len(names) - 2),
+                                                  weights=weights))
+    subset = mix("data.temperature=null", f"data.tasks=[{names[0]},{names[1]}]")
+    assert subset[2:].sum() == 0 and subset[0] > 0 and subset[1] > 0
+
+
 @pytest.mark.parametrize("stage", [0, 3])
 def test_local_gradient_square_sum_reads_every_gradient_and_keeps_non_finite(stage):
     """The pre-update check's sum of squares: every gradient this rank holds (ZeRO-3: its reduced partitions),

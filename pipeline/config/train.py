@@ -58,9 +58,10 @@ class ModelConfig(StrictModel):
 
 class DataConfig(StrictModel):
     dir: str  # the prep stage's output (manifest.json + train/ + eval/)
-    temperature: float = Field(default=2.0, gt=0)  # task sampling p_t ∝ n_t^(1/T)
-    # T5-style caps: a task counts as at most this many examples in its sampling share, p_t ∝ min(n_t, cap)^(1/T)
-    # (pipeline/data/sampler.py); a share, not a hard limit per epoch
+    # Task sampling p_t ∝ w_t · min(n_t, cap_t)^(1/T) (pipeline/data/sampler.py). null: as the prep config's
+    # `sampling` set it (recorded in the data's manifest.json, with its per-task weights); a value here overrides it.
+    temperature: Optional[float] = Field(default=None, gt=0)
+    # T5-style caps: a task counts as at most this many examples in its sampling share; a share, not a hard limit
     task_caps: Optional[dict[str, PositiveInt]] = None
     tasks: Optional[list[str]] = Field(default=None, min_length=1)  # a subset of the manifest's tasks (default: all)
 

@@ -84,16 +84,28 @@ def _check_vocab(cfg: TrainConfig, manifest: dict) -> None:
                           f"a model with this data's vocabulary")
 
 
+def sampling_spec(cfg: TrainConfig, manifest: dict) -> dict:
+    """The task mix training draws: the prep config's `sampling` (the manifest's), with `data.temperature` and
+    `data.task_caps` replacing its values where set, and the tasks outside `data.tasks` at weight 0."""
+    prep = manifest.get("sampling") or {}
+    spec = {"temperature": prep.get("temperature", 1.0), "caps": dict(prep.get("caps") or {}),
+            "weights": dict(prep.get("weights") or {})}
+    if cfg.data.temperature is not None:
+        spec["temperature"] = cfg.data.temperature
+    if cfg.data.task_caps is not None:
+        spec["caps"] = dict(cfg.data.task_caps)
+    if cfg.data.tasks is not None:
+        spec["weights"] = {n: (spec["weights"].get(n, 1.0) if n in cfg.data.tasks else 0.0) for n in manifest["tasks"]}
+    return spec
+
+
 class TrainData:
     def __init__(self, cfg: TrainConfig, task_names: list[str], dist_info, dtype: torch.dtype):
         self.cfg, self.dist = cfg, dist_info
         self.train = PackedDataset(cfg.data.dir, "train")
-        weights = None
-        if cfg.data.tasks is not None:
-            weights = {n: (1.0 if n in cfg.data.tasks else 0.0) for n in task_names}
-        self.sampler = TaskSampler.from_dataset(
-            self.train, sampling={"temperature": cfg.data.temperature, "caps": cfg.data.task_caps, "weights": weights},
-            seed=cfg.seed, rank=dist_info.rank, world_size=dist_info.world_size)
+        self.sampling = sampling_spec(cfg, self.train.manifest)
+        self.sampler = TaskSampler.from_dataset(self.train, sampling=self.sampling, seed=cfg.seed,
+                                                rank=dist_info.rank, world_size=dist_info.world_size)
         self._stream = iter(self.sampler)
         self.collate = PackedCollator(dtype=dtype, dense_mask=cfg.model.attn_implementation != PACKED_ATTENTION)
         eval_dir = Path(cfg.data.dir) / "eval"

@@ -129,6 +129,10 @@ class Trainer:
             lr_scheduler=lambda opt: make_scheduler(opt, o.warmup_steps, o.max_steps, o.schedule))
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.model.dtype]
         self.data = TrainData(cfg, task_names, dist_info, self.dtype)
+        if dist_info.is_main:
+            mix = ", ".join(f"{n} {p:.3f}" for n, p in zip(task_names, self.data.sampler.probabilities))
+            print(f"task mix (share of examples drawn, temperature {self.data.sampling['temperature']:g}): {mix}",
+                  flush=True)
         self.step = 0
         self.steps_this_process = 0  # ZeRO-3 records its module order in this process's first training step
         self.tokens_seen = 0
