@@ -3,6 +3,7 @@ also exercises generation (exact match) and regression; the adapter path agrees 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -122,6 +123,29 @@ def test_base_with_other_weights_is_refused(adapter_setup, tmp_path):
     code, err = run_cli("--adapter", root / "adapter", "--base", other, "--data", data, "--tasks", "sentiment",
                         "--out", tmp_path / "e", "--max-examples", 2, "--allow-other-base-weights")
     assert code == 0, err
+
+
+def test_bad_adapter_base_or_options_are_clear_errors(adapter_setup, tmp_path):
+    """Each refused before any model loads, exit 2, naming what is wrong: a base of another shape, an adapter folder
+    missing a file, --set without --config (it used to be ignored)."""
+    import shutil
+
+    root, data, base, tasks = adapter_setup
+    common = ["--data", data, "--tasks", "sentiment", "--out", tmp_path / "e", "--max-examples", 2]
+    deeper = tiny_with_tokenizer(tmp_path / "deeper", data / "tokenizer", seed=0)
+    cfg = json.loads((deeper / "config.json").read_text())
+    cfg["num_hidden_layers"] += 1
+    (deeper / "config.json").write_text(json.dumps(cfg))
+    code, err = run_cli("--adapter", root / "adapter", "--base", deeper, *common)
+    assert code == 2 and "trained on a base of another shape" in err and "'num_hidden_layers': (" in err, err
+    for lacking in ("rank_map.json", "adapter_model.safetensors"):
+        partial = Path(shutil.copytree(root / "adapter", tmp_path / f"no_{lacking}"))
+        (partial / lacking).unlink()
+        code, err = run_cli("--adapter", partial, "--base", base, *common)
+        assert code == 2 and f"is not a MoRE adapter folder (no {lacking})" in err, err
+    code, err = run_cli("--model", base, "--set", "no_such_key=1", *common)
+    assert code == 2 and "--set overrides values of --config" in err, err
+    assert not (tmp_path / "e").exists()
 
 
 def test_nf4_adapter(adapter_setup, tmp_path):

@@ -55,6 +55,9 @@ def evaluate(out, *, model=None, adapter=None, base=None, routing: bool = False,
         raise EvalError("--base/--routing/--allow-other-base-weights go with --adapter")
     if (config is None) == (data is None):
         raise EvalError("give exactly one of a prep config (--config) or a prepared data folder (--data)")
+    if overrides and config is None:
+        raise EvalError("--set overrides values of --config; with --data the tasks are the prepared data's as prep "
+                        "wrote them")
     if max_examples is not None and max_examples <= 0:
         raise EvalError("--max-examples must be positive")
     if batch_size <= 0:

@@ -189,6 +189,41 @@ class MergedModels(EvalModel):
         self._current, self._task = None, None
 
 
+def _adapter_meta_for(base: Path, adapter_dir: Path, allow_other_base_weights: bool) -> dict:
+    """The adapter's more_config.json, once the folder holds a whole adapter and --base is the model it was trained
+    on (its shape; its weights unless allowed otherwise), before anything large loads."""
+    from transformers import AutoConfig
+
+    from pipeline.more.io import ADAPTER_FILE, CONFIG_FILE, RANK_MAP_FILE, base_mismatch, base_weights_mismatch
+
+    _check_hf_folder(base, "--base")
+    missing = [f for f in (CONFIG_FILE, RANK_MAP_FILE, ADAPTER_FILE) if not (adapter_dir / f).is_file()]
+    if missing:
+        raise EvalError(f"--adapter: {adapter_dir} is not a MoRE adapter folder (no {', '.join(missing)})")
+    cfg_file = adapter_dir / CONFIG_FILE
+    try:
+        meta = json.loads(cfg_file.read_text())
+    except ValueError as e:
+        raise EvalError(f"--adapter: {cfg_file} is not valid JSON ({e})") from None
+    try:
+        shape = base_mismatch(meta["base_model"], AutoConfig.from_pretrained(str(base)))
+    except (OSError, ValueError) as e:
+        raise EvalError(f"--base: {base} is not a model folder ({e})") from None
+    if shape:
+        raise EvalError(f"--adapter {adapter_dir} was trained on a base of another shape than --base {base}: "
+                        f"{shape} (trained on, given)")
+    if allow_other_base_weights:
+        return meta
+    try:
+        why = base_weights_mismatch(meta["base_model"], base)
+    except ValueError as e:
+        raise EvalError(f"--base {base}: {e}") from None
+    if why:
+        raise EvalError(f"--base {base}: {why}, in {cfg_file}. Pass the base it was trained on, or "
+                        f"--allow-other-base-weights to evaluate it on this one anyway")
+    return meta
+
+
 class AdapterModel(EvalModel):
     """Base + MoRE adapter. Each prompt runs with one task's adapter (given, or routed when `routing`)."""
 
@@ -197,21 +232,7 @@ class AdapterModel(EvalModel):
     def __init__(self, base, adapter_dir, device: Optional[str] = None, dtype: Optional[str] = None,
                  routing: bool = False, allow_other_base_weights: bool = False):
         self.base, self.adapter_dir = Path(base), Path(adapter_dir)
-        _check_hf_folder(self.base, "--base")
-        cfg_file = self.adapter_dir / "more_config.json"
-        if not cfg_file.is_file():
-            raise EvalError(f"--adapter: {self.adapter_dir} is not a MoRE adapter folder (no more_config.json)")
-        self.meta = json.loads(cfg_file.read_text())
-        if not allow_other_base_weights:
-            from pipeline.more.io import base_weights_mismatch
-
-            try:
-                why = base_weights_mismatch(self.meta["base_model"], self.base)
-            except ValueError as e:
-                raise EvalError(f"--base {self.base}: {e}") from None
-            if why:
-                raise EvalError(f"--base {self.base}: {why}, in {cfg_file}. Pass the base it was trained on, or "
-                                f"--allow-other-base-weights to evaluate it on this one anyway")
+        self.meta = _adapter_meta_for(self.base, self.adapter_dir, allow_other_base_weights)
         self.task_names: list[str] = list(self.meta["task_names"])
         self.device = device or default_device()
         self.dtype = dtype or self.meta["base_model"].get("dtype", "fp32")
