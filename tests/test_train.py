@@ -95,6 +95,8 @@ def _run_main(argv):
     ("data.dir=/nonexistent/data", "/nonexistent/data/manifest.json not found"),
     ("data.tasks=[sentiment,no_such_task]", "data.tasks: task(s) ['no_such_task']"),
     ("optim.micro_batch_size=0", "optim.micro_batch_size"),
+    ("model.path=runs/nonexistent/base", "model.path: runs/nonexistent/base is not a directory"),
+    ("model.path=tests/no_such_model", "model.path: tests/no_such_model is not a directory"),
 ])
 def test_bad_config_fails_before_any_process_group(tiny_train_setup, tmp_path, capsys, override, expected):
     import torch.distributed as dist

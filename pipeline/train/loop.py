@@ -45,12 +45,20 @@ class Preempted:
         self.flag = True
 
 
+def _names_a_local_folder(path: str) -> bool:
+    """Whether model.path can only mean a folder here: absolute, ./ or ../, deeper than a hub id's ORG/NAME, or
+    under a folder that exists here (runs/x, models/x)."""
+    parts = Path(path).parts
+    return Path(path).is_absolute() or path.startswith(".") or len(parts) > 2 or (
+        len(parts) == 2 and Path(parts[0]).is_dir())
+
+
 def validate(cfg: TrainConfig, ds_config: str) -> list[str]:
     """Everything checkable before a process group starts; returns the task names in id order."""
     task_names = check_data(cfg)
-    model_path = Path(cfg.model.path)
-    if (model_path.is_absolute() or cfg.model.path.startswith(".")) and not model_path.is_dir():
-        raise ConfigError(f"model.path: {cfg.model.path} is not a directory")
+    if _names_a_local_folder(cfg.model.path) and not Path(cfg.model.path).is_dir():
+        raise ConfigError(f"model.path: {cfg.model.path} is not a directory (a hub id is NAME or ORG/NAME; "
+                          f"`make base` writes the default config's base, `make model` SmolLM2)")
     fill_ds_config(ds_config, cfg, world_size=1)
     ckpt_dir = Path(cfg.output_dir) / "checkpoints"
     if cfg.checkpoint.resume == "never" and (found := checkpoint.existing(ckpt_dir)):
