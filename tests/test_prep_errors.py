@@ -37,6 +37,16 @@ def run(cfg: dict):
     return run_prep(load_config(PrepConfig, data=cfg))
 
 
+def assert_named_then_skipped(tmp: Path, cfg: dict, error: str) -> None:
+    """One bad row: an error matching `error` with nothing written; with skip_invalid, the row left out and
+    counted."""
+    with pytest.raises(PrepError, match=error):
+        run(cfg)
+    assert_clean(tmp)
+    task = json.loads((run(dict(cfg, skip_invalid=True)) / "manifest.json").read_text())["tasks"]["plus"]
+    assert task["invalid"] == 1 and task["examples"] == len(ROWS) - 1
+
+
 def test_malformed_json_line_names_file_and_line(tmp_path):
     lines = [json.dumps(r) for r in ROWS]
     lines[6] = '{"q": "broken", "a": '
@@ -149,12 +159,8 @@ def test_one_row_missing_a_template_field_names_file_line_and_field(tmp_path, ba
     """The other rows have the column, so the column check passes; the row used to render as "Q: None"."""
     lines = [json.dumps(r) for r in ROWS]
     lines[12] = bad_row
-    with pytest.raises(PrepError, match=r"task 'plus': .*src\.jsonl:13: field 'q' is missing or null \(1 such row"):
-        run(make_cfg(tmp_path, lines))
-    assert_clean(tmp_path)
-    out = run(make_cfg(tmp_path, lines, skip_invalid=True))
-    task = json.loads((out / "manifest.json").read_text())["tasks"]["plus"]
-    assert task["invalid"] == 1 and task["examples"] == len(ROWS) - 1
+    assert_named_then_skipped(tmp_path, make_cfg(tmp_path, lines),
+                              r"task 'plus': .*src\.jsonl:13: field 'q' is missing or null \(1 such row")
 
 
 @pytest.mark.parametrize("bad_messages,problem", [
@@ -169,12 +175,7 @@ def test_one_bad_chat_row_names_file_line_and_problem_or_is_skipped(tmp_path, ba
     rows[12] = {"messages": bad_messages}
     cfg = make_cfg(tmp_path, [json.dumps(r) for r in rows])
     cfg["tasks"][0] = {"name": "plus", "format": "chat", "source": cfg["tasks"][0]["source"]}
-    with pytest.raises(PrepError, match=rf"task 'plus': .*src\.jsonl:13: {problem}"):
-        run(cfg)
-    assert_clean(tmp_path)
-    out = run(dict(cfg, skip_invalid=True))
-    task = json.loads((out / "manifest.json").read_text())["tasks"]["plus"]
-    assert task["invalid"] == 1 and task["examples"] == len(ROWS) - 1
+    assert_named_then_skipped(tmp_path, cfg, rf"task 'plus': .*src\.jsonl:13: {problem}")
 
 
 def test_task_emptied_by_overflow_drop_is_named_and_nothing_written(tmp_path):
@@ -313,11 +314,7 @@ def test_a_line_that_is_not_utf8_names_file_and_line_or_is_skipped(tmp_path):
     data = src.read_bytes().split(b"\n")
     data[7] = b'{"q": "caf\xe9", "a": "1"}'  # latin-1, not UTF-8
     src.write_bytes(b"\n".join(data))
-    with pytest.raises(PrepError, match=r"src\.jsonl:8: not UTF-8"):
-        run(cfg)
-    assert_clean(tmp_path)
-    task = json.loads((run(dict(cfg, skip_invalid=True)) / "manifest.json").read_text())["tasks"]["plus"]
-    assert task["invalid"] == 1 and task["examples"] == len(ROWS) - 1
+    assert_named_then_skipped(tmp_path, cfg, r"src\.jsonl:8: not UTF-8")
 
 
 def test_an_eval_split_that_would_reread_the_training_rows_is_refused(tmp_path):
@@ -357,12 +354,7 @@ def test_a_row_with_no_tokens_names_file_and_line_or_is_skipped(tmp_path):
     cfg = make_cfg(tmp_path, lines, tokenizer={"train_sentencepiece": {"vocab_size": 300}, "add_bos": False,
                                                "add_eos": False})
     cfg["tasks"][0]["template"] = {"prompt": "{q}", "response": "{a}"}
-    with pytest.raises(PrepError, match=r"src\.jsonl:10: the row renders to no tokens"):
-        run(cfg)
-    assert_clean(tmp_path)
-    out = run(dict(cfg, skip_invalid=True))
-    task = json.loads((out / "manifest.json").read_text())["tasks"]["plus"]
-    assert task["invalid"] == 1 and task["examples"] == len(ROWS) - 1
+    assert_named_then_skipped(tmp_path, cfg, r"src\.jsonl:10: the row renders to no tokens")
 
 
 def test_a_row_the_chat_template_refuses_names_the_row(prepared_builtin_data):
