@@ -332,6 +332,7 @@ def test_supervised_loss_equals_full_logits_cross_entropy(monkeypatch, path):
     if path == "full_logits_fallback":
         monkeypatch.setattr(type(m), "_plain_lm_head", lambda self: False)
     m.zero_grad(set_to_none=True)
+    assert m._plain_lm_head() is (path != "full_logits_fallback")
     out = m(**b, supervised_loss=True)
     assert out.logits is None and out.token_loss.shape == out.token_index.shape
     got = token_loss_sums(out.token_loss, out.token_index, b["task_ids"], len(TASKS))
@@ -342,3 +343,28 @@ def test_supervised_loss_equals_full_logits_cross_entropy(monkeypatch, path):
     (got.total + out.aux_loss).backward()
     for n, p in m.trainable_named_parameters():
         torch.testing.assert_close(p.grad, ref_grads[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_supervised_loss_follows_a_head_that_scales_its_logits():
+    """Granite divides its logits by `logits_scaling` after the head: the loss at supervised positions is the CE
+    of the logits the model computes (the head-only shortcut, which skips that, is not taken)."""
+    from transformers import GraniteConfig, GraniteForCausalLM
+
+    from pipeline.train.loss import lm_loss_sums, token_loss_sums
+
+    torch.manual_seed(0)
+    cfg = GraniteConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, logits_scaling=8.0, tie_word_embeddings=False)
+    cfg._attn_implementation = "sdpa"
+    base = GraniteForCausalLM(cfg).eval()
+    with torch.no_grad():
+        base.lm_head.weight.mul_(40)  # logits of a few units, as trained: unscaled they would give another loss
+    m = inject(base, MoreConfig(gate_init="random"), TASKS).eval()
+    b = mixed_batch()
+    with torch.no_grad():
+        full = m(**b)
+        want = lm_loss_sums(full.logits, b["labels"], b["task_ids"], len(TASKS), b["position_ids"])
+        sup = m(**b, supervised_loss=True)
+    got = token_loss_sums(sup.token_loss, sup.token_index, b["task_ids"], len(TASKS))
+    assert not m._plain_lm_head()
+    torch.testing.assert_close(got.total, want.total, rtol=1e-5, atol=1e-5)

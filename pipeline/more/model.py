@@ -102,6 +102,12 @@ def supervised_ce(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) 
                       for i in range(0, hidden.shape[0], chunk)])
 
 
+# Causal LMs whose logits are lm_head(decoder output) with nothing before or after (transformers 5 modeling code).
+PLAIN_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "ministral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe",
+                                    "phi", "phi3", "gemma", "olmo2", "smollm3", "stablelm", "starcoder2", "deepseek_v3",
+                                    "glm4"})
+
+
 class MoreCausalLM(nn.Module):
     def __init__(self, base_model: nn.Module, config: MoreConfig, task_names: List[str],
                  base_model_id: Optional[str] = None):
@@ -316,13 +322,14 @@ class MoreCausalLM(nn.Module):
                           token_index=token_index, hidden_states=out.hidden_states if output_hidden_states else None)
 
     def _plain_lm_head(self) -> bool:
-        """logits == lm_head(final hidden state): true for Llama-like models, not with final soft-capping (Gemma 2),
-        a logit scale (Cohere) or an adapted head (its task mask is per token of the full sequence)."""
-        cfg = self.hf_config
+        """logits == lm_head(the decoder's last hidden state), so the head may run at supervised positions only:
+        for the model types in PLAIN_HEAD_MODEL_TYPES (checked in their transformers code), not for an adapted head
+        (its task mask is per token of the full sequence). Other types post-process the logits or the hidden state
+        (soft-capping: Gemma 2+; a logit scale: Cohere, Granite, MiniCPM3; a multiplier: Falcon-H1) and get the full
+        logits: correct, slower."""
         head = self.base_model.get_output_embeddings()
-        return (head is not None and not isinstance(head, MoreLinear) and hasattr(self.base_model, "get_decoder")
-                and getattr(cfg, "final_logit_softcapping", None) is None
-                and getattr(cfg, "logit_scale", None) in (None, 1.0))
+        return (getattr(self.hf_config, "model_type", None) in PLAIN_HEAD_MODEL_TYPES and head is not None
+                and not isinstance(head, MoreLinear) and hasattr(self.base_model, "get_decoder"))
 
     def task_similarities(self, hidden_states, segment_ids, prompt_mask, task_ids=None):
         """Cosine similarity (S x T) of each packed sample to each task, from the model's hidden states.
