@@ -368,3 +368,43 @@ def test_supervised_loss_follows_a_head_that_scales_its_logits():
     got = token_loss_sums(sup.token_loss, sup.token_index, b["task_ids"], len(TASKS))
     assert not m._plain_lm_head()
     torch.testing.assert_close(got.total, want.total, rtol=1e-5, atol=1e-5)
+
+
+def test_routing_scores_isolate_packed_samples_on_every_attention():
+    """task_scores on a packed mixed-task batch: the same scores with the dense block mask given, with no mask (it
+    builds one), with packed_sdpa (the trainer's attention: samples' lengths, positions from the segments), and for
+    each sample routed alone."""
+    from pipeline.more.routing import task_scores
+
+    m = inject(tiny_llama(0), MoreConfig(gate_init="random"), TASKS).eval()
+    b = mixed_batch()
+    args = dict(segment_ids=b["segment_ids"], prompt_mask=b["prompt_mask"])
+    want, keep = task_scores(m, b["input_ids"], b["attention_mask"], b["position_ids"], **args)
+    assert keep.all()
+    torch.testing.assert_close(task_scores(m, b["input_ids"], None, b["position_ids"], **args)[0], want)
+    alone = []
+    for r in range(2):
+        for s in b["segment_ids"][r].unique():
+            if s < 0:
+                continue
+            at = b["segment_ids"][r] == s
+            alone.append(task_scores(m, b["input_ids"][r][at][None], None, None,
+                                     segment_ids=torch.zeros(1, int(at.sum()), dtype=torch.long),
+                                     prompt_mask=b["prompt_mask"][r][at][None])[0])
+    torch.testing.assert_close(torch.cat(alone), want, atol=1e-5, rtol=1e-5)
+    m.base_model.config._attn_implementation = "packed_sdpa"
+    torch.testing.assert_close(task_scores(m, b["input_ids"], None, None, **args)[0], want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="padding before a sample"):
+        task_scores(m, b["input_ids"].flip(1), None, None, segment_ids=b["segment_ids"].flip(1),
+                    prompt_mask=b["prompt_mask"].flip(1))
+
+
+def test_generate_on_a_model_trained_with_packed_attention():
+    """packed_sdpa needs the samples' boundaries, which generate does not pass: generate runs through sdpa (the
+    same tokens as a model loaded with sdpa) and leaves the model's attention as it was."""
+    m = inject(tiny_llama(0), MoreConfig(gate_init="random"), TASKS).eval()
+    ids = torch.randint(3, VOCAB, (1, 6), generator=torch.Generator().manual_seed(0))
+    want = m.generate(ids, task=1, max_new_tokens=5, do_sample=False)
+    m.base_model.config._attn_implementation = "packed_sdpa"
+    torch.testing.assert_close(m.generate(ids, task=1, max_new_tokens=5, do_sample=False), want)
+    assert m.base_model.config._attn_implementation == "packed_sdpa"

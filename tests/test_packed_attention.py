@@ -14,26 +14,32 @@ SEGMENTS = {
 }
 
 
-def reference_varlen(q, k, v, cu, max_len, scale):
+def band_mask(n: int, window=None) -> torch.Tensor:
+    """(n, n) causal mask, limited to the last `window` tokens (the token itself included) when given."""
+    i = torch.arange(n)
+    return (i[None, :] <= i[:, None]) & ((i[:, None] - i[None, :] < window) if window else True)
+
+
+def reference_varlen(q, k, v, cu, max_len, scale, window=None):
     """What varlen flash attention computes, from its arguments alone: causal attention within each of the flat
-    sequences that `cu` delimits, as one dense masked sdpa."""
+    sequences that `cu` delimits (within `window`), as one dense masked sdpa."""
     assert cu.dtype == torch.int32 and cu[0] == 0 and cu[-1] == q.shape[0]
     lengths = (cu[1:] - cu[:-1]).long()
     assert (lengths > 0).all() and max_len == int(lengths.max())
     seq = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
-    mask = (seq[:, None] == seq[None, :]) & torch.ones(len(seq), len(seq), dtype=torch.bool).tril()
+    mask = (seq[:, None] == seq[None, :]) & band_mask(len(seq), window)
     out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask,
                                          scale=scale, enable_gqa=k.shape[1] != q.shape[1])
     return out.transpose(0, 1)
 
 
-def run_packed(path, q, k, v, segments, scaling):
-    if path == "per_sample":
-        return pa.packed_sdpa_attention(None, q, k, v, None, scaling=scaling, packed_segments=segments)[0]
+def run_packed(path, q, k, v, segments, scaling, window):
     if path == "varlen_reference":
-        return pa.varlen_attention(q, k, v, pa.PackedSegments(segments), scaling, kernel=reference_varlen)
-    assert pa.takes_varlen(q, 0.0)
-    return pa.packed_sdpa_attention(None, q, k, v, None, scaling=scaling, packed_segments=segments)[0]
+        return pa.varlen_attention(q, k, v, pa.PackedSegments(segments), scaling, kernel=reference_varlen,
+                                   window=window)
+    assert (path == "varlen_cuda") == pa.takes_varlen(q, 0.0)
+    return pa.packed_sdpa_attention(None, q, k, v, None, scaling=scaling, packed_segments=segments,
+                                    sliding_window=window)[0]
 
 
 PATHS = ["per_sample", "varlen_reference",
@@ -43,7 +49,8 @@ PATHS = ["per_sample", "varlen_reference",
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("segments", SEGMENTS.values(), ids=SEGMENTS.keys())
 @pytest.mark.parametrize("kv_heads", [4, 2])  # plain and grouped-query attention
-def test_outputs_and_gradients_equal_the_dense_block_mask(path, kv_heads, segments):
+@pytest.mark.parametrize("window", [None, 3], ids=["causal", "sliding_window_3"])  # 3: shorter than most samples
+def test_outputs_and_gradients_equal_the_dense_block_mask(path, kv_heads, segments, window):
     g = torch.Generator().manual_seed(0)
     B, H, L, D = 2, 4, 14, 8
     device, dtype, tol = ("cuda", torch.bfloat16, 2e-2) if path == "varlen_cuda" else ("cpu", torch.float32, 1e-5)
@@ -53,12 +60,11 @@ def test_outputs_and_gradients_equal_the_dense_block_mask(path, kv_heads, segmen
     for b, lens in enumerate(segments):
         seg[b, :sum(lens)] = torch.repeat_interleave(torch.arange(len(lens)), torch.tensor(lens))
     real = seg >= 0
-    causal = torch.ones(L, L, dtype=torch.bool).tril()
-    mask = (seg[:, :, None] == seg[:, None, :]) & causal & real[:, :, None]
+    mask = (seg[:, :, None] == seg[:, None, :]) & band_mask(L, window) & real[:, :, None]
     mask |= ~real[:, :, None] & torch.eye(L, dtype=torch.bool)  # padding rows attend to themselves (no NaN)
     upstream = torch.randn(B, L, H, D, generator=g) * real[:, :, None, None]
 
-    out = run_packed(path, q, k, v, segments, scaling)
+    out = run_packed(path, q, k, v, segments, scaling, window)
     assert out.shape == (B, L, H, D) and out.dtype == dtype
     (out.float().cpu() * upstream).sum().backward()
     packed = [out.detach().float().cpu()] + [t.grad.float().cpu() for t in (q, k, v)]
@@ -96,9 +102,9 @@ def test_varlen_kernel_keywords_follow_the_torch_release(monkeypatch, release):
     with each signature (computing what the flash kernel does) must give the model's scaled causal attention."""
     import torch.nn.attention.varlen as varlen
 
-    def flash(q, k, v, cu, max_len, causal, scale=None):
+    def flash(q, k, v, cu, max_len, causal, scale=None, window=None):
         assert causal
-        return reference_varlen(q, k, v, cu, max_len, scale)
+        return reference_varlen(q, k, v, cu, max_len, scale, window)
 
     if release == "2.10":
         def stand_in(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
@@ -107,7 +113,8 @@ def test_varlen_kernel_keywords_follow_the_torch_release(monkeypatch, release):
         def stand_in(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
                      window_size=(-1, -1), enable_gqa=False):
             assert enable_gqa or key.shape[1] == query.shape[1]
-            return flash(query, key, value, cu_seq_q, max_q, tuple(window_size) == (-1, 0), scale)
+            left, right = window_size
+            return flash(query, key, value, cu_seq_q, max_q, right == 0, scale, None if left < 0 else left + 1)
 
     monkeypatch.setattr(varlen, "varlen_attn", stand_in)
     pa.torch_varlen_kernel.cache_clear()
@@ -118,6 +125,12 @@ def test_varlen_kernel_keywords_follow_the_torch_release(monkeypatch, release):
         got = pa.varlen_attention(q, k, v, segments, scaling=0.3)
         want = pa.per_sample_attention(q, k, v, segments, scaling=0.3)
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        assert pa.torch_varlen_kernel().takes_window is (release != "2.10")
+        if release != "2.10":  # a sliding window as window_size=(window - 1, 0)
+            got = pa.varlen_attention(q, k, v, segments, scaling=0.3, window=2)
+            want = pa.per_sample_attention(q, k, v, segments, scaling=0.3, window=2)
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+            assert not torch.allclose(want, pa.per_sample_attention(q, k, v, segments, scaling=0.3), atol=1e-3)
     finally:
         pa.torch_varlen_kernel.cache_clear()
 
@@ -126,3 +139,29 @@ def test_segments_must_cover_every_row():
     q = torch.randn(2, 2, 6, 8)
     with pytest.raises(ValueError, match="1 rows for a batch of 2"):  # zip would have dropped the second row
         pa.packed_sdpa_attention(None, q, q, q, None, packed_segments=[[3, 3]])
+
+
+def test_attention_soft_capping_is_refused_with_the_way_out():
+    q = torch.randn(1, 2, 4, 8)
+    with pytest.raises(ValueError, match="soft-capping .* set model.attn_implementation: eager"):
+        pa.packed_sdpa_attention(None, q, q, q, None, packed_segments=[[4]], softcap=50.0)
+
+
+def test_a_sliding_window_model_packed_equals_each_sample_alone():
+    """Mistral with a 4-token window: a packed row through packed_sdpa gives each sample the logits it gets alone
+    through transformers' own sdpa and sliding-window mask (the window used to be dropped: max |diff| 0.43)."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    model = MistralForCausalLM(MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, sliding_window=4)).eval()
+    lengths = [9, 6, 3]
+    ids = torch.randint(3, 64, (1, sum(lengths)), generator=torch.Generator().manual_seed(1))
+    pos = torch.cat([torch.arange(n) for n in lengths])[None]
+    with torch.no_grad():
+        model.config._attn_implementation = "sdpa"
+        alone = [model(input_ids=part).logits[0] for part in ids.split(lengths, 1)]
+        model.config._attn_implementation = pa.NAME
+        packed = model(input_ids=ids, position_ids=pos, packed_segments=pa.PackedSegments([lengths])).logits[0]
+    for got, want in zip(packed.split(lengths), alone):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

@@ -110,6 +110,31 @@ def test_bad_config_fails_before_any_process_group(tiny_train_setup, tmp_path, c
     assert not out_dir.exists()
 
 
+def test_a_sliding_window_model_with_the_dense_mask_is_refused(tiny_train_setup, tmp_path, capsys):
+    """The collator's dense mask has no window: a model attending within fewer tokens than a row holds is refused
+    with sdpa/eager before anything starts; packed_sdpa (which applies the window) passes that check."""
+    from pipeline.config import ConfigError, load_config
+    from pipeline.config.train import TrainConfig
+    from pipeline.train.data import check_data
+
+    model = tmp_path / "windowed"
+    model.mkdir()
+    config = json.loads((tiny_train_setup["base"] / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps(dict(config, sliding_window=4)))
+    for attn in ("sdpa", "eager", "packed_sdpa"):
+        cfg = load_config(TrainConfig, tiny_train_setup["config"], [f"model.path={model}",
+                                                                    f"model.attn_implementation={attn}"])
+        if attn == "packed_sdpa":
+            check_data(cfg)
+            continue
+        with pytest.raises(ConfigError, match=rf"model.attn_implementation: {attn} takes the collator's dense mask, "
+                                              r"which has no sliding window, .* window of 4 tokens"):
+            check_data(cfg)
+    (model / "config.json").write_text(json.dumps(dict(config, sliding_window=4, use_sliding_window=False)))
+    check_data(load_config(TrainConfig, tiny_train_setup["config"], [f"model.path={model}",
+                                                                     "model.attn_implementation=sdpa"]))
+
+
 def test_ds_config_auto_values_filled_and_conflicts_named(tiny_train_setup, tmp_path):
     from pipeline.config import ConfigError, load_config
     from pipeline.config.train import TrainConfig

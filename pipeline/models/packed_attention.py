@@ -61,44 +61,59 @@ def packed_segments(segment_ids: torch.Tensor) -> PackedSegments:
 
 @functools.cache
 def torch_varlen_kernel():
-    """kernel(q (T, H, D), k, v (T, Hkv, D), cu_seqlens, max_len, scale) -> causal attention within each sequence,
-    through torch's varlen flash attention; None where this torch has none. Its keywords moved between releases
-    (torch 2.10: is_causal; later: window_size=(-1, 0), scale, enable_gqa); the flash kernel itself takes grouped
-    KV heads."""
+    """kernel(q (T, H, D), k, v (T, Hkv, D), cu_seqlens, max_len, scale, window) -> causal attention within each
+    sequence (each token over itself and at most window - 1 tokens before it, when `window`), through torch's varlen
+    flash attention; None where this torch has none. Its keywords moved between releases (torch 2.10: is_causal, no
+    window; later: window_size=(left, 0), scale, enable_gqa); the flash kernel itself takes grouped KV heads.
+    `kernel.takes_window`: whether it can apply a sliding window."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
         return None
     params = inspect.signature(varlen_attn).parameters
-    kw = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
-    if "enable_gqa" in params:
-        kw["enable_gqa"] = True
-    takes_scale = "scale" in params
+    takes_window, takes_scale = "window_size" in params, "scale" in params
+    base = {"enable_gqa": True} if "enable_gqa" in params else {}
 
-    def kernel(q, k, v, cu, max_len, scale):
+    def kernel(q, k, v, cu, max_len, scale, window=None):
+        if window is not None and not takes_window:
+            raise ValueError("this torch's varlen attention takes no sliding window")
+        kw = dict(base, **({"window_size": (window - 1 if window else -1, 0)} if takes_window else {"is_causal": True}))
         if takes_scale:
             return varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scale, **kw)
         if scale is not None:  # the kernel's own scale is 1/sqrt(D)
             q = q * (scale * math.sqrt(q.shape[-1]))
         return varlen_attn(q, k, v, cu, cu, max_len, max_len, **kw)
 
+    kernel.takes_window = takes_window
     return kernel
 
 
-def varlen_attention(query, key, value, segments: PackedSegments, scaling=None, kernel=None) -> torch.Tensor:
+def varlen_attention(query, key, value, segments: PackedSegments, scaling=None, kernel=None,
+                     window=None) -> torch.Tensor:
     """query (B, H, L, D), key/value (B, Hkv, L, D) -> (B, L, H, D): every row's tokens in one flat sequence,
     one kernel call (`kernel`: torch_varlen_kernel()'s signature; tests pass a reference)."""
     B, H, L, D = query.shape
     cu, max_len, padding = segments.varlen_layout(L, query.device)
     flat = [t.transpose(1, 2).reshape(B * L, t.shape[1], t.shape[-1]) for t in (query, key, value)]
-    out = (kernel or torch_varlen_kernel())(*flat, cu, max_len, scaling)
+    out = (kernel or torch_varlen_kernel())(*flat, cu, max_len, scaling, window)
     if padding is not None:  # padding tails attended among themselves: give them the per-sample path's zeros
         out = out.masked_fill(padding[:, None, None], 0.0)
     return out.view(B, L, H, value.shape[-1])
 
 
-def per_sample_attention(query, key, value, segments, dropout: float = 0.0, scaling=None) -> torch.Tensor:
-    """query (B, H, L, D), key/value (B, Hkv, L, D) -> (B, L, H, D): one sdpa call per run of equal-length samples."""
+def causal_band(n: int, window, device) -> torch.Tensor | None:
+    """(n, n) bool: token i sees tokens i - window + 1 .. i (transformers' sliding window); None when the window
+    covers the whole sample (plain causal attention)."""
+    if window is None or n <= window:
+        return None
+    i = torch.arange(n, device=device)
+    return (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < window)
+
+
+def per_sample_attention(query, key, value, segments, dropout: float = 0.0, scaling=None,
+                         window=None) -> torch.Tensor:
+    """query (B, H, L, D), key/value (B, Hkv, L, D) -> (B, L, H, D): one sdpa call per run of equal-length samples;
+    a sample longer than a sliding `window` gets its band mask."""
     B, H, L, D = query.shape
     gqa = key.shape[1] != H
     rows = []
@@ -111,8 +126,9 @@ def per_sample_attention(query, key, value, segments, dropout: float = 0.0, scal
         parts = []
         for (n, count), qs, ks, vs in zip(runs, q.split(sizes, 1), k.split(sizes, 1), v.split(sizes, 1)):
             qs, ks, vs = (t.unflatten(1, (count, n)).transpose(0, 1) for t in (qs, ks, vs))  # (count, heads, n, D)
-            out = F.scaled_dot_product_attention(qs, ks, vs, dropout_p=dropout, scale=scaling, is_causal=True,
-                                                 enable_gqa=gqa)
+            band = causal_band(n, window, q.device)
+            out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=band, dropout_p=dropout, scale=scaling,
+                                                 is_causal=band is None, enable_gqa=gqa)
             parts.append(out.transpose(1, 2).reshape(count * n, H, value.shape[-1]))
         if sizes[-1]:  # padding positions: zero output
             parts.append(query.new_zeros(sizes[-1], H, value.shape[-1]))
@@ -130,22 +146,26 @@ def takes_varlen(query: torch.Tensor, dropout: float) -> bool:
 
 
 def packed_sdpa_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
-                          packed_segments=None, out_dtype=None, **kwargs):
+                          packed_segments=None, out_dtype=None, sliding_window=None, softcap=None, **kwargs):
     """query (B, H, L, D), key/value (B, Hkv, L, D) -> (B, L, H, D) in `out_dtype` (default value's), as
-    transformers' attention functions return."""
+    transformers' attention functions return. `sliding_window`: the layer's window (Mistral v0.1, Gemma 2/3's
+    local layers), applied within each sample."""
+    if softcap is not None:
+        raise ValueError(f"attn_implementation={NAME!r} does not apply attention logit soft-capping (this model's "
+                         f"softcap={softcap}, Gemma 2): set model.attn_implementation: eager")
     if packed_segments is None:
         raise ValueError("attn_implementation='packed_sdpa' needs packed_segments=... in the forward call (the "
                          "samples' lengths per row; pipeline.models.packed_attention.packed_segments)")
     if len(packed_segments) != query.shape[0]:
         raise ValueError(f"packed_segments holds {len(packed_segments)} rows for a batch of {query.shape[0]}")
     out_dtype = out_dtype or value.dtype
-    if takes_varlen(query, dropout):
+    if takes_varlen(query, dropout) and (sliding_window is None or torch_varlen_kernel().takes_window):
         if not isinstance(packed_segments, PackedSegments):
             packed_segments = PackedSegments(packed_segments)
-        return varlen_attention(query, key, value, packed_segments, scaling).to(out_dtype), None
+        return varlen_attention(query, key, value, packed_segments, scaling, window=sliding_window).to(out_dtype), None
     if query.device.type == "cpu":  # CPU sdpa in bf16 ran 1.5-5x slower than in fp32 per sample (AMX machine)
         query, key, value = query.float(), key.float(), value.float()
-    return per_sample_attention(query, key, value, packed_segments, dropout, scaling).to(out_dtype), None
+    return per_sample_attention(query, key, value, packed_segments, dropout, scaling, sliding_window).to(out_dtype), None
 
 
 AttentionInterface.register(NAME, packed_sdpa_attention)

@@ -361,8 +361,17 @@ class MoreCausalLM(nn.Module):
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
     def generate(self, *args, task: int, **kwargs):
-        with self.task_context(task):
-            return self.base_model.generate(*args, **kwargs)
+        """The base's generate with task `task`'s adapter; a model trained with packed_sdpa (whose attention needs
+        the samples' boundaries) generates through sdpa, with the KV cache and attention mask as usual."""
+        cfg = self.base_model.config
+        attention = cfg._attn_implementation
+        try:
+            if attention == PACKED_ATTENTION:
+                cfg._attn_implementation = "sdpa"
+            with self.task_context(task):
+                return self.base_model.generate(*args, **kwargs)
+        finally:
+            cfg._attn_implementation = attention
 
 
 def rank_map(model) -> Dict[str, Dict[str, int]]:

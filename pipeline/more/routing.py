@@ -14,7 +14,30 @@ from typing import Dict, Iterable
 import torch
 import torch.nn.functional as F
 
+from pipeline.data.loader import block_causal_mask
+from pipeline.models.packed_attention import NAME as PACKED_ATTENTION, packed_segments
 from pipeline.more.model import MoreCausalLM
+
+
+def _sample_isolating_inputs(model, segment_ids, attention_mask, position_ids) -> dict:
+    """The base model's attention inputs for rows that may hold several samples, each attending only within itself
+    as in training: the samples' lengths for packed_sdpa (with positions restarting per sample), else the dense
+    block mask where no mask was given and a row holds more than one sample."""
+    if model.base_model.config._attn_implementation == PACKED_ATTENTION:
+        real = segment_ids >= 0
+        if (real[:, 1:] & ~real[:, :-1]).any():
+            raise ValueError(f"attn_implementation={PACKED_ATTENTION!r} needs each row's samples from its first "
+                             f"position on (right padding); this batch has padding before a sample")
+        if position_ids is None:
+            idx = torch.arange(segment_ids.shape[1], device=segment_ids.device).expand_as(segment_ids)
+            starts = torch.ones_like(real)
+            starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+            position_ids = idx - torch.where(starts, idx, 0).cummax(1).values
+        return dict(attention_mask=None, position_ids=position_ids, packed_segments=packed_segments(segment_ids))
+    several = (segment_ids[:, 1:] != segment_ids[:, :-1]) & (segment_ids[:, 1:] >= 0) & (segment_ids[:, :-1] >= 0)
+    if attention_mask is None and several.any():
+        attention_mask = block_causal_mask(segment_ids, model.base_model.dtype)
+    return dict(attention_mask=attention_mask, position_ids=position_ids)
 
 
 @torch.no_grad()
@@ -33,14 +56,14 @@ def task_scores(model, input_ids, attention_mask=None, position_ids=None, segmen
     if prompt_mask is None:
         prompt_mask = segment_ids >= 0
     temperature = model.config.contrastive.temperature
+    inputs = _sample_isolating_inputs(model, segment_ids, attention_mask, position_ids)
     was = model.training
     model.eval()
     try:
         columns, keep = [], None
         for t in range(len(model.task_names)):
             with model.task_context(t):
-                out = model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                       output_hidden_states=True, use_cache=False)
+                out = model.base_model(input_ids=input_ids, output_hidden_states=True, use_cache=False, **inputs)
             sims, _, keep = model.task_similarities(out.hidden_states, segment_ids, prompt_mask, None)
             columns.append(F.log_softmax(sims.float() / temperature, dim=-1)[:, t])
     finally:

@@ -29,25 +29,40 @@ def check_data(cfg: TrainConfig) -> list[str]:
     if not (Path(cfg.data.dir) / "train").is_dir():
         raise ConfigError(f"data.dir: {cfg.data.dir} has no train/ split")
     _check_vocab(cfg, manifest)
+    _check_window(cfg, manifest)
     return names
 
 
-def model_vocab_size(model_path: str) -> int | None:
-    """`vocab_size` from a local model folder's config.json (or its `text_config`); None for a hub id or a folder
-    that does not say, where the check is skipped rather than guessed."""
+def _model_config_field(model_path: str, field: str):
+    """`field` from a local model folder's config.json (or its `text_config`), with the section it came from; (None,
+    None) for a hub id or a folder that does not say, where a check is skipped rather than guessed."""
     config = Path(model_path) / "config.json"
     if not config.is_file():
-        return None
+        return None, None
     try:
         data = json.loads(config.read_text())
     except (ValueError, OSError) as e:
         raise ConfigError(f"model.path: {config} is not valid JSON ({e})") from None
     if not isinstance(data, dict):
-        return None
+        return None, None
     for section in (data, data.get("text_config") or {}):
-        if isinstance(section, dict) and isinstance(section.get("vocab_size"), int):
-            return section["vocab_size"]
-    return None
+        if isinstance(section, dict) and section.get(field) is not None:
+            return section[field], section
+    return None, None
+
+
+def model_vocab_size(model_path: str) -> int | None:
+    vocab, _ = _model_config_field(model_path, "vocab_size")
+    return vocab if isinstance(vocab, int) else None
+
+
+def model_attention_window(model_path: str) -> int | None:
+    """The sliding attention window of a local model (Mistral v0.1, Gemma 2/3's local layers; Qwen2 only with
+    use_sliding_window), or None."""
+    window, section = _model_config_field(model_path, "sliding_window")
+    if not isinstance(window, int) or section.get("use_sliding_window") is False:
+        return None
+    return window
 
 
 def data_max_token_id(data_dir: Path, manifest: dict) -> int:
@@ -97,6 +112,18 @@ def sampling_spec(cfg: TrainConfig, manifest: dict) -> dict:
     if cfg.data.tasks is not None:
         spec["weights"] = {n: (spec["weights"].get(n, 1.0) if n in cfg.data.tasks else 0.0) for n in manifest["tasks"]}
     return spec
+
+
+def _check_window(cfg: TrainConfig, manifest: dict) -> None:
+    """The collator's dense block mask (attn_implementation sdpa / eager) is causal within each sample, with no
+    sliding window: a model whose window is shorter than the rows would train with attention it never uses."""
+    window = model_attention_window(cfg.model.path)
+    rows = int(manifest.get("max_seq_len", 0))
+    if window and rows > window and cfg.model.attn_implementation != PACKED_ATTENTION:
+        raise ConfigError(f"model.attn_implementation: {cfg.model.attn_implementation} takes the collator's dense mask, "
+                          f"which has no sliding window, but model.path {cfg.model.path} attends within a window of "
+                          f"{window} tokens and the data's rows hold {rows}: use {PACKED_ATTENTION} (the default; it "
+                          f"applies the window within each sample)")
 
 
 class TrainData:
