@@ -124,7 +124,7 @@ def test_prep_array_and_pipeline_chain(slurm, tmp_path):
     fake = str(ROOT / "tests" / "slurm_fake_python.sh")
     calls = tmp_path / "calls.txt"
     env = {"PYTHON": fake, "FAKE_PY_LOG": str(calls), "PREP_CONFIG": "configs/prep/x.yaml",
-           "CONFIG": "configs/train/x.yaml"}
+           "CONFIG": "configs/train/x.yaml", "PREP_EXTRA_ARGS": "--set seed=3", "EXTRA_ARGS": "--set optim.lr=0.001"}
     r = slurm.run(["bash", str(ROOT / "launch/slurm/pipeline.sh"), str(tmp_path / "run"), "--shards", "3",
                    "--nodes", "1", "--gpus-per-node", "2", "--cpu"], env=env, cwd=ROOT)
     ids = dict(kv.split("=") for kv in r.stdout.split())
@@ -132,16 +132,19 @@ def test_prep_array_and_pipeline_chain(slurm, tmp_path):
         "\n".join(p.read_text() for p in (tmp_path / "run/logs").glob("*.out"))
     lines = calls.read_text().splitlines()
     shards = sorted(l.split("args=")[1] for l in lines if "--shard" in l)
-    assert shards == [f"-m data_prep --config configs/prep/x.yaml --shard {i}/3" for i in range(3)]
+    assert shards == [f"-m data_prep --config configs/prep/x.yaml --shard {i}/3 --set seed=3" for i in range(3)]
     kinds = [("--shard", "shard"), ("--merge-shards", "prep-merge"), ("launch/train.py", "train"),
              ("launch/merge.py", "merge"), ("launch/evaluate.py", "eval")]
     order = [next(k for pat, k in kinds if pat in l) for l in lines]
     assert order == ["shard"] * 3 + ["prep-merge", "train", "train", "merge", "eval"]  # afterok kept the order
     train = [l for l in lines if "launch/train.py" in l]
     assert sorted(l.split("rank=")[1].split()[0] for l in train) == ["0", "1"]
-    assert "--config configs/train/x.yaml --deepspeed ds_configs/zero3.json" in train[0]
+    assert "--config configs/train/x.yaml --deepspeed ds_configs/zero3.json --set optim.lr=0.001" in train[0]
+    assert all("seed=3" not in l for l in train) and "optim.lr" not in "".join(l for l in lines if "data_prep" in l)
     assert f"launch/merge.py --adapter {tmp_path}/run/adapter --out {tmp_path}/run/merged" in lines[-2]
-    assert f"launch/evaluate.py --model {tmp_path}/run/merged --out {tmp_path}/run/eval" in lines[-1]
+    # the evaluation's tasks: the prep config (evaluate needs --config or --data)
+    assert (f"launch/evaluate.py --model {tmp_path}/run/merged --config configs/prep/x.yaml --set seed=3 --out "
+            f"{tmp_path}/run/eval") in lines[-1]
 
 
 def test_real_trainer_under_slurm(slurm, tiny_train_setup, tmp_path):

@@ -3,11 +3,12 @@
 # Each step starts only if the previous one succeeded (--dependency=afterok). Prints the job ids.
 #
 #   launch/slurm/pipeline.sh RUN_DIR [--nodes N] [--gpus-per-node G] [--shards K] [--skip-prep] [--cpu]
-# RUN_DIR is the trainer's output dir (set it in the training config, or pass EXTRA_ARGS="--set ...").
-# Knobs: PREP_CONFIG, CONFIG, DS_CONFIG, EXTRA_ARGS, PYTHON, SBATCH_ARGS (extra flags for every sbatch: partition,
-# account, time). Run from the repository root.
+# RUN_DIR is the trainer's output dir (set it in the training config, or pass EXTRA_ARGS="--set output_dir=...").
+# Knobs: PREP_CONFIG, PREP_EXTRA_ARGS (prep's --set overrides; the evaluation reads the same tasks), CONFIG,
+# DS_CONFIG, EXTRA_ARGS (the trainer's --set overrides), PYTHON, SBATCH_ARGS (extra flags for every sbatch:
+# partition, account, time). Run from the repository root.
 set -euo pipefail
-usage() { sed -n 2,9p "$0" >&2; exit 2; }
+usage() { sed -n 2,10p "$0" >&2; exit 2; }
 [[ $# -ge 1 ]] || usage
 RUN="$1"; shift
 NODES=1; GPN=8; SHARDS=4; SKIP_PREP=0; CPU=0
@@ -51,5 +52,6 @@ TRAIN="${TRAIN%%;*}"
 MERGE=$("${SB[@]}" $(dep "$TRAIN") --job-name=more-merge --ntasks=1 --output="$RUN/logs/merge-%j.out" \
     --wrap="$PY launch/merge.py --adapter '$RUN/adapter' --out '$RUN/merged'")
 EVAL=$("${SB[@]}" $(dep "$MERGE") --job-name=more-eval --ntasks=1 --output="$RUN/logs/eval-%j.out" \
-    --wrap="$PY launch/evaluate.py --model '$RUN/merged' --out '$RUN/eval'")
+    --wrap="$PY launch/evaluate.py --model '$RUN/merged' --config '${PREP_CONFIG:-configs/prep/default.yaml}' \
+${PREP_EXTRA_ARGS:-} --out '$RUN/eval'")
 echo "prep=${PREP:-skipped} prep_merge=${PREP_MERGE:-skipped} train=$TRAIN merge=$MERGE eval=$EVAL"
