@@ -58,8 +58,12 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     flags = {k: v for k, v in vars(args).items() if v is not None and k not in ("config", "set", "check")}
     try:
-        base = load_config(PlanConfig, args.config, args.set).model_dump() if args.config else {}
+        if args.set and not args.config:
+            raise ConfigError("--set overrides keys of --config; without a file give flags (--nodes 2 ...)")
+        base = load_config(PlanConfig, args.config, args.set).model_dump(exclude_unset=True) if args.config else {}
         cfg = load_config(PlanConfig, data={**base, **flags})
+        if cfg.model is None:
+            raise ConfigError("no model: give --model, or model: in --config")
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

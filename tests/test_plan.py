@@ -256,6 +256,39 @@ def test_cli(capsys):
     assert "shipped" in capsys.readouterr().err
 
 
+def test_cli_offload_flag_overrides_the_ds_config_and_config_file_merges_with_flags(tmp_path, capsys):
+    """--no-offload turns the DeepSpeed JSON's offload off (it used to keep it); a plan file without model: takes
+    --model; --set without --config is an error, not ignored."""
+    sys.path.insert(0, str(ROOT / "launch"))
+    import plan as cli  # launch/plan.py
+
+    offload_json = str(ROOT / "ds_configs" / "zero3_offload.json")
+    args = ["--model", "llama-2-70b", "--nodes", "1", "--gpus-per-node", "8", "--ds-config", offload_json]
+    assert cli.main(args) == 0
+    assert "offload=on" in capsys.readouterr().out
+    assert cli.main(args + ["--no-offload"]) == 0
+    out = capsys.readouterr().out
+    assert "offload=off" in out and "offloaded" not in out
+    request = tmp_path / "plan.yaml"
+    request.write_text("nodes: 2\n")
+    assert cli.main(["--config", str(request), "--model", "llama-2-7b", "--gpus-per-node", "1"]) == 0
+    assert "run: 2 node(s) x 1 GPU(s)" in capsys.readouterr().out
+    assert cli.main(["--model", "llama-2-7b", "--set", "nodes=4"]) == 2
+    assert "--set overrides keys of --config" in capsys.readouterr().err
+    assert cli.main(["--config", str(request)]) == 2
+    assert "no model" in capsys.readouterr().err
+
+
+def test_a_base_that_does_not_fit_at_load_is_no_fit():
+    """Unquantized, DeepSpeed moves the whole loaded model onto each GPU before ZeRO-3 partitions it: a run whose
+    step fits but whose load does not is reported as not fitting, with the load line, as --check exits."""
+    p = plan("llama-2-13b", nodes=1, gpus_per_node=8, gpu_mem_gb=24, seq_len=1024, quant="none")
+    assert p.fits and not p.load_fits and p.verdict == "DOES NOT FIT"
+    text = format_plan(p)
+    assert "verdict: DOES NOT FIT" in text and "the whole bf16 base" in text and "DOES NOT FIT" in text.split(
+        "load time:")[1]
+
+
 def test_loss_peak_counts_the_positions_the_lm_head_runs_at():
     """The trainer's LM head runs at supervised positions only, LOSS_CHUNK at a time: the planner counts at most that
     many positions' logits and loss tensors, not every token's (which made long micro-batches look like they need

@@ -467,6 +467,22 @@ def test_preflight_refuses_a_run_that_does_not_fit(tiny_train_setup):
     assert "GiB" in str(err.value)
 
 
+def test_preflight_plans_the_adapter_as_configured(tiny_train_setup):
+    """The launch-time plan (preflight, checkpointing and frozen-base auto) counts the adapter's dropout (it keeps
+    each adapted input's dropped copy) and its number of experts (the gates' size)."""
+    from pipeline.config import load_config
+    from pipeline.config.train import TrainConfig
+    from pipeline.train.preflight import plan_run
+
+    def planned(*overrides):
+        cfg = load_config(TrainConfig, tiny_train_setup["config"], ["model.path=llama-2-7b", *overrides])
+        return plan_run(cfg, str(ZERO3), 5, nodes=1, gpus_per_node=8, gpu_mem_gb=80, grad_ckpt=False)
+
+    plain, dropout = planned("more.dropout=0.0"), planned("more.dropout=0.1")
+    assert dropout.activations.no_ckpt > plain.activations.no_ckpt
+    assert planned("more.expert_ranks=[2,4]").adapter.gate < plain.adapter.gate  # 2 experts, not max_rank's 4
+
+
 def test_capped_eval_reads_rows_spread_over_the_split(tiny_train_setup):
     """eval.max_batches takes rows evenly over the eval split (packed per task, its first rows are one task's)."""
     from pipeline.config import load_config

@@ -9,14 +9,15 @@ from .base import StrictModel
 
 
 class PlanConfig(StrictModel):
-    model: str = Field(description="HF model folder, config.json, or a shipped name under configs/models/")
+    # HF model folder, config.json, or a shipped name under configs/models/ (required: here or `--model`)
+    model: Optional[str] = None
     nodes: int = Field(1, ge=1)
     gpus_per_node: int = Field(8, ge=1)
     gpu_mem_gb: float = Field(80.0, gt=0)
     quant: Literal["nf4", "none"] = "nf4"
     seq_len: int = Field(4096, ge=1)
     micro_batch: int = Field(1, ge=1)
-    offload: bool = False
+    offload: Optional[bool] = None  # ZeRO-3 CPU offload of optimizer and parameters; None: as ds_config says
     # the frozen base whole on every GPU, only what trains sharded: what training's `model.frozen_base: replicated`
     # does, and what its `auto` picks where this plan fits
     replicate_frozen: bool = False

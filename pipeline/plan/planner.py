@@ -35,7 +35,7 @@ class PlanInputs:
     quant: str = "nf4"  # nf4 | none
     seq_len: int = 4096
     micro_batch: int = 1
-    offload: bool = False  # ZeRO-3 optimizer + parameter offload to CPU
+    offload: bool | None = None  # ZeRO-3 optimizer + parameter offload to CPU; None: as the DeepSpeed JSON says
     grad_ckpt: bool = True
     max_rank: int = 8
     targets: str = "all-linear"
@@ -97,7 +97,8 @@ class MemoryPlan:
 
     @property
     def verdict(self) -> str:
-        return "FITS" if self.fits else "DOES NOT FIT"
+        """Both the training step and the load (each rank's full base copy before ZeRO-3 partitions it)."""
+        return "FITS" if self.fits and self.load_fits else "DOES NOT FIT"
 
     def line(self, key: str) -> int:
         return next(l.bytes for l in self.lines if l.key == key)
@@ -134,7 +135,7 @@ def _evaluate(inp: PlanInputs, inv: ModelInventory, adapter: AdapterCount, adapt
     if inp.dtype not in DTYPE_BYTES:
         raise ValueError(f"dtype must be one of {sorted(DTYPE_BYTES)}, got {inp.dtype!r}")
     d = DTYPE_BYTES[inp.dtype]
-    z = ZeroSettings.from_ds_config(ds_config, inv.hidden, offload=inp.offload or None)
+    z = ZeroSettings.from_ds_config(ds_config, inv.hidden, offload=inp.offload)
     thr = z.param_persistence_threshold
     Wb = 1 if inp.replicate_frozen else W  # what the frozen base is divided by
     shard = "replicated" if inp.replicate_frozen else f"1/{W} shard"

@@ -15,7 +15,7 @@ def format_plan(p: MemoryPlan) -> str:
         f"ffn={m.intermediate}, heads={m.heads}/{m.kv_heads} kv, vocab={m.vocab}",
         f"run: {i.nodes} node(s) x {i.gpus_per_node} GPU(s) = {i.world_size} ranks, {i.gpu_mem_gb:g} GiB each; "
         f"quant={i.quant}, {i.dtype}, seq {i.seq_len}, micro batch {i.micro_batch}, attn={i.attn_impl}, "
-        f"grad ckpt={'on' if i.grad_ckpt else 'off'}, offload={'on' if i.offload else 'off'}",
+        f"grad ckpt={'on' if i.grad_ckpt else 'off'}, offload={'on' if p.zero.offload_param else 'off'}",
         f"MoRE: rank {i.max_rank} on {a.modules} Linear layers ({i.targets}), {i.num_tasks} tasks, "
         f"{i.task_embedding} task embedding: {a.lora / 1e6:.2f}M LoRA + {a.gate / 1e6:.3f}M gate + "
         f"{a.task_embedding / 1e6:.3f}M task-emb" + (f" + {a.head / 1e6:.3f}M contrastive head" if a.head else ""),
@@ -30,10 +30,11 @@ def format_plan(p: MemoryPlan) -> str:
     pct = 100 * p.total_bytes / p.gpu_bytes
     out += [f"{'TOTAL':52s} {_g(p.total_bytes)}  of {p.gpu_bytes / GiB:.2f} GiB ({pct:.0f}%)",
             f"verdict: {p.verdict}"]
-    if i.quant == "nf4":
-        out.append(f"load time: each rank first holds the full NF4 base ({p.load_bytes / GiB:.2f} GiB) on its GPU "
-                   f"(on the host if loaded on CPU) before ZeRO-3 partitions it: "
-                   f"{'fits' if p.load_fits else 'DOES NOT FIT'}")
+    held = ("the full NF4 base" if i.quant == "nf4" else f"the whole {i.dtype} base (DeepSpeed moves the loaded "
+            f"model to the GPU)")
+    out.append(f"load time: each rank first holds {held} ({p.load_bytes / GiB:.2f} GiB) on its GPU "
+               f"(on the host if loaded on CPU) before ZeRO-3 partitions it: "
+               f"{'fits' if p.load_fits else 'DOES NOT FIT'}")
     if p.suggestion:
         out.append(f"smallest change that fits: {p.suggestion}")
         out += [f"  also fits: {s}" for s in p.alternatives]

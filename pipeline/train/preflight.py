@@ -28,7 +28,8 @@ def plan_run(cfg: TrainConfig, ds_config: str, num_tasks: int, nodes: int, gpus_
                 micro_batch=cfg.optim.micro_batch_size, grad_ckpt=grad_ckpt,
                 max_rank=cfg.more.max_rank, targets=targets if isinstance(targets, str) else ",".join(targets),
                 num_tasks=num_tasks, task_embedding=cfg.more.task_embedding,
-                task_embedding_dim=cfg.more.task_embedding_dim,
+                task_embedding_dim=cfg.more.task_embedding_dim, num_experts=len(cfg.more.ranks),
+                adapter_dropout=cfg.more.dropout,
                 attn_impl=PLANNER_ATTENTION[cfg.model.attn_implementation], dtype=cfg.model.dtype,
                 replicate_frozen=(cfg.model.frozen_base == "replicated") if replicate_frozen is None
                 else replicate_frozen)
