@@ -91,6 +91,9 @@ def test_real_import_folder_is_plain_with_chat_template_and_checksums(smollm2_im
     assert tok.chat_template and (folder / "chat_template.jinja").is_file()
     text = tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
     assert text.endswith("<|im_start|>assistant\n") and "<|im_start|>user\nHi<|im_end|>" in text
+    # SmolLM2's own pre-tokenizer (the GGUF's tokenizer.ggml.pre = smollm): digits split off first, so a run of
+    # spaces before a digit stays one token, as in the model's tokenizer.json (transformers' GGUF loader gave 'Ġ','Ġ')
+    assert tok.tokenize("a  1") == ["a", "ĠĠ", "1"] and tok.tokenize("Answer:\n 42") == ["Answer", ":", "ĊĠ", "4", "2"]
 
     record = json.loads((folder / CHECKSUMS).read_text())
     assert record["source"]["sha256"] == sha256_file(smollm2_import.gguf)

