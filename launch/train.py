@@ -34,8 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--deepspeed", default="ds_configs/zero3.json", help="DeepSpeed JSON; \"auto\" values are filled")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config value, e.g. --set optim.lr=1e-4 (repeatable)")
-    ap.add_argument("--resume", action="store_true", help="require a checkpoint to resume from")
-    ap.add_argument("--no-resume", action="store_true", help="start fresh even if a checkpoint exists")
+    resume = ap.add_mutually_exclusive_group()
+    resume.add_argument("--resume", action="store_true", help="require a checkpoint to resume from")
+    resume.add_argument("--no-resume", action="store_true", help="start fresh even if a checkpoint exists")
     ap.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     overrides = list(args.overrides)

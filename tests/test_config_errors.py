@@ -234,3 +234,15 @@ def test_vocab_check_reads_old_manifests_without_max_token_id(tiny_train_setup, 
         validate(cfg, str(ROOT / "ds_configs" / "zero3.json"))
     # A hub id (no local folder) skips the check rather than guessing.
     assert check_data(cfg.model_copy(update={"model": cfg.model.model_copy(update={"path": "org/some-model"})}))
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["hidden_size=100", "num_heads=3"], "hidden_size 100 is not a multiple of num_heads 3"),
+    (["num_kv_heads=3"], "num_heads 4 is not a multiple of num_kv_heads 3"),
+])
+def test_base_model_heads_that_cannot_split_the_width_are_config_errors(overrides, expected):
+    """They used to fail inside transformers (a traceback) or at the first training step."""
+    from pipeline.config.base_model import BaseModelConfig
+
+    with pytest.raises(ConfigError, match=expected):
+        load_config(BaseModelConfig, data={"data_dir": "d", "output_dir": "o"}, overrides=overrides)

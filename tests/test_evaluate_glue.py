@@ -6,6 +6,7 @@ import math
 import shutil
 
 import pytest
+import torch
 
 from evaluate_fixtures import REPO, one_torch_thread, results, run_cli, tiny_with_tokenizer  # noqa: F401
 from pipeline.evaluate import EvalError, evaluate
@@ -133,6 +134,11 @@ def test_clear_errors(glue_run, tmp_path):
     assert code == 2 and "--adapter needs --base" in err
     code, err = run_cli("--model", root / "m", "--config", tmp_path / "missing.yaml", "--out", tmp_path / "e")
     assert code == 2 and "missing.yaml" in err
+    with pytest.raises(EvalError, match="--device 'nope' is not a device"):
+        evaluate(tmp_path / "e", model=root / "m", config=CONFIG, tokenizer=tok, device="nope")
+    if not torch.cuda.is_available():
+        with pytest.raises(EvalError, match="--device cuda: no CUDA GPU on this machine"):
+            evaluate(tmp_path / "e", model=root / "m", config=CONFIG, tokenizer=tok, device="cuda")
     with pytest.raises(EvalError, match="exactly one of a model folder"):
         evaluate(tmp_path / "e", config=CONFIG)
     with pytest.raises(EvalError, match="exactly one of a prep config"):

@@ -266,3 +266,10 @@ def test_cli_exit_code_and_message_in_a_subprocess(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.startswith(f"error: {missing}: no such file")
     assert _entries(tmp_path) == []
+
+
+def test_out_under_a_file_is_a_clear_error(tiny_gguf, tmp_path):
+    (tmp_path / "a_file").write_text("x")
+    code, _, err = run_cli("--gguf", tiny_gguf, "--out", tmp_path / "a_file" / "model")
+    assert code == 2 and err.startswith("error: ") and "cannot create its folder" in err, err
+    assert _entries(tmp_path) == ["a_file"]

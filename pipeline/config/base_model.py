@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from pipeline.config.base import StrictModel
 
@@ -33,3 +33,12 @@ class BaseModelConfig(StrictModel):
     batch_size: int = Field(default=32, gt=0)
     lr: float = Field(default=3e-3, gt=0)
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _heads_fit(self):
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads} "
+                             f"(each KV head serves a group of query heads)")
+        return self

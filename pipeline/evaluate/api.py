@@ -9,6 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
+import torch
+
 from pipeline.evaluate.errors import EvalError
 from pipeline.evaluate.models import AdapterModel, HFModel, open_model
 from pipeline.evaluate.runner import run_evaluation
@@ -41,6 +43,19 @@ def resolve_tokenizer(taskset: TaskSet, tokenizer=None, model=None, base=None):
         raise EvalError(str(e)) from None
 
 
+def _check_device(device: Optional[str]) -> None:
+    if device is None:
+        return
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise EvalError(f"--device {device!r} is not a device (cpu, cuda, cuda:1)") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise EvalError(f"--device {device}: no CUDA GPU on this machine (torch {torch.__version__}); use cpu")
+    if kind not in ("cpu", "cuda"):
+        raise EvalError(f"--device {device}: evaluate runs on cpu or cuda")
+
+
 def evaluate(out, *, model=None, adapter=None, base=None, routing: bool = False, config=None, data=None,
              overrides: Sequence[str] = (), tasks: Optional[Sequence[str]] = None, max_examples: Optional[int] = None,
              seed: int = 0, batch_size: int = 16, baseline=None, tokenizer=None,
@@ -62,6 +77,7 @@ def evaluate(out, *, model=None, adapter=None, base=None, routing: bool = False,
         raise EvalError("--max-examples must be positive")
     if batch_size <= 0:
         raise EvalError("--batch-size must be positive")
+    _check_device(device)
     taskset = from_data(data) if data is not None else from_config(config, overrides)
     selected = taskset.select(tasks)
     tok = resolve_tokenizer(taskset, tokenizer, model, base)

@@ -289,7 +289,10 @@ def import_gguf(out, gguf=None, dtype: str = "fp32", force: bool = False,
                                    f"choose another --out or remove it")
         log(f"model: rebuilding {out} ({'--force' if force else _why_rebuild(out, key)})")
 
-    created = _make_parents(out.parent)
+    try:
+        created = _make_parents(out.parent)
+    except OSError as e:  # a parent that is a file, no permission, ...
+        raise ImportModelError(f"--out {out}: cannot create its folder ({e})") from None
     tmp = temp_dir_for(out)
     try:
         _convert(src, tmp, dtype, log)
