@@ -89,9 +89,15 @@ def saved_bytes_one_layer(model, batch: int, seq: int, layer_idx: int = 1) -> in
     h2 = layer.register_forward_hook(post, with_kwargs=True)
     dtype = next(model.parameters()).dtype
     ids = torch.randint(0, model.config.vocab_size, (batch, seq))
+    if model.config._attn_implementation == "packed_sdpa":  # one sample per row, given by its length
+        from pipeline.models.packed_attention import PackedSegments
+
+        inputs = dict(packed_segments=PackedSegments([[seq]] * batch), position_ids=torch.arange(seq).repeat(batch, 1))
+    else:
+        inputs = dict(attention_mask=causal_mask(batch, seq, dtype))
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            model(input_ids=ids, attention_mask=causal_mask(batch, seq, dtype))
+            model(input_ids=ids, **inputs)
     finally:
         h1.remove(), h2.remove()
     return sum(seen.values())

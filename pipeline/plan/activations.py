@@ -11,7 +11,8 @@ against saved-tensor hooks in tests/test_plan.py:
 - attention keeps q, k, v after RoPE: a*(hq + 2hkv), or a*3hq when k/v are repeated to all heads (SDPA with a mask,
   eager); SDPA/flash also keep their output (a*hq, laid out so o_proj's input is the same storage) and the fp32
   logsumexp (4 x heads); eager keeps the fp32 softmax and its a-byte copy ((4 + a) x heads x S per token) and o_proj's
-  input a*hq only if o_proj is adapted;
+  input a*hq only if o_proj is adapted. `attention_fp32` (packed_sdpa on CPU, which attends in fp32): q, k, v and
+  the output kept in fp32, plus o_proj's 16-bit input (the output cast back) if o_proj is adapted;
 - SwiGLU keeps gate (SiLU input), SiLU(gate) and up (the product's inputs): 3a*i;
 - adapter dropout p>0 adds its output and a 1-byte mask per adapted Linear: (a + 1) x in_features.
 Beyond the layers: the final norm 4h, a 4-D additive mask a*S^2 per row unless flash-varlen, and the loss peak
@@ -41,7 +42,7 @@ class ActivationEstimate:
 def activation_bytes(*, batch: int, seq: int, hidden: int, intermediate: int, heads: int, kv_heads: int,
                      head_dim: int, vocab: int, layers: int, act_bytes: int = 2, adapted=ROLES, rank: int = 8,
                      attn_impl: str = "flash", packed_mask: bool = True, dropout: float = 0.0,
-                     loss_positions: int | None = None) -> ActivationEstimate:
+                     loss_positions: int | None = None, attention_fp32: bool = False) -> ActivationEstimate:
     """Peak activation bytes of one micro batch (B x S tokens), with and without gradient checkpointing."""
     if attn_impl not in ("flash", "sdpa", "eager"):
         raise ValueError(f"attn_impl must be flash, sdpa or eager, got {attn_impl!r}")
@@ -55,11 +56,13 @@ def activation_bytes(*, batch: int, seq: int, hidden: int, intermediate: int, he
     tok += a * h if ad & {"gate_proj", "up_proj"} else 0
     tok += a * i if "down_proj" in ad else 0
     tok += 2 * a * rank * len(ad)
-    tok += a * (3 * hq if repeat_kv else hq + 2 * hkv)  # q, k, v
+    qkv = 4 if attention_fp32 and a != 4 else a  # bytes per element attention keeps
+    tok += qkv * (3 * hq if repeat_kv else hq + 2 * hkv)  # q, k, v
     if attn_impl == "eager":
         tok += a * hq if "o_proj" in ad else 0
     else:
-        tok += a * hq + 4 * heads  # output (= o_proj's input) + logsumexp
+        tok += qkv * hq + 4 * heads  # output (= o_proj's input unless cast back from fp32) + logsumexp
+        tok += a * hq if qkv != a and "o_proj" in ad else 0
     tok += 3 * a * i
     if dropout > 0:
         widths = {"q_proj": h, "k_proj": h, "v_proj": h, "o_proj": hq, "gate_proj": h, "up_proj": h, "down_proj": i}

@@ -46,6 +46,7 @@ class PlanInputs:
     attn_impl: str = "flash"  # flash (varlen, no mask) | sdpa (with the packed 4-D mask) | eager
     dtype: str = "bf16"
     adapter_dropout: float = 0.0
+    attention_fp32: bool = False  # attention computed in fp32 from 16-bit activations (packed_sdpa on CPU)
     double_quant: bool = False
     overhead_gb: float = 1.5  # CUDA context, cuBLAS workspace, NCCL buffers
     host_mem_gb: float | None = None  # host RAM per node, for the host verdict
@@ -162,7 +163,8 @@ def _evaluate(inp: PlanInputs, inv: ModelInventory, adapter: AdapterCount, adapt
                            intermediate=inv.intermediate, heads=inv.heads, kv_heads=inv.kv_heads,
                            head_dim=inv.head_dim, vocab=inv.vocab, layers=inv.num_layers, act_bytes=d,
                            adapted=adapted, rank=inp.max_rank, attn_impl=inp.attn_impl,
-                           dropout=inp.adapter_dropout, loss_positions=LOSS_CHUNK)
+                           dropout=inp.adapter_dropout, loss_positions=LOSS_CHUNK,
+                           attention_fp32=inp.attention_fp32)
     gathered = (inv.largest_fetch_unit_numel + z.prefetch_bucket_size
                 + min(z.max_reuse_distance, z.max_live_parameters, container_total)) * d
     gathered = min(gathered, (container_total + inv.largest_fetch_unit_numel) * d) if W > 1 else 0  # 1 rank: no gather

@@ -30,6 +30,7 @@ def plan_run(cfg: TrainConfig, ds_config: str, num_tasks: int, nodes: int, gpus_
                 num_tasks=num_tasks, task_embedding=cfg.more.task_embedding,
                 task_embedding_dim=cfg.more.task_embedding_dim, num_experts=len(cfg.more.ranks),
                 adapter_dropout=cfg.more.dropout,
+                attention_fp32=cfg.model.attn_implementation == "packed_sdpa" and not torch.cuda.is_available(),
                 attn_impl=PLANNER_ATTENTION[cfg.model.attn_implementation], dtype=cfg.model.dtype,
                 replicate_frozen=(cfg.model.frozen_base == "replicated") if replicate_frozen is None
                 else replicate_frozen)
