@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="override a config value, e.g. --set optim.lr=1e-4 (repeatable)")
     resume = ap.add_mutually_exclusive_group()
     resume.add_argument("--resume", action="store_true", help="require a checkpoint to resume from")
-    resume.add_argument("--no-resume", action="store_true", help="start fresh even if a checkpoint exists")
+    resume.add_argument("--no-resume", action="store_true", help="start fresh; refused when the output folder already holds checkpoints")
     ap.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     overrides = list(args.overrides)

@@ -61,7 +61,7 @@ class SamplingConfig(StrictModel):
     """Multi-task mixing used by the loader's TaskSampler: p_t ∝ weight_t · min(n_t, cap_t)^(1/T).
 
     n_t is the number of training examples of task t. Names in `caps`/`weights` must be tasks of this config.
-    Exact when rows hold one task (`pack_per_task: true`); with mixed packs a row counts for its majority task.
+    Rows holding several tasks are weighted by the examples of each task they hold (pipeline/data/sampler.py).
     """
 
     temperature: float = Field(default=1.0, gt=0)

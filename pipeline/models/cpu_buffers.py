@@ -11,7 +11,7 @@ alive at once. Blocks under 1 MiB are left to glibc. Opt-in (`model.cpu_buffer_p
 process, not in the side-by-side benchmark (README, Benchmarks).
 
 A block is free when nothing but the pool holds its storage: tensors handed out, their views and autograd's saved
-copies all count. Used from the training thread only (the batch prefetch thread never takes blocks).
+copies all count. Used from the training thread only.
 """
 from __future__ import annotations
 
