@@ -14,8 +14,7 @@ import traceback
 
 from pipeline.config import ConfigError, load_config
 from pipeline.config.train import TrainConfig
-
-EXIT_REQUEUE = 75
+from pipeline.train.distributed import EXIT_REQUEUE
 
 
 class PreemptedBeforeTraining(BaseException):
@@ -56,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     except PreemptedBeforeTraining:
         print(f"SIGTERM before training started: no checkpoint written; exiting {EXIT_REQUEUE} to requeue",
               file=sys.stderr, flush=True)
+        from pipeline.train.distributed import abort_job
+
+        abort_job("SIGTERM before training started", EXIT_REQUEUE)  # a rank the signal missed stops too, as 75
         return EXIT_REQUEUE
     except BaseException as e:
         # This rank's error goes to its own stderr and exit code; the other ranks stop through the store

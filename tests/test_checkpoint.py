@@ -356,3 +356,18 @@ def test_every_0_checkpoints_at_the_end_lr_is_the_applied_one_and_no_eval_split_
     assert not any(k.startswith("eval/") for r in records for k in r), records
     assert "already trained to step 3" in train("--set", "optim.max_steps=3")
     assert f"resumed from {run / 'checkpoints' / 'step_3'} at step 3" in train("--set", "optim.max_steps=4")
+
+
+def test_a_complete_checkpoint_is_never_written_again(tmp_path):
+    """Saving a step whose checkpoint is complete would delete it first (a kill then leaves `latest` on nothing):
+    refused, the checkpoint untouched. An unfinished folder of that step is replaced as before."""
+    ckpt = tmp_path / "checkpoints"
+    _save(ckpt, 4)
+    before = {p: p.stat().st_mtime_ns for p in (ckpt / "step_4").rglob("*")}
+    with pytest.raises(checkpoint.CheckpointError, match="step_4 is complete already"):
+        _save(ckpt, 4)
+    assert {p: p.stat().st_mtime_ns for p in (ckpt / "step_4").rglob("*")} == before
+    (ckpt / "step_5").mkdir()
+    (ckpt / "step_5" / "partial").write_text("x")
+    _save(ckpt, 5)
+    assert not (ckpt / "step_5" / "partial").exists() and (ckpt / "step_5" / "meta.json").is_file()

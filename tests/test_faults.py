@@ -269,3 +269,15 @@ def test_sigterm_during_checkpoint_write_and_during_model_load_then_resume(tiny_
     assert codes == [0, 0], _logs(logs / "3")
     assert f"at step {latest.split('_')[1]}" in (logs / "3" / "rank0.log").read_text()
     assert json.loads((run / "train_summary.json").read_text())["steps"] == 4
+
+
+@pytest.mark.slow
+def test_sigterm_on_one_rank_during_model_load_requeues_every_rank(tiny_train_setup, tmp_path, monkeypatch):
+    """The signal reaches one rank while the model loads: that rank exits 75 and tells the others, which exit 75
+    too at once (requeue), instead of failing (exit 1) at the collective timeout."""
+    run, logs = tmp_path / "run", tmp_path / "logs"
+    monkeypatch.setenv("PIPELINE_FAULT", "term@1:0:load")
+    codes, _ = _srun_style(_args(tiny_train_setup, run), logs)
+    assert codes == [75, 75], _logs(logs)  # rank 0 used to time out in its collective: exit 1
+    assert "another rank was preempted" in (logs / "rank0.log").read_text()
+    assert not (run / "checkpoints").exists() or not any((run / "checkpoints").iterdir())

@@ -291,12 +291,23 @@ def test_preempted_at_the_last_step_the_resumed_summary_keeps_the_final_loss(tin
     args = ["--config", str(tiny_train_setup["config"]), "--set", f"output_dir={run}", "--set", "eval.every=1"]
     assert wait_all(spawn_ranks(2, args, run, {"PIPELINE_FAULT": "term@*:6"})) == [75, 75], _logs(run)
     assert (run / "checkpoints" / "step_6" / "meta.json").is_file() and not (run / "train_summary.json").exists()
+    saved_at = (run / "checkpoints" / "step_6" / "meta.json").stat().st_mtime_ns
     assert wait_all(spawn_ranks(2, args, run)) == [0, 0], _logs(run)
     got = json.loads((run / "train_summary.json").read_text())
     want = json.loads((uninterrupted_run / "train_summary.json").read_text())
     assert got["final_train_loss"] == pytest.approx(want["final_train_loss"], rel=1e-6)
     assert got["final_train_loss_per_task"] == pytest.approx(want["final_train_loss_per_task"], rel=1e-6)
     assert got["final_train_loss_per_task"] and got["tokens_per_s"] is None  # no step ran in the resumed process
+    # the resumed run neither rewrote the complete step-6 checkpoint it resumed from (it used to delete it first)
+    # nor logged step 6 twice: metrics.jsonl and TensorBoard hold each step's train and eval values once
+    assert (run / "checkpoints" / "step_6" / "meta.json").stat().st_mtime_ns == saved_at
+    for key in ("train/loss", "eval/loss"):
+        assert [s for s, _ in logged(run, key)] == [s for s, _ in logged(uninterrupted_run, key)] == list(range(1, 7))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard")).Reload()
+    for key in ("train/loss", "eval/loss", "rank/sentiment/mean"):
+        assert [e.step for e in events.Scalars(key)] == list(range(1, 7)), key
 
 
 @pytest.mark.slow

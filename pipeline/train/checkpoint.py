@@ -217,6 +217,9 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict[str, Any], keep: 
     """Collective: every rank must call it. Returns the tag; the checkpoint is complete when it returns."""
     tag = f"step_{step}"
     tag_dir = ckpt_dir / tag
+    if (tag_dir / META).is_file():  # every rank sees it (one shared folder): all refuse, nobody deletes it
+        raise CheckpointError(f"checkpoint {tag_dir} is complete already; not written again (the save would delete "
+                              f"it first)")
     if rank == 0 and tag_dir.exists():  # an unfinished save of this step (a resumed run passes it again)
         shutil.rmtree(tag_dir)
     barrier()

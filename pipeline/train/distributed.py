@@ -105,6 +105,9 @@ def _new_groups_default_to(timeout: timedelta) -> None:
 # --- a failed rank ends every rank ----------------------------------------------------------------------------------
 
 
+EXIT_REQUEUE = 75  # EX_TEMPFAIL: preempted (after a checkpoint, or before training began); the SLURM script requeues
+
+
 def _abort_key() -> str:
     # torchrun restarts a failed job with the same store: each attempt has its own key
     return f"pipeline/abort/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
@@ -117,9 +120,10 @@ def _store_client(timeout_s: float):
 
 
 class _PeerWatch:
-    """A daemon thread that ends this rank (exit 1) when another rank has failed: it reads `abort_job`'s key in the
-    rendezvous store every `interval_s`, and takes a store that stops answering (its host, rank 0, has died) as a
-    failure too. `shutdown` stops it first, so a rank that finished normally never trips it."""
+    """A daemon thread that ends this rank when another rank has failed (exit 1) or was preempted before training
+    began (exit EXIT_REQUEUE, as that rank): it reads `abort_job`'s key in the rendezvous store every `interval_s`,
+    and takes a store that stops answering (its host, rank 0, has died) as a failure too. `shutdown` stops it first,
+    so a rank that finished normally never trips it."""
 
     current: Optional["_PeerWatch"] = None
     interval_s = 1.0
@@ -151,27 +155,30 @@ class _PeerWatch:
                 if not store.check([key]):
                     misses = 0
                     continue
-                why = store.get(key).decode(errors="replace")
+                code, _, why = store.get(key).decode(errors="replace").partition(" ")
+                code = int(code) if code.isdigit() else 1
             except Exception as e:  # noqa: BLE001 - any failure to reach the store
                 store, misses = None, misses + 1
                 if misses < self.lost_after:
                     continue
-                why = f"the rendezvous store {os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} is gone " \
-                      f"({type(e).__name__}): its host (rank 0 or the launcher) has ended"
+                code, why = 1, (f"the rendezvous store {os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} "
+                                f"is gone ({type(e).__name__}): its host (rank 0 or the launcher) has ended")
             if self.stopped.is_set():
                 return
-            print(f"rank {self.rank}: stopping, another rank failed: {why}", file=sys.stderr, flush=True)
-            os._exit(1)
+            what = "was preempted" if code == EXIT_REQUEUE else "failed"
+            print(f"rank {self.rank}: stopping (exit {code}), another rank {what}: {why}", file=sys.stderr, flush=True)
+            os._exit(code)
 
 
-def abort_job(reason: str) -> None:
-    """Called by a failing rank before it exits: tells every other rank to stop (see `_PeerWatch`). Best effort."""
+def abort_job(reason: str, exit_code: int = 1) -> None:
+    """Called by a failing (or, with EXIT_REQUEUE, preempted) rank before it exits: tells every other rank to stop
+    with `exit_code` (see `_PeerWatch`). Best effort."""
     watch = _PeerWatch.current
     if watch is None:
         return
     _PeerWatch.stop()
     try:
-        _store_client(5.0).set(_abort_key(), f"rank {watch.rank}: {reason}"[:2000])
+        _store_client(5.0).set(_abort_key(), f"{exit_code} rank {watch.rank}: {reason}"[:2000])
         time.sleep(2 * _PeerWatch.interval_s)  # rank 0 hosts the store: keep it up until the others have read it
     except Exception:  # noqa: BLE001 - the store may be gone with a dead rank 0; the others see that themselves
         pass

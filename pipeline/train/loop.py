@@ -21,7 +21,8 @@ from pipeline.config.base import ConfigError
 from pipeline.config.train import TrainConfig
 from pipeline.train import checkpoint, faults
 from pipeline.train.data import TrainData, check_data
-from pipeline.train.distributed import DistInfo, all_reduce_sum, any_rank, init_distributed, shutdown
+from pipeline.train.distributed import (EXIT_REQUEUE, DistInfo, all_reduce_sum, any_rank, init_distributed,
+                                        shutdown)
 from pipeline.train.ds_config import fill_ds_config
 from pipeline.train.loss import token_loss_sums
 from pipeline.train.monitor import Monitor
@@ -31,7 +32,6 @@ from pipeline.train.zero3_trace import forget_forward_only_trace
 from pipeline.train.zero3_frozen import replicate_frozen_parameters
 from pipeline.train.zero3_units import make_zero3_units
 
-EXIT_REQUEUE = 75  # EX_TEMPFAIL: preempted after a checkpoint; the SLURM script requeues on it
 
 
 class Preempted:
@@ -147,6 +147,7 @@ class Trainer:
         self.preempt = Preempted()
         self.last_eval: dict[str, float] = {}
         self.last_values: dict[str, float] = {}  # the last step's train values (the summary's final loss)
+        self.saved_step: Optional[int] = None  # the step of the checkpoint on disk this process wrote or loaded
         self.eval_pending = False  # a resumed run owes the eval of the step it was preempted at
         self.run_id = checkpoint.new_run_id()  # a resumed run takes its checkpoint's: pruning keeps to one run
         manifest = json.loads((Path(cfg.data.dir) / "manifest.json").read_text())
@@ -174,6 +175,7 @@ class Trainer:
         self.data.load_state_dict(state["data"])
         self.eval_pending = bool(state.get("eval_pending", False))
         self.last_values = dict(state.get("last_values", {}))
+        self.saved_step = self.step
         self.run_id = meta["run_id"]
         self._restore_hparams()
         if self.dist.is_main:
@@ -200,6 +202,7 @@ class Trainer:
         with faults.during_writes("checkpoint", self.dist.rank, self.step):
             checkpoint.save(self.engine, self.ckpt_dir, self.step, state, self.cfg.checkpoint.keep, self.dist.rank,
                             self.run_id, self.identity)
+        self.saved_step = self.step
 
     # --- one optimizer step -------------------------------------------------------------------------------------
     def train_step(self) -> dict[str, float]:
@@ -314,7 +317,11 @@ class Trainer:
             if self.dist.is_main:
                 print(f"{self.out} already trained to step {self.step} (optim.max_steps); nothing to do", flush=True)
             return 0
-        monitor = Monitor(self.out, cfg.optim.max_steps, self.step, self.dist.is_main)
+        # this run evaluates its start step again: an eval the checkpoint owes, the step-0 eval, or the final one
+        redo = self.eval_pending or (cfg.eval.at_start and self.step == 0) or self.step >= cfg.optim.max_steps
+        monitor = Monitor(self.out, cfg.optim.max_steps, self.step, self.dist.is_main, redo_start=redo)
+        if redo and self.last_values and (self.step % cfg.log_every == 0 or self.step == cfg.optim.max_steps):
+            monitor.scalars(self.step, self.last_values, prefix="train/")  # dropped with the start step's records
         self.engine.train()
         t_start, tokens_start = time.time(), self.tokens_seen
         try:
@@ -345,7 +352,7 @@ class Trainer:
                 if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
                     self.save_checkpoint()  # after the step's eval: a resume from it owes nothing
             self._eval_and_log(monitor)
-            if not cfg.checkpoint.every or self.step % cfg.checkpoint.every != 0:  # every 0: only here (and SIGTERM)
+            if self.saved_step != self.step:  # not saved at this step yet (checkpoint.every 0: only here, SIGTERM)
                 self.save_checkpoint()
             self._finish(self.last_values, time.time() - t_start, self.tokens_seen - tokens_start)
         finally:

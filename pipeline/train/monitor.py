@@ -2,7 +2,9 @@
 
 Every method is a no-op on ranks other than 0, so the loop can call them unconditionally. A run that starts at
 step S (a resume, or 0) first drops what metrics.jsonl holds after step S, as TensorBoard's `purge_step` does for
-its events: steps a crashed run logged after its last checkpoint are run again, and each step is logged once.
+its events: steps a crashed run logged after its last checkpoint are run again, and each step is logged once. A run
+that evaluates step S again (`redo_start`: an eval the checkpoint owes, the step-0 eval, the final one) drops step S
+too, and logs that step's train values again first.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from pipeline.atomic import atomic_write
 
 
 class Monitor:
-    def __init__(self, output_dir: Path, total_steps: int, start_step: int, is_main: bool):
+    def __init__(self, output_dir: Path, total_steps: int, start_step: int, is_main: bool, redo_start: bool = False):
         self.is_main = is_main
         self.writer = None
         self.bar: Optional[tqdm] = None
@@ -27,8 +29,9 @@ class Monitor:
             return
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(str(output_dir / "tensorboard"), purge_step=start_step + 1)
-        _drop_after(output_dir / "metrics.jsonl", start_step)
+        keep_to = start_step - 1 if redo_start else start_step
+        self.writer = SummaryWriter(str(output_dir / "tensorboard"), purge_step=keep_to + 1)
+        _drop_after(output_dir / "metrics.jsonl", keep_to)
         self.metrics_file = open(output_dir / "metrics.jsonl", "a")
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
         self._t0 = time.time()
