@@ -548,6 +548,25 @@ def test_task_mix_is_the_prep_configs_unless_the_train_config_sets_it(tiny_train
     assert subset[2:].sum() == 0 and subset[0] > 0 and subset[1] > 0
 
 
+def test_checkpoint_identity_records_the_task_mix_as_applied(tiny_train_setup):
+    """data.temperature unset takes the prep config's: the checkpoint records the temperature and caps applied, so
+    a checkpoint of an earlier version (which recorded its default, 2.0) resumes when the mix is the same, and any
+    change of the mix is refused whichever file made it."""
+    from pipeline.config import load_config
+    from pipeline.config.train import TrainConfig
+    from pipeline.train import checkpoint
+    from pipeline.train.loop import _with_applied_mix
+
+    manifest = json.loads((Path(tiny_train_setup["data"]) / "manifest.json").read_text())
+    assert manifest["sampling"]["temperature"] == 2.0
+    unset = load_config(TrainConfig, tiny_train_setup["config"], ["data.temperature=null"])
+    older = load_config(TrainConfig, tiny_train_setup["config"], ["data.temperature=2.0"]).model_dump(mode="json")
+    assert checkpoint.compare(older, _with_applied_mix(unset, manifest))[0] == []
+    other = dict(manifest, sampling=dict(manifest["sampling"], temperature=1.0))
+    refused, _ = checkpoint.compare(older, _with_applied_mix(unset, other))
+    assert refused == ["data.temperature: 2.0 -> 1.0"]
+
+
 @pytest.mark.parametrize("stage", [0, 3])
 def test_local_gradient_square_sum_reads_every_gradient_and_keeps_non_finite(stage):
     """The pre-update check's sum of squares: every gradient this rank holds (ZeRO-3: its reduced partitions),

@@ -152,7 +152,8 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, dropout: fl
     local layers), applied within each sample."""
     if softcap is not None:
         raise ValueError(f"attn_implementation={NAME!r} does not apply attention logit soft-capping (this model's "
-                         f"softcap={softcap}, Gemma 2): set model.attn_implementation: eager")
+                         f"softcap={softcap}, Gemma 2): set model.attn_implementation: eager (its dense mask has no "
+                         f"sliding window: rows no longer than the model's window, prep max_seq_len)")
     if packed_segments is None:
         raise ValueError("attn_implementation='packed_sdpa' needs packed_segments=... in the forward call (the "
                          "samples' lengths per row; pipeline.models.packed_attention.packed_segments)")

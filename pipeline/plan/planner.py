@@ -275,9 +275,13 @@ def plan(model, *, ds_config: dict | str | None = None, suggest: bool = True, **
     result = _evaluate(inp, inv, adapter, adapted, ds_config)
     if ds_config is not None:
         result = replace(result, zero_source=str(ds_config) if isinstance(ds_config, (str, os.PathLike)) else "dict")
-    if result.fits or not suggest:
+    if (result.fits and result.load_fits) or not suggest:
         return result
-    fits = lambda cand: _evaluate(cand, inv, adapter, adapted, ds_config).fits  # noqa: E731
+
+    def fits(cand: PlanInputs) -> bool:  # the step and the load
+        p = _evaluate(cand, inv, adapter, adapted, ds_config)
+        return p.fits and p.load_fits
+
     fitting = [label for label, cand in _candidates(inp) if fits(cand)]
     if not fitting:
         combo = _combination(inp, fits)

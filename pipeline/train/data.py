@@ -123,7 +123,8 @@ def _check_window(cfg: TrainConfig, manifest: dict) -> None:
         raise ConfigError(f"model.attn_implementation: {cfg.model.attn_implementation} takes the collator's dense mask, "
                           f"which has no sliding window, but model.path {cfg.model.path} attends within a window of "
                           f"{window} tokens and the data's rows hold {rows}: use {PACKED_ATTENTION} (the default; it "
-                          f"applies the window within each sample)")
+                          f"applies the window within each sample), or prepare rows of at most {window} tokens "
+                          f"(prep max_seq_len)")
 
 
 class TrainData:

@@ -155,8 +155,9 @@ class _PeerWatch:
                 if not store.check([key]):
                     misses = 0
                     continue
-                code, _, why = store.get(key).decode(errors="replace").partition(" ")
-                code = int(code) if code.isdigit() else 1
+                value = store.get(key).decode(errors="replace")
+                code, _, why = value.partition(" ")
+                code, why = (int(code), why) if code.isdigit() else (1, value)
             except Exception as e:  # noqa: BLE001 - any failure to reach the store
                 store, misses = None, misses + 1
                 if misses < self.lost_after:

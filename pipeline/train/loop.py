@@ -20,7 +20,7 @@ import torch
 from pipeline.config.base import ConfigError
 from pipeline.config.train import TrainConfig
 from pipeline.train import checkpoint, faults
-from pipeline.train.data import TrainData, check_data
+from pipeline.train.data import TrainData, check_data, sampling_spec
 from pipeline.train.distributed import (EXIT_REQUEUE, DistInfo, all_reduce_sum, any_rank, init_distributed,
                                         shutdown)
 from pipeline.train.ds_config import fill_ds_config
@@ -151,7 +151,7 @@ class Trainer:
         self.eval_pending = False  # a resumed run owes the eval of the step it was preempted at
         self.run_id = checkpoint.new_run_id()  # a resumed run takes its checkpoint's: pruning keeps to one run
         manifest = json.loads((Path(cfg.data.dir) / "manifest.json").read_text())
-        self.identity = checkpoint.run_identity(cfg.model_dump(mode="json"), dist_info.world_size, task_names,
+        self.identity = checkpoint.run_identity(_with_applied_mix(cfg, manifest), dist_info.world_size, task_names,
                                                 manifest.get("cache_key"), base_weights_sha256(model))
         # This config's optimizer settings: a checkpoint's optimizer and scheduler states carry the saved run's,
         # and a resume with a changed lr (allowed, and said) must train with the new one.
@@ -319,6 +319,7 @@ class Trainer:
             return 0
         # this run evaluates its start step again: an eval the checkpoint owes, the step-0 eval, or the final one
         redo = self.eval_pending or (cfg.eval.at_start and self.step == 0) or self.step >= cfg.optim.max_steps
+        redo = redo and (self.step == 0 or bool(self.last_values))  # a checkpoint without them: keep its step's log
         monitor = Monitor(self.out, cfg.optim.max_steps, self.step, self.dist.is_main, redo_start=redo)
         if redo and self.last_values and (self.step % cfg.log_every == 0 or self.step == cfg.optim.max_steps):
             monitor.scalars(self.step, self.last_values, prefix="train/")  # dropped with the start step's records
@@ -386,6 +387,15 @@ class Trainer:
         tmp = self.out / "train_summary.json.tmp"
         tmp.write_text(json.dumps(summary, indent=2))
         os.replace(tmp, self.out / "train_summary.json")
+
+
+def _with_applied_mix(cfg: TrainConfig, manifest: dict) -> dict:
+    """The config as a checkpoint records it, with the task mix's temperature and caps as applied (data.* where set,
+    else the prep config's): a resume that would draw another mix is refused whichever file changed it."""
+    spec = sampling_spec(cfg, manifest)
+    config = cfg.model_dump(mode="json")
+    config["data"].update(temperature=spec["temperature"], task_caps=spec["caps"] or None)
+    return config
 
 
 def _supervised(batch: dict[str, torch.Tensor]) -> int:
