@@ -17,8 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
 
-import torch
-
 from pipeline.atomic import atomic_write, replace_dir, temp_dir_for
 from pipeline.export.check import (CheckError, CheckResult, SampleError, base_spec, check_tensors, describe_prompts,
                                    judge, load_merged, load_peft, logits, random_prompts, reference_logits,

@@ -33,7 +33,6 @@ from pipeline.train.zero3_frozen import replicate_frozen_parameters
 from pipeline.train.zero3_units import make_zero3_units
 
 
-
 class Preempted:
     """SIGTERM sets a flag; the loop finishes its step, checkpoints and exits with EXIT_REQUEUE."""
 
