@@ -25,9 +25,9 @@ from pipeline.data import builtin
 from pipeline.data.errors import PrepError
 from pipeline.data.mask import IGNORE_INDEX, build_labels
 from pipeline.data.pack import pack
-from pipeline.data.render import check_columns, check_rows, render, row_location
+from pipeline.data.render import check_columns, check_rows, render
 from pipeline.data.sampler import task_probabilities
-from pipeline.data.sources import EXAMPLE_ID, fingerprint_source, load_task
+from pipeline.data.sources import EXAMPLE_ID, fingerprint_source, load_task, row_location
 from pipeline.data.tokenize import Samples, resolve_add_bos, tokenize_dataset
 from pipeline.data.tokenizer import hash_files, load_tokenizer, train_sentencepiece_model, wrap_sentencepiece
 from pipeline.data.write import PACKED_FEATURES, atomic_dir, packed_table, save_table, write_json

@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 
 from pipeline.config.tasks import TaskConfig
 from pipeline.data.errors import PrepError
-from pipeline.data.sources import EXAMPLE_ID, source_path
+from pipeline.data.sources import EXAMPLE_ID, row_location
 
 ALPACA_PROMPT = "Instruction: {instruction}\n{input_block}Response:"
 
@@ -54,17 +54,6 @@ def check_columns(task: TaskConfig, columns: list[str], where: str) -> None:
         shown = sorted(c for c in columns if not c.startswith("_"))
         raise PrepError(f"task {task.name!r}: template needs column(s) {missing} missing from {where}; "
                         f"available columns: {shown}")
-
-
-def row_location(task: TaskConfig, split: Optional[str], example_id: int) -> str:
-    """Where example `example_id` of a split is, as a user finds it: `file:line` for JSONL, the item or row index
-    otherwise."""
-    src = task.source
-    if src.type == "jsonl":
-        return f"{source_path(src, split)}:{example_id + 1}"
-    if src.type == "json":
-        return f"{source_path(src, split)}: item {example_id}"
-    return f"{src.path} (split {split}): row {example_id}"
 
 
 def check_rows(task: TaskConfig, ds, split: Optional[str], skip_invalid: bool):

@@ -23,6 +23,17 @@ def source_path(source: SourceConfig, split: Optional[str]) -> str:
     return source.path.replace("{split}", split) if split and "{split}" in source.path else source.path
 
 
+def row_location(task: TaskConfig, split: Optional[str], example_id: int) -> str:
+    """Where example `example_id` of a split is, as a user finds it: `file:line` for JSONL, the item or row index
+    otherwise."""
+    src = task.source
+    if src.type == "jsonl":
+        return f"{source_path(src, split)}:{example_id + 1}"
+    if src.type == "json":
+        return f"{source_path(src, split)}: item {example_id}"
+    return f"{src.path} (split {split}): row {example_id}"
+
+
 def _read_jsonl(path: Path, task: str, skip_invalid: bool) -> tuple[list[dict], int]:
     rows, invalid = [], 0
     with path.open("rb") as f:
@@ -120,11 +131,8 @@ def load_split(task: TaskConfig, split: Optional[str], skip_invalid: bool = Fals
         if split != src.split and "{split}" not in src.path:
             raise _same_data(task, split, f"{path} (no {{split}} in its path)")
 
-        def where(row):
-            if row is None:
-                return str(path)
-            i = row[EXAMPLE_ID]
-            return f"{path}:{i + 1}" if src.type == "jsonl" else f"{path}: item {i}"
+        def where(row):  # a row as errors name it; None: the whole file
+            return str(path) if row is None else row_location(task, split, row[EXAMPLE_ID])
 
         return _from_rows(rows, task.name, where), invalid
     if src.type == "disk":

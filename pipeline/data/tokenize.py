@@ -14,8 +14,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.config.tasks import TaskConfig
-from pipeline.data.render import render, row_location, uses_chat_template
-from pipeline.data.sources import EXAMPLE_ID
+from pipeline.data.render import render, uses_chat_template
+from pipeline.data.sources import EXAMPLE_ID, row_location
 
 FEATURES = datasets.Features({
     "input_ids": datasets.Sequence(datasets.Value("int32")),
