@@ -192,12 +192,10 @@ class MergedModels(EvalModel):
 def _adapter_meta_for(base: Path, adapter_dir: Path, allow_other_base_weights: bool) -> dict:
     """The adapter's more_config.json, once the folder holds a whole adapter and --base is the model it was trained
     on (its shape; its weights unless allowed otherwise), before anything large loads."""
-    from transformers import AutoConfig
-
-    from pipeline.more.io import ADAPTER_FILE, CONFIG_FILE, RANK_MAP_FILE, base_mismatch, base_weights_mismatch
+    from pipeline.more.io import CONFIG_FILE, base_problem, missing_files
 
     _check_hf_folder(base, "--base")
-    missing = [f for f in (CONFIG_FILE, RANK_MAP_FILE, ADAPTER_FILE) if not (adapter_dir / f).is_file()]
+    missing = missing_files(adapter_dir)
     if missing:
         raise EvalError(f"--adapter: {adapter_dir} is not a MoRE adapter folder (no {', '.join(missing)})")
     cfg_file = adapter_dir / CONFIG_FILE
@@ -206,21 +204,11 @@ def _adapter_meta_for(base: Path, adapter_dir: Path, allow_other_base_weights: b
     except ValueError as e:
         raise EvalError(f"--adapter: {cfg_file} is not valid JSON ({e})") from None
     try:
-        shape = base_mismatch(meta["base_model"], AutoConfig.from_pretrained(str(base)))
-    except (OSError, ValueError) as e:
-        raise EvalError(f"--base: {base} is not a model folder ({e})") from None
-    if shape:
-        raise EvalError(f"--adapter {adapter_dir} was trained on a base of another shape than --base {base}: "
-                        f"{shape} (trained on, given)")
-    if allow_other_base_weights:
-        return meta
-    try:
-        why = base_weights_mismatch(meta["base_model"], base)
+        why = base_problem(adapter_dir, meta["base_model"], base, check_weights=not allow_other_base_weights)
     except ValueError as e:
-        raise EvalError(f"--base {base}: {e}") from None
+        raise EvalError(f"--base: {e}") from None
     if why:
-        raise EvalError(f"--base {base}: {why}, in {cfg_file}. Pass the base it was trained on, or "
-                        f"--allow-other-base-weights to evaluate it on this one anyway")
+        raise EvalError(why)
     return meta
 
 

@@ -24,7 +24,7 @@ from pipeline.export.check import (CheckError, CheckResult, SampleError, base_sp
 from pipeline.export.merge import DTYPES, TARGETS, AdapterDeltas, BasePlan, copy_tokenizer, stream_merge
 from pipeline.export.shards import DEFAULT_MAX_SHARD, parse_size
 from pipeline.models.base_weights import local_model_dir
-from pipeline.more.io import ADAPTER_FILE, CONFIG_FILE, RANK_MAP_FILE, base_mismatch, base_weights_mismatch
+from pipeline.more.io import CONFIG_FILE, RANK_MAP_FILE, base_problem, missing_files
 
 REPORT_FILE = "merge_report.json"
 FORMATS = ("full", "peft")
@@ -75,7 +75,7 @@ def validate(opts: MergeOptions) -> tuple:
     ad = Path(opts.adapter)
     if not ad.is_dir():
         raise MergeInputError(f"adapter folder {ad} does not exist")
-    missing = [f for f in (CONFIG_FILE, RANK_MAP_FILE, ADAPTER_FILE) if not (ad / f).is_file()]
+    missing = missing_files(ad)
     if missing:
         raise MergeInputError(f"{ad} is not a MoRE adapter folder: missing {', '.join(missing)}")
     meta, rank_map = (_read_json(ad / f) for f in (CONFIG_FILE, RANK_MAP_FILE))
@@ -122,25 +122,14 @@ def _read_json(path: Path) -> dict:
 
 
 def check_base(base: Path, meta: dict, adapter: Path, other_weights: bool = False) -> None:
-    """The base folder holds a model of the shape the adapter was trained on (as load_adapter checks) and, unless
-    `other_weights`, the weights it recorded, before anything is written."""
-    from transformers import AutoConfig
-
+    """The base folder holds a model of the shape the adapter was trained on and, unless `other_weights`, the
+    weights it recorded, before anything is written."""
     try:
-        cfg = AutoConfig.from_pretrained(str(base))
-    except (OSError, ValueError) as e:
-        raise MergeInputError(f"base {base} is not a model folder: {e}") from None
-    bad = base_mismatch(meta["base_model"], cfg)
-    if bad:
-        raise MergeInputError(f"adapter {adapter} was trained on a different base than {base}: {bad} (trained on, "
-                              f"given)")
-    try:
-        why = None if other_weights else base_weights_mismatch(meta["base_model"], base)
+        why = base_problem(adapter, meta["base_model"], base, check_weights=not other_weights)
     except ValueError as e:
-        raise MergeInputError(f"base {base}: {e}") from None
+        raise MergeInputError(f"base: {e}") from None
     if why:
-        raise MergeInputError(f"base {base}: {why}, in {adapter / CONFIG_FILE}. Pass the base it was trained on, "
-                              f"or --allow-other-base-weights to merge into this one anyway")
+        raise MergeInputError(why)
 
 
 def _prompts(opts: MergeOptions, tasks: List[str], vocab: int) -> tuple:

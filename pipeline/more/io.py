@@ -28,6 +28,11 @@ CONFIG_FILE = "more_config.json"
 RANK_MAP_FILE = "rank_map.json"
 
 
+def missing_files(adapter_dir) -> list[str]:
+    """The files of a saved adapter that `adapter_dir` lacks (all of them: it is no adapter folder)."""
+    return [f for f in (CONFIG_FILE, RANK_MAP_FILE, ADAPTER_FILE) if not (Path(adapter_dir) / f).is_file()]
+
+
 def _rank() -> int:
     import torch.distributed as dist
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
@@ -89,6 +94,27 @@ def base_weights_mismatch(saved: Dict, base_dir) -> Optional[str]:
         return None
     return (f"its weights are not the ones the adapter was trained on (weights fingerprint {got[:12]}..., "
             f"recorded at training {want[:12]}...)")
+
+
+def base_problem(adapter_dir, saved: Dict, base_dir, check_weights: bool = True) -> Optional[str]:
+    """Why the model folder `base_dir` is not the base the adapter in `adapter_dir` was trained on (`saved`: the
+    base_model entry of its more_config.json): another shape, or (`check_weights`) other weights; None if it is.
+    Reads only the base's config.json and the first rows of its tensors; ValueError names what cannot be read."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(str(base_dir))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{base_dir} is not a model folder ({e})") from None
+    shape = base_mismatch(saved, config)
+    if shape:
+        return (f"adapter {adapter_dir} was trained on a base of another shape than {base_dir}: {shape} (trained on, "
+                f"given)")
+    why = base_weights_mismatch(saved, base_dir) if check_weights else None
+    if why:
+        return (f"base {base_dir}: {why}, in {Path(adapter_dir) / CONFIG_FILE}. Pass the base it was trained on, or "
+                f"--allow-other-base-weights to use this one anyway")
+    return None
 
 
 def _full_shape(p) -> tuple:
