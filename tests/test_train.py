@@ -555,15 +555,16 @@ def test_checkpoint_identity_records_the_task_mix_as_applied(tiny_train_setup):
     from pipeline.config import load_config
     from pipeline.config.train import TrainConfig
     from pipeline.train import checkpoint
+    from pipeline.train.data import sampling_spec
     from pipeline.train.loop import _with_applied_mix
 
     manifest = json.loads((Path(tiny_train_setup["data"]) / "manifest.json").read_text())
     assert manifest["sampling"]["temperature"] == 2.0
     unset = load_config(TrainConfig, tiny_train_setup["config"], ["data.temperature=null"])
     older = load_config(TrainConfig, tiny_train_setup["config"], ["data.temperature=2.0"]).model_dump(mode="json")
-    assert checkpoint.compare(older, _with_applied_mix(unset, manifest))[0] == []
+    assert checkpoint.compare(older, _with_applied_mix(unset, sampling_spec(unset, manifest)))[0] == []
     other = dict(manifest, sampling=dict(manifest["sampling"], temperature=1.0))
-    refused, _ = checkpoint.compare(older, _with_applied_mix(unset, other))
+    refused, _ = checkpoint.compare(older, _with_applied_mix(unset, sampling_spec(unset, other)))
     assert refused == ["data.temperature: 2.0 -> 1.0"]
 
 

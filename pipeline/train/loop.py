@@ -20,7 +20,7 @@ import torch
 from pipeline.config.base import ConfigError
 from pipeline.config.train import TrainConfig
 from pipeline.train import checkpoint, faults
-from pipeline.train.data import TrainData, check_data, sampling_spec
+from pipeline.train.data import TrainData, check_data
 from pipeline.train.distributed import (EXIT_REQUEUE, DistInfo, all_reduce_sum, any_rank, init_distributed,
                                         shutdown)
 from pipeline.train.ds_config import fill_ds_config
@@ -149,9 +149,9 @@ class Trainer:
         self.saved_step: Optional[int] = None  # the step of the checkpoint on disk this process wrote or loaded
         self.eval_pending = False  # a resumed run owes the eval of the step it was preempted at
         self.run_id = checkpoint.new_run_id()  # a resumed run takes its checkpoint's: pruning keeps to one run
-        manifest = json.loads((Path(cfg.data.dir) / "manifest.json").read_text())
-        self.identity = checkpoint.run_identity(_with_applied_mix(cfg, manifest), dist_info.world_size, task_names,
-                                                manifest.get("cache_key"), base_weights_sha256(model))
+        self.identity = checkpoint.run_identity(_with_applied_mix(cfg, self.data.sampling), dist_info.world_size,
+                                                task_names, self.data.train.manifest.get("cache_key"),
+                                                base_weights_sha256(model))
         # This config's optimizer settings: a checkpoint's optimizer and scheduler states carry the saved run's,
         # and a resume with a changed lr (allowed, and said) must train with the new one.
         self._hparams = [{k: g[k] for k in ("lr", "weight_decay", "betas", "eps") if k in g}
@@ -320,7 +320,7 @@ class Trainer:
         redo = self.eval_pending or (cfg.eval.at_start and self.step == 0) or self.step >= cfg.optim.max_steps
         redo = redo and (self.step == 0 or bool(self.last_values))  # a checkpoint without them: keep its step's log
         monitor = Monitor(self.out, cfg.optim.max_steps, self.step, self.dist.is_main, redo_start=redo)
-        if redo and self.last_values and (self.step % cfg.log_every == 0 or self.step == cfg.optim.max_steps):
+        if redo and self.last_values and self._logs_train_at(self.step):
             monitor.scalars(self.step, self.last_values, prefix="train/")  # dropped with the start step's records
         self.engine.train()
         t_start, tokens_start = time.time(), self.tokens_seen
@@ -335,7 +335,7 @@ class Trainer:
                 values["tokens_per_s"] = values["tokens"] / max(dt, 1e-9)
                 values.update(_peak_memory_gb(self.dist.device))
                 self.last_values = values
-                if self.step % cfg.log_every == 0 or self.step == cfg.optim.max_steps:
+                if self._logs_train_at(self.step):
                     monitor.scalars(self.step, values, prefix="train/")
                 monitor.progress(self.step, values["loss"], values["tokens_per_s"])
                 eval_now = bool(cfg.eval.every) and self.step % cfg.eval.every == 0 and self.step < cfg.optim.max_steps
@@ -358,6 +358,9 @@ class Trainer:
         finally:
             monitor.close()
         return 0
+
+    def _logs_train_at(self, step: int) -> bool:
+        return step % self.cfg.log_every == 0 or step == self.cfg.optim.max_steps
 
     def _eval_and_log(self, monitor: Monitor) -> None:
         from pipeline.more import rank_map
@@ -388,10 +391,10 @@ class Trainer:
         os.replace(tmp, self.out / "train_summary.json")
 
 
-def _with_applied_mix(cfg: TrainConfig, manifest: dict) -> dict:
-    """The config as a checkpoint records it, with the task mix's temperature and caps as applied (data.* where set,
-    else the prep config's): a resume that would draw another mix is refused whichever file changed it."""
-    spec = sampling_spec(cfg, manifest)
+def _with_applied_mix(cfg: TrainConfig, spec: dict) -> dict:
+    """The config as a checkpoint records it, with the task mix's temperature and caps as applied (`spec`:
+    sampling_spec's; data.* where set, else the prep config's): a resume that would draw another mix is refused
+    whichever file changed it."""
     config = cfg.model_dump(mode="json")
     config["data"].update(temperature=spec["temperature"], task_caps=spec["caps"] or None)
     return config
