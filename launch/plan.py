@@ -79,7 +79,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(format_plan(result))
-    return 3 if args.check and not (result.fits and result.load_fits) else 0
+    return 3 if args.check and not result.runs else 0
 
 
 if __name__ == "__main__":

@@ -97,9 +97,13 @@ class MemoryPlan:
         return None if h is None else self.host_bytes <= h * GiB
 
     @property
+    def runs(self) -> bool:
+        """Both the training step and the load (each rank's full base copy before ZeRO-3 partitions it) fit."""
+        return self.fits and self.load_fits
+
+    @property
     def verdict(self) -> str:
-        """Both the training step and the load (each rank's full base copy before ZeRO-3 partitions it)."""
-        return "FITS" if self.fits and self.load_fits else "DOES NOT FIT"
+        return "FITS" if self.runs else "DOES NOT FIT"
 
     def line(self, key: str) -> int:
         return next(l.bytes for l in self.lines if l.key == key)
@@ -275,12 +279,9 @@ def plan(model, *, ds_config: dict | str | None = None, suggest: bool = True, **
     result = _evaluate(inp, inv, adapter, adapted, ds_config)
     if ds_config is not None:
         result = replace(result, zero_source=str(ds_config) if isinstance(ds_config, (str, os.PathLike)) else "dict")
-    if (result.fits and result.load_fits) or not suggest:
+    if result.runs or not suggest:
         return result
-
-    def fits(cand: PlanInputs) -> bool:  # the step and the load
-        p = _evaluate(cand, inv, adapter, adapted, ds_config)
-        return p.fits and p.load_fits
+    fits = lambda cand: _evaluate(cand, inv, adapter, adapted, ds_config).runs  # noqa: E731
 
     fitting = [label for label, cand in _candidates(inp) if fits(cand)]
     if not fitting:

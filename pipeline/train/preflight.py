@@ -43,7 +43,7 @@ def check_fits(cfg: TrainConfig, ds_config: str, num_tasks: int, nodes: int, gpu
 
     result = plan_run(cfg, ds_config, num_tasks, nodes, gpus_per_node, gpu_mem_gb,
                       cfg.model.gradient_checkpointing in (True, "auto"))
-    if not (result.fits and result.load_fits):
+    if not result.runs:
         raise ConfigError("the memory planner says this run will not fit (set preflight: false to try anyway):\n"
                           + format_plan(result))
     return result
@@ -72,7 +72,7 @@ def checkpointing_fits_without(cfg: TrainConfig, ds_config: str, num_tasks: int)
     """For `gradient_checkpointing: auto`: does the planner fit this process's share of memory without
     recomputation? (Every rank must then agree: the caller takes any rank's "no", see train.loop.)"""
     result = plan_run(cfg, ds_config, num_tasks, *memory_budget(), grad_ckpt=False)
-    return bool(result.fits and result.load_fits)
+    return result.runs
 
 
 def replicated_base_fits(cfg: TrainConfig, ds_config: str, num_tasks: int) -> bool:
@@ -80,4 +80,4 @@ def replicated_base_fits(cfg: TrainConfig, ds_config: str, num_tasks: int) -> bo
     every rank (and the run's checkpointing setting, decided before)?"""
     result = plan_run(cfg, ds_config, num_tasks, *memory_budget(), grad_ckpt=cfg.model.gradient_checkpointing is True,
                       replicate_frozen=True)
-    return bool(result.fits and result.load_fits)
+    return result.runs
