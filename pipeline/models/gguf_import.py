@@ -84,6 +84,12 @@ def sha256_file(path: Path, sync: bool = False, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def _field_string(reader, key: str) -> Optional[str]:
+    """A string field of a GGUF's metadata (GGUFReader), or None."""
+    field = reader.fields.get(key)
+    return None if field is None else bytes(field.parts[field.data[0]]).decode("utf-8", errors="replace")
+
+
 def check_gguf(path: Path) -> str:
     """Read the GGUF's header, metadata and tensor table the way transformers will (cheap: memory-mapped, no
     dequantization) and return its `general.architecture`. Raises ImportModelError naming `path` for a missing,
@@ -110,10 +116,9 @@ def check_gguf(path: Path) -> str:
         raise ImportModelError(f"{path}: GGUF file holds no tensors")
     if end > size:
         raise ImportModelError(f"{path}: truncated GGUF: its tensors end at byte {end}, the file has {size}")
-    field = reader.fields.get("general.architecture")
-    if field is None:
+    arch = _field_string(reader, "general.architecture")
+    if arch is None:
         raise ImportModelError(f"{path}: GGUF metadata has no general.architecture")
-    arch = bytes(field.parts[field.data[0]]).decode("utf-8", errors="replace")
 
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -172,13 +177,6 @@ def _versions() -> dict:
     return out
 
 
-def _gguf_string(path: Path, key: str) -> Optional[str]:
-    from gguf import GGUFReader
-
-    field = GGUFReader(path).fields.get(key)
-    return None if field is None else bytes(field.parts[field.data[0]]).decode("utf-8", errors="replace")
-
-
 def _pre_tokenizer(pre: Optional[str]):
     """The Hugging Face pre-tokenizer of a llama.cpp `tokenizer.ggml.pre` type that transformers' GGUF loader leaves
     out, or None. `smollm` (SmolLM/SmolLM2) splits every digit off before the GPT-2 byte-level split, as the
@@ -221,7 +219,9 @@ def _convert(src: Path, tmp: Path, dtype: str, log: Callable[[str], None]) -> No
     if plain.generation_config is not None and loaded.generation_config is not None:
         plain.generation_config = loaded.generation_config
     plain.save_pretrained(tmp)
-    pre = _gguf_string(src, "tokenizer.ggml.pre")
+    from gguf import GGUFReader
+
+    pre = _field_string(GGUFReader(src), "tokenizer.ggml.pre")
     if (pre_tokenizer := _pre_tokenizer(pre)) is not None:
         tok.backend_tokenizer.pre_tokenizer = pre_tokenizer
         log(f"model: tokenizer pre-tokenizer {pre!r} (digits split off, then byte-level)")
