@@ -304,8 +304,25 @@ def test_a_type_clash_between_rows_names_both_lines_and_the_field(tmp_path):
                                         r"string 'what is 0 plus one' there"):
         run(make_cfg(tmp_path, lines))
     lines = [json.dumps(dict(r, n=i)) for i, r in enumerate(ROWS)]
-    lines[3] = json.dumps(dict(ROWS[3], n=4.5))  # ints and floats mix (a float column): no error
+    lines[3] = json.dumps(dict(ROWS[3], n=4.5))  # ints and floats mix (read as text): no error
     assert run(make_cfg(tmp_path, lines)).is_dir()
+
+
+def test_integers_beside_decimals_render_as_the_file_writes_them(tmp_path):
+    """A JSON column of 42 and 2.5 is one float column to Arrow; the answer 42 must still train as "42", not
+    "42.0". A column of decimals alone stays numeric (3.0 is what that file writes)."""
+    from pipeline.data.render import render
+    from pipeline.data.sources import load_task
+
+    rows = [{"q": "six times seven", "a": 42, "s": 1.0}, {"q": "five halves", "a": 2.5, "s": 3.0},
+            {"q": "nothing", "a": None, "s": 0.25}, {"q": "a million", "a": 1000000, "s": 2.0}]
+    cfg = make_cfg(tmp_path, [json.dumps(r) for r in rows])
+    task = load_config(PrepConfig, data=dict(cfg, tasks=[dict(cfg["tasks"][0], template={
+        "prompt": "Q: {q} ({s})\nA:", "response": " {a}"})])).tasks[0]
+    ds, _ = load_task(task, None)
+    assert list(ds["a"]) == ["42", "2.5", None, "1000000"] and list(ds["s"]) == [1.0, 3.0, 0.25, 2.0]
+    assert [render(task, r)[1] for r in ds.select([0, 1, 3])] == [" 42", " 2.5", " 1000000"]
+    assert render(task, ds[0])[0] == "Q: six times seven (1.0)\nA:"
 
 
 def test_a_line_that_is_not_utf8_names_file_and_line_or_is_skipped(tmp_path):

@@ -72,7 +72,8 @@ def _read_json(path: Path, task: str) -> list[dict]:
 
 
 def _kind(value) -> str:
-    """A JSON value's type as one Arrow column can hold it: int and float mix (as float), nothing else does."""
+    """A JSON value's type as one Arrow column can hold it: int and float mix (as text, `_as_written`), nothing
+    else does."""
     if isinstance(value, bool):
         return "boolean"
     if isinstance(value, (int, float)):
@@ -96,12 +97,22 @@ def _first_type_clash(rows: list[dict], columns: list[str], where) -> str:
     return ""
 
 
+def _as_written(values: list) -> list:
+    """A column holding both JSON integers and decimals, as text the way the file writes the numbers (Python's
+    shortest form of a decimal): Arrow would make it a float column, and an answer 42 beside 2.5 would render, and
+    train, as "42.0"."""
+    kinds = {type(v) for v in values}
+    if int in kinds and float in kinds:
+        return [None if v is None else str(v) for v in values]
+    return values
+
+
 def _from_rows(rows: list[dict], task: str, where) -> datasets.Dataset:
     """One table with every column any row has (a row without a key gets null there, which prep reports by row
     when the task reads that column); `where(row)` names a row in errors."""
     columns = list(dict.fromkeys(k for row in rows for k in row))
     try:
-        return datasets.Dataset.from_dict({c: [row.get(c) for row in rows] for c in columns})
+        return datasets.Dataset.from_dict({c: _as_written([row.get(c) for row in rows]) for c in columns})
     except Exception as e:  # pyarrow type clashes between rows
         clash = _first_type_clash(rows, columns, where)
         raise PrepError(f"task {task!r}: {clash or where(None)}: rows do not share one schema ({e})") from None
