@@ -32,7 +32,10 @@ from pipeline.data.tokenize import Samples, resolve_add_bos, tokenize_dataset
 from pipeline.data.tokenizer import hash_files, load_tokenizer, train_sentencepiece_model, wrap_sentencepiece
 from pipeline.data.write import PACKED_FEATURES, atomic_dir, packed_table, save_table, write_json
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 2  # the manifest's and shards' layout
+# bump when the same sources and config give other text or tokens, so earlier caches rebuild
+# (2: a JSON field mixing integers and decimals is read as written, sources.py `_as_written`)
+RENDER_VERSION = 2
 STAT_KEYS = ("read", "invalid", "truncated", "dropped")
 
 
@@ -52,6 +55,7 @@ def cache_key(cfg: PrepConfig) -> str:
     """Hash of everything the output depends on: the config, the content of every source file, the tokenizer."""
     parts = {
         "format_version": FORMAT_VERSION,
+        "render_version": RENDER_VERSION,
         "config": cfg.cache_hash(),
         "sources": {t.name: fingerprint_source(t, _task_splits(cfg, t)) for t in cfg.tasks},
         "tokenizer": hash_files(cfg.tokenizer.path) if cfg.tokenizer.path else None,
