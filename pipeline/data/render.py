@@ -81,7 +81,7 @@ def check_rows(task: TaskConfig, ds, split: Optional[str], skip_invalid: bool):
     tpl = task.template
     if task.format == "template" and tpl.verbalizer is not None and "{label_text" in tpl.prompt + tpl.response:
         column = ds.data.column(tpl.label_column)
-        unknown = [v for v in pc.unique(column).to_pylist() if v is not None and _verbalizer_key(tpl.verbalizer, v)
+        unknown = [v for v in pc.unique(column).to_pylist() if v is not None and verbalizer_key(tpl.verbalizer, v)
                    is None]
         if unknown:
             rows = pc.is_in(column, value_set=pa.array(unknown, type=column.type)).to_numpy(zero_copy_only=False)
@@ -106,7 +106,7 @@ def check_rows(task: TaskConfig, ds, split: Optional[str], skip_invalid: bool):
     return ds.select(np.flatnonzero(~bad)), int(bad.sum())
 
 
-def _verbalizer_key(verbalizer: dict[str, str], value: Any) -> Optional[str]:
+def verbalizer_key(verbalizer: dict[str, str], value: Any) -> Optional[str]:
     """The verbalizer key a label value matches (a float column's 1.0 matches key "1"), or None."""
     key = str(value)
     if key not in verbalizer and isinstance(value, float) and value.is_integer():
@@ -133,7 +133,7 @@ def _label_text(task: TaskConfig, row: dict[str, Any], where: Optional[str] = No
     value = row[tpl.label_column]
     if tpl.verbalizer is None:
         return str(value)
-    key = _verbalizer_key(tpl.verbalizer, value)
+    key = verbalizer_key(tpl.verbalizer, value)
     if key is None:  # check_rows catches these in prep, naming the file and line
         raise _no_verbalizer_entry(task, value, _where(row, where))
     return tpl.verbalizer[key]

@@ -110,11 +110,10 @@ class Encoded:
 
 
 def _label_key(task: TaskConfig, row: dict) -> str:
+    from pipeline.data.render import verbalizer_key
     value = row[task.template.label_column]
-    key = str(value)
-    if key not in task.template.verbalizer and isinstance(value, float) and value.is_integer():
-        key = str(int(value))
-    if key not in task.template.verbalizer:
+    key = verbalizer_key(task.template.verbalizer, value)
+    if key is None:
         raise EvalError(f"task {task.name!r}: label {value!r} has no verbalizer entry "
                         f"(keys: {sorted(task.template.verbalizer)})")
     return key
