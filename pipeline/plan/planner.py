@@ -282,7 +282,6 @@ def plan(model, *, ds_config: dict | str | None = None, suggest: bool = True, **
     if result.runs or not suggest:
         return result
     fits = lambda cand: _evaluate(cand, inv, adapter, adapted, ds_config).runs  # noqa: E731
-
     fitting = [label for label, cand in _candidates(inp) if fits(cand)]
     if not fitting:
         combo = _combination(inp, fits)
