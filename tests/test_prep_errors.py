@@ -325,6 +325,23 @@ def test_integers_beside_decimals_render_as_the_file_writes_them(tmp_path):
     assert render(task, ds[0])[0] == "Q: six times seven (1.0)\nA:"
 
 
+def test_a_mixed_number_label_column_still_matches_its_verbalizer(tmp_path):
+    """Labels 1, 0.5 and 2.0 in one JSON column are read as the text "1", "0.5", "2.0"; keys written either way
+    ("1.0" for 1, "2" for 2.0) must still match, as they did when the column was read as floats."""
+    from pipeline.data.render import render, verbalizer_key
+    from pipeline.data.sources import load_task
+
+    rows = [{"q": "one", "a": 1}, {"q": "half", "a": 0.5}, {"q": "two", "a": 2.0}]
+    cfg = make_cfg(tmp_path, [json.dumps(r) for r in rows])
+    task = load_config(PrepConfig, data=dict(cfg, tasks=[dict(cfg["tasks"][0], template={
+        "prompt": "Q: {q}\nA:", "response": " {label_text}", "label_column": "a",
+        "verbalizer": {"1.0": "one", "0.5": "half", "2": "two"}})])).tasks[0]
+    ds, _ = load_task(task, None)
+    assert list(ds["a"]) == ["1", "0.5", "2.0"]
+    assert [render(task, r)[1] for r in ds] == [" one", " half", " two"]
+    assert verbalizer_key({"1": "x"}, "01") is None and verbalizer_key({"1": "x"}, True) is None
+
+
 def test_a_line_that_is_not_utf8_names_file_and_line_or_is_skipped(tmp_path):
     cfg = make_cfg(tmp_path)
     src = Path(cfg["tasks"][0]["source"]["path"])

@@ -106,12 +106,35 @@ def check_rows(task: TaskConfig, ds, split: Optional[str], skip_invalid: bool):
     return ds.select(np.flatnonzero(~bad)), int(bad.sum())
 
 
+def _number(value: Any) -> Optional[float]:
+    """A label or key as a number: an int or float, or text that is Python's own writing of one (a column mixing
+    JSON integers and decimals is read as such text, `sources._as_written`; "01" is a code, not a number), else
+    None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        for parse in (int, float):
+            try:
+                number = parse(value)
+            except ValueError:
+                continue
+            if str(number) == value:
+                return float(number)
+    return None
+
+
 def verbalizer_key(verbalizer: dict[str, str], value: Any) -> Optional[str]:
-    """The verbalizer key a label value matches (a float column's 1.0 matches key "1"), or None."""
+    """The verbalizer key a label value matches, or None: its text, else the key that writes the same number
+    (label 1.0 or "1" matches key "1" or "1.0")."""
     key = str(value)
-    if key not in verbalizer and isinstance(value, float) and value.is_integer():
-        key = str(int(value))
-    return key if key in verbalizer else None
+    if key in verbalizer:
+        return key
+    number = _number(value)
+    if number is None:
+        return None
+    return next((k for k in verbalizer if _number(k) == number), None)
 
 
 def _no_verbalizer_entry(task: TaskConfig, value: Any, where: str, note: str = "") -> PrepError:
