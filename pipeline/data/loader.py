@@ -1,10 +1,12 @@
-"""Read the packed data (docs/interfaces.md) for training: a Dataset of packed rows and the collator that builds
-the block-diagonal causal attention.
+"""Read the packed data (docs/interfaces.md) for training: a Dataset of packed rows and the collator that marks
+each token's sample (`segment_ids`) and, for transformers' own attention, builds the block-diagonal causal mask.
 
-Why an explicit 4-D mask: transformers does not isolate packed samples from `position_ids` alone (sdpa or eager;
-checked with transformers 5.24), and a BOOLEAN 4-D mask is silently wrong with eager attention. The collator
-therefore emits an ADDITIVE float mask in the model's dtype: 0 where a query may attend (same sample, not in the future),
-`torch.finfo(dtype).min` elsewhere. Padding queries attend only to themselves, so no softmax row is all-masked.
+The default attention (`packed_sdpa`, pipeline/models/packed_attention.py) takes the sample boundaries from
+`segment_ids` and needs no mask. Why an explicit 4-D mask for the others: transformers does not isolate packed
+samples from `position_ids` alone (sdpa or eager; checked with transformers 5.24), and a BOOLEAN 4-D mask is
+silently wrong with eager attention. The collator then emits an ADDITIVE float mask in the model's dtype: 0 where a
+query may attend (same sample, not in the future), `torch.finfo(dtype).min` elsewhere. Padding queries attend only
+to themselves, so no softmax row is all-masked.
 """
 from __future__ import annotations
 
