@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pipeline.atomic import atomic_write  # noqa: E402
-from pipeline.models.cpu import cpu_isa, fastest_dtype, vector_flags  # noqa: E402
+from pipeline.models.cpu import cpu_isa, cpu_model, fastest_dtype, vector_flags  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 PEAK_SIZES = (512, 1024, 2048)  # squares; on a 2-core AVX512-BF16 EPYC 512-1024 ran 3-7% faster than 2048
@@ -136,7 +136,7 @@ def main() -> int:
     best = max(rates, key=rates.get)
     result = {
         "command": "python bench/gemm_peak.py " + " ".join(sys.argv[1:]),
-        "machine": {"cpu": platform.processor() or platform.machine(), "isa": cpu_isa(), "flags": vector_flags(),
+        "machine": {"cpu": platform.processor() or platform.machine(), "model": cpu_model(), "isa": cpu_isa(), "flags": vector_flags(),
                     "threads": torch.get_num_threads()},
         "dtype": dtype_name, "seconds_per_shape": seconds,
         "shapes": {n: {"mkn": list(s), "gflops": rates[n]} for n, s in shapes.items()},

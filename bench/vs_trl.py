@@ -87,7 +87,7 @@ sys.path.insert(0, str(ROOT))
 from gemm_peak import peak_gflops, peak_sizes  # noqa: E402
 from glue_variants import run  # noqa: E402  (a stage command with its log; a failure raises SystemExit with its tail)
 from pipeline.atomic import atomic_write  # noqa: E402
-from pipeline.models.cpu import cpu_isa, fastest_dtype, vector_flags  # noqa: E402
+from pipeline.models.cpu import cpu_isa, cpu_model, fastest_dtype, vector_flags  # noqa: E402
 
 TRAIN_CONFIG = "configs/train/smollm2-glue.yaml"
 ROW_LEN = 512
@@ -410,7 +410,7 @@ def main() -> int:
                 "matmul_peak_gflops": peak, "matmul_peak_shapes": [f"{n}^3" for n in peak_sizes(device)],
                 "run_order": order, "gpu": gpu, "memory": "GPU memory allocated" if gpu else "RSS per process",
                 "skip_steps": a.skip, "eval_every": a.eval_every, "eval_samples": n_eval,
-                "cpu": platform.processor() or platform.machine(), "cpu_isa": cpu_isa(), "dtype": dtype,
+                "cpu": platform.processor() or platform.machine(), "cpu_model": cpu_model(), "cpu_isa": cpu_isa(), "dtype": dtype,
                 "cpu_flags": vector_flags(), "cores": os.cpu_count(),
                 "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                              "trl": trl.__version__, "peft": peft.__version__}}

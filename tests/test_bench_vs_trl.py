@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.models.cpu import cpu_model
+
 
 ROOT = Path(__file__).resolve().parents[1]
 GLUE = ROOT.parent / "shared" / "data" / "glue"
@@ -28,6 +30,7 @@ def test_quick_side_by_side_measures_both_tools_on_the_same_budget(tiny_chat_mod
     assert list(r["systems"]) == r["run_order"] == ["trl_packed", "ours_1p_more", "ours_1p_lora"]
     assert "--order given" in r["command"] and r["matmul_peak_shapes"] == ["512^3", "1024^3", "2048^3"]
     assert r["gpu"] is None and r["memory"] == "RSS per process"
+    assert r["cpu_model"] == cpu_model()  # the machine, by generation (pipeline/models/cpu.py)
     for name, s in r["systems"].items():
         log = s["step_log"]
         assert len(log) == s["steps"] >= 4 and s["real_tokens"] == sum(n for n, _ in log)

@@ -41,3 +41,14 @@ def test_real_cpu_flags_are_read():
     got = cpu.cpu_flags()
     assert "sse2" in got and "flags" not in got and ":" not in got
     assert ("AVX-512" in cpu.cpu_isa()) == ("avx512f" in got)
+
+
+def test_cpu_model_names_the_first_processor_with_its_family(tmp_path):
+    """Results record the CPU's generation: two EPYCs that both call themselves "AMD EPYC" differ in family."""
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\n"
+                    "model name\t: AMD EPYC\nflags\t\t: sse2 avx2\n\nprocessor\t: 1\ncpu family\t: 25\n")
+    assert cpu.cpu_model(info) == "AMD EPYC, family 26 model 2"
+    info.write_text("processor\t: 0\nmodel name\t: Neoverse-V2\n")
+    assert cpu.cpu_model(info) == "Neoverse-V2"
+    assert cpu.cpu_model(tmp_path / "none") == "unknown"

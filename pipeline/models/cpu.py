@@ -21,6 +21,21 @@ def cpu_flags() -> frozenset[str]:
     return frozenset(text.split("flags", 1)[1].split("\n", 1)[0].lstrip(" \t:").split())
 
 
+def cpu_model(info: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU's name with its family and model numbers ("AMD EPYC, family 26 model 2"): a virtual machine's name
+    often hides the generation (a Zen 4 and a Zen 5 EPYC both say "AMD EPYC") that the kernels' speed follows."""
+    if not info.is_file():
+        return "unknown"
+    fields = {}
+    for line in info.read_text().split("\n\n", 1)[0].splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    name = fields.get("model name", "unknown")
+    if "cpu family" in fields:
+        name += f", family {fields['cpu family']} model {fields.get('model', '?')}"
+    return name
+
+
 def vector_flags() -> list[str]:
     """The AVX and AMX flags, sorted: what a benchmark result records of its CPU."""
     return sorted(f for f in cpu_flags() if f.startswith(("avx", "amx")))
