@@ -263,7 +263,8 @@ def vs_trl(r) -> list[str]:
     isa = r.get("cpu_isa") or ("AVX-512" if "avx512f" in r["cpu_flags"] else "AVX2")
     gpu = r.get("gpu")  # runs on a GPU: its name
     where = (f"{dtype} GEMM on the {gpu}, best of " if gpu else f"{dtype} GEMM, {r['cores']} cores, best of ")
-    lines = [f"## Training throughput against TRL + PEFT, {gpu or isa + ' CPU'}, {dtype} (`" + r["command"] + "`)",
+    cpu = f"{r['cpu_model']} ({isa})" if r.get("cpu_model") else isa + " CPU"  # runs since 2026-12-07 name it
+    lines = [f"## Training throughput against TRL + PEFT, {gpu or cpu}, {dtype} (`" + r["command"] + "`)",
              f"{r['model']} on an NF4 base, {dtype} compute, gradient checkpointing off everywhere, the same GLUE "
              f"samples "
              f"(chat template, loss on the answer: {r['supervised_share']:.1%} of real tokens), about "
@@ -391,7 +392,8 @@ def loader_memory(r) -> list[str]:
 
 
 SECTIONS = [("prep", prep), ("packing", packing), ("adapter_step", adapter_step),
-            ("train_throughput", train_throughput), ("lm_head", lm_head), ("vs_trl_epyc", vs_trl),
+            ("train_throughput", train_throughput), ("lm_head", lm_head), ("vs_trl_zen5", vs_trl),
+            ("vs_trl_1b_zen5", vs_trl), ("vs_trl_epyc", vs_trl),
             ("vs_trl_epyc_repeat", vs_trl), ("vs_trl_epyc_run3", vs_trl), ("vs_trl_epyc_trl_first", vs_trl),
             ("vs_trl_epyc_trl_eager_first", vs_trl), ("vs_trl_epyc_trl_compiled_first", vs_trl),
             ("vs_trl_epyc_run5", vs_trl),
