@@ -340,6 +340,7 @@ def test_a_mixed_number_label_column_still_matches_its_verbalizer(tmp_path):
     assert list(ds["a"]) == ["1", "0.5", "2.0"]
     assert [render(task, r)[1] for r in ds] == [" one", " half", " two"]
     assert verbalizer_key({"1": "x"}, "01") is None and verbalizer_key({"1": "x"}, True) is None
+    assert verbalizer_key({"12345678901234567890": "x"}, 12345678901234567891) is None  # equal as floats
 
 
 def test_a_line_that_is_not_utf8_names_file_and_line_or_is_skipped(tmp_path):

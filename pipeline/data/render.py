@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import string
+from decimal import Decimal
 from typing import Any, Optional
 
 import numpy as np
@@ -106,14 +107,16 @@ def check_rows(task: TaskConfig, ds, split: Optional[str], skip_invalid: bool):
     return ds.select(np.flatnonzero(~bad)), int(bad.sum())
 
 
-def _number(value: Any) -> Optional[float]:
-    """A label or key as a number: an int or float, or text that is Python's own writing of one (a column mixing
-    JSON integers and decimals is read as such text, `sources._as_written`; "01" is a code, not a number), else
-    None."""
+def _number(value: Any) -> Optional[Decimal]:
+    """A label or key as an exact number: an int or float, or text that is Python's own writing of one (a column
+    mixing JSON integers and decimals is read as such text, `sources._as_written`; "01" is a code, not a number),
+    else None. Decimal, not float: two long integer labels must not meet in one float."""
     if isinstance(value, bool):
         return None
-    if isinstance(value, (int, float)):
-        return float(value)
+    if isinstance(value, int):
+        return Decimal(value)
+    if isinstance(value, float):
+        return Decimal(repr(value))
     if isinstance(value, str):
         for parse in (int, float):
             try:
@@ -121,7 +124,7 @@ def _number(value: Any) -> Optional[float]:
             except ValueError:
                 continue
             if str(number) == value:
-                return float(number)
+                return Decimal(value)
     return None
 
 
