@@ -46,6 +46,12 @@ def best_gflops(m: int, k: int, n: int, dtype: torch.dtype, seconds: float, devi
     return best
 
 
+def machine() -> dict:
+    """The CPU a result was measured on, as gemm_peak and step_profile record it (report.py reads it back)."""
+    return {"cpu": platform.processor() or platform.machine(), "model": cpu_model(), "isa": cpu_isa(),
+            "flags": vector_flags(), "threads": torch.get_num_threads()}
+
+
 def peak_sizes(device: str = "cpu") -> tuple[int, ...]:
     return CUDA_PEAK_SIZES if device == "cuda" else PEAK_SIZES
 
@@ -136,8 +142,7 @@ def main() -> int:
     best = max(rates, key=rates.get)
     result = {
         "command": "python bench/gemm_peak.py " + " ".join(sys.argv[1:]),
-        "machine": {"cpu": platform.processor() or platform.machine(), "model": cpu_model(), "isa": cpu_isa(), "flags": vector_flags(),
-                    "threads": torch.get_num_threads()},
+        "machine": machine(),
         "dtype": dtype_name, "seconds_per_shape": seconds,
         "shapes": {n: {"mkn": list(s), "gflops": rates[n]} for n, s in shapes.items()},
         "peak_shapes": peak_names, "peak_shape": peak_shape, "peak_gflops": rates[peak_shape],

@@ -20,7 +20,6 @@ import argparse
 import collections
 import contextlib
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -31,10 +30,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from gemm_peak import peak_gflops  # noqa: E402
+from gemm_peak import machine, peak_gflops  # noqa: E402
 from vs_trl import TRAIN_CONFIG, ours_overrides, prepare_data  # noqa: E402
 from pipeline.atomic import atomic_write  # noqa: E402
-from pipeline.models.cpu import cpu_isa, cpu_model, fastest_dtype, vector_flags  # noqa: E402
+from pipeline.models.cpu import fastest_dtype  # noqa: E402
 
 KINDS = {  # operator kind: substrings of profiler event names (self time; first match wins)
     "matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::_addmm_activation"),
@@ -131,8 +130,7 @@ def main() -> int:
     top = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:12]
     result = {
         "command": "python bench/step_profile.py " + " ".join(sys.argv[1:]),
-        "machine": {"cpu": platform.processor() or platform.machine(), "model": cpu_model(), "isa": cpu_isa(), "flags": vector_flags(),
-                    "threads": torch.get_num_threads()},
+        "machine": machine(),
         "dtype": dtype, "zero_stage": args.zero, "steps": steps, "real_tokens_per_step": tokens / steps,
         "step_seconds": wall / steps, "tokens_per_s": tokens / wall,
         "phases_s": phases, "op_kinds_self_s": dict(by_kind),

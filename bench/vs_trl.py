@@ -410,7 +410,8 @@ def main() -> int:
                 "matmul_peak_gflops": peak, "matmul_peak_shapes": [f"{n}^3" for n in peak_sizes(device)],
                 "run_order": order, "gpu": gpu, "memory": "GPU memory allocated" if gpu else "RSS per process",
                 "skip_steps": a.skip, "eval_every": a.eval_every, "eval_samples": n_eval,
-                "cpu": platform.processor() or platform.machine(), "cpu_model": cpu_model(), "cpu_isa": cpu_isa(), "dtype": dtype,
+                "cpu": platform.processor() or platform.machine(), "cpu_model": cpu_model(), "cpu_isa": cpu_isa(),
+                "dtype": dtype,
                 "cpu_flags": vector_flags(), "cores": os.cpu_count(),
                 "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                              "trl": trl.__version__, "peft": peft.__version__}}
