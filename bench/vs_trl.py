@@ -108,6 +108,8 @@ SYSTEMS = {  # name: (kind, ranks (ours) or micro-batch size (TRL; None: --trl-m
     "ours_1p_more_fresh_dequant": ("ours", 1, ["model.nf4_dequant_buffers=false"]),
     "ours_zero3_more_pooled": ("ours", 2, ["model.cpu_buffer_pool=true"]),  # the CPU buffer pool (off by default)
     "ours_1p_more_pooled": ("ours", 1, ["model.cpu_buffer_pool=true"]),
+    "ours_zero3_more_sdpa_attention": ("ours", 2, ["model.cpu_attention=sdpa"]),  # before the fused CPU kernel
+    "ours_1p_more_sdpa_attention": ("ours", 1, ["model.cpu_attention=sdpa"]),
     "ours_zero3_more_sharded_base": ("ours", 2, ["model.frozen_base=sharded"]),  # before the replicated base
     "ours_1p_more_sharded_base": ("ours", 1, ["model.frozen_base=sharded"]),
     "trl_padded": ("trl", 16, []),  # samples per micro-batch

@@ -30,6 +30,15 @@ def bnb_cpu_path(request, monkeypatch):
     return request.param
 
 
+@pytest.fixture
+def cpu_attention_kernel():
+    """`cpu_attention_kernel("sdpa" | "fused")`: packed attention's CPU kernel for this test, "fused" again after."""
+    from pipeline.models import packed_attention
+
+    yield packed_attention.use_cpu_kernel
+    packed_attention.use_cpu_kernel("fused")
+
+
 def _small_builtin_config(root: Path, **overrides):
     """The default prep config shrunk for tests: built-in data at 5 % scale, a small tokenizer, outputs in `root`."""
     from pipeline.config.base import load_config

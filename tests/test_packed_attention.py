@@ -1,11 +1,14 @@
 """packed_sdpa against one sdpa call with the dense block-causal mask: outputs and gradients at real positions, on
-each of its kernels: per-sample sdpa (CPU), varlen over the flat batch with a reference kernel standing in for
-torch's CUDA-only flash kernel (its layout: cumulative lengths, padding tails, zeroed padding), and the real varlen
-kernel where a GPU is present."""
+each of its kernels: the fused CPU kernel (fp32 and bf16), per-sample sdpa (CPU), varlen over the flat batch with a
+reference kernel standing in for torch's CUDA-only flash kernel (its layout: cumulative lengths, padding tails,
+zeroed padding), and the real varlen kernel where a GPU is present."""
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+from pipeline.models import cpu_attention
 from pipeline.models import packed_attention as pa
 
 SEGMENTS = {
@@ -38,11 +41,16 @@ def run_packed(path, q, k, v, segments, scaling, window):
         return pa.varlen_attention(q, k, v, pa.PackedSegments(segments), scaling, kernel=reference_varlen,
                                    window=window)
     assert (path == "varlen_cuda") == pa.takes_varlen(q, 0.0)
-    return pa.packed_sdpa_attention(None, q, k, v, None, scaling=scaling, packed_segments=segments,
-                                    sliding_window=window)[0]
+    assert cpu_attention.takes_fused(q, k, 0.0) == (path != "varlen_cuda")  # on CPU the switch below decides
+    pa.use_cpu_kernel("sdpa" if path == "per_sample" else "fused")
+    try:
+        return pa.packed_sdpa_attention(None, q, k, v, None, scaling=scaling, packed_segments=segments,
+                                        sliding_window=window)[0]
+    finally:
+        pa.use_cpu_kernel("fused")
 
 
-PATHS = ["per_sample", "varlen_reference",
+PATHS = ["fused", "fused_bf16", "per_sample", "varlen_reference",
          pytest.param("varlen_cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU"))]
 
 
@@ -52,8 +60,9 @@ PATHS = ["per_sample", "varlen_reference",
 @pytest.mark.parametrize("window", [None, 3], ids=["causal", "sliding_window_3"])  # 3: shorter than most samples
 def test_outputs_and_gradients_equal_the_dense_block_mask(path, kv_heads, segments, window):
     g = torch.Generator().manual_seed(0)
-    B, H, L, D = 2, 4, 14, 8
-    device, dtype, tol = ("cuda", torch.bfloat16, 2e-2) if path == "varlen_cuda" else ("cpu", torch.float32, 1e-5)
+    B, H, L, D = 2, 4, 14, 32  # 32: a head size the fused kernel is compiled for
+    device, dtype, tol = {"varlen_cuda": ("cuda", torch.bfloat16, 2e-2), "fused_bf16": ("cpu", torch.bfloat16, 2e-2)
+                          }.get(path, ("cpu", torch.float32, 1e-5))
     scaling = 0.3  # not the default 1/sqrt(D): the kernels must apply the model's scale
     q, k, v = (torch.randn(B, h, L, D, generator=g).to(device, dtype).requires_grad_() for h in (H, kv_heads, kv_heads))
     seg = torch.full((B, L), -1)
@@ -165,3 +174,55 @@ def test_a_sliding_window_model_packed_equals_each_sample_alone():
         packed = model(input_ids=ids, position_ids=pos, packed_segments=pa.PackedSegments([lengths])).logits[0]
     for got, want in zip(packed.split(lengths), alone):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("head_dim", cpu_attention.HEAD_DIMS)
+@pytest.mark.parametrize("window", [None, 17], ids=["causal", "sliding_window_17"])
+def test_fused_cpu_kernel_on_long_samples_equals_per_sample_sdpa(head_dim, window):
+    """Samples spanning several of the kernel's 32-key tiles and 4-query blocks (lengths 1 to 70, a window that
+    starts inside a tile), a row without samples, every compiled head size (each has its own loop widths), q, k, v
+    as the model hands them over: (B, L, heads, D) storage viewed as (B, heads, L, D)."""
+    g = torch.Generator().manual_seed(head_dim)
+    B, H, Hkv, L = 3, 6, 2, 160
+    segments = pa.PackedSegments([[70, 33, 1, 40, 5], [], [64, 63, 32]])
+    q, k, v = (torch.randn(B, L, h, head_dim, generator=g).transpose(1, 2).requires_grad_() for h in (H, Hkv, Hkv))
+    upstream = torch.randn(B, L, H, head_dim, generator=g)
+    got = cpu_attention.fused_attention(q, k, v, segments.sample_table(), 0.2, window)
+    (got * upstream).sum().backward()
+    fused = [got.detach()] + [t.grad for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    want = pa.per_sample_attention(q, k, v, segments, scaling=0.2, window=window)
+    (want * upstream).sum().backward()
+    for a, b in zip(fused, [want.detach()] + [t.grad for t in (q, k, v)]):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)  # fp32 sums of up to 70 x 256 terms
+    assert (fused[0][1] == 0).all() and (fused[0][0, 149:] == 0).all()  # padding: zero output, like sdpa's path
+
+
+def test_fused_cpu_kernel_refuses_a_sample_outside_its_row():
+    q = torch.randn(1, 2, 8, 32)
+    with pytest.raises(RuntimeError, match="sample 1 .first 5, length 4. does not fit a row of 8"):
+        cpu_attention.kernel().forward(q, q, q, torch.tensor([[0, 0, 5], [0, 5, 4]]), 0.2, 0)
+
+
+def test_without_a_compiler_packed_attention_falls_back_to_sdpa_with_a_warning(tmp_path):
+    """A host without a working C++ compiler: kernel() warns and returns None, packed attention runs on sdpa."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import warnings, torch\n"
+            "from pipeline.models import cpu_attention, packed_attention as pa\n"
+            "with warnings.catch_warnings(record=True) as w:\n"
+            "    warnings.simplefilter('always')\n"
+            "    assert cpu_attention.kernel() is None\n"
+            "assert any('per-sample sdpa runs instead' in str(x.message) for x in w), [str(x.message) for x in w]\n"
+            "q = torch.randn(1, 2, 6, 32)\n"
+            "assert not cpu_attention.takes_fused(q, q, 0.0)\n"
+            "out = pa.packed_sdpa_attention(None, q, q, q, None, packed_segments=[[4, 2]])[0]\n"
+            "ref = pa.per_sample_attention(q, q, q, [[4, 2]])\n"
+            "assert torch.equal(out, ref)\n")
+    env = dict(os.environ, CXX="/bin/false", TORCH_EXTENSIONS_DIR=str(tmp_path))
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr[-3000:]

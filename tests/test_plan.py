@@ -153,19 +153,24 @@ def test_nf4_bytes_equal_bitsandbytes_tensors(tmp_path):
     assert p.line("base_16bit") + p.line("persistent") - adapter_persist == other
 
 
-@pytest.mark.parametrize("attn,targets", [("sdpa", ALL), ("eager", ALL), ("sdpa", ("q_proj", "v_proj")),
-                                          ("packed_sdpa", ALL), ("packed_sdpa", ("q_proj", "v_proj"))])
-def test_per_layer_activations_equal_saved_tensors(attn, targets):
-    """bf16 on CPU; packed_sdpa (the trainer's default) attends in fp32 there, as the trainer tells the planner."""
-    import pipeline.models.packed_attention  # noqa: F401  (registers packed_sdpa)
+@pytest.mark.parametrize("attn,targets,cpu_kernel", [
+    ("sdpa", ALL, None), ("eager", ALL, None), ("sdpa", ("q_proj", "v_proj"), None),
+    ("packed_sdpa", ALL, "fused"), ("packed_sdpa", ("q_proj", "v_proj"), "fused"),
+    ("packed_sdpa", ALL, "sdpa"), ("packed_sdpa", ("q_proj", "v_proj"), "sdpa")])
+def test_per_layer_activations_equal_saved_tensors(attn, targets, cpu_kernel, cpu_attention_kernel):
+    """bf16 on CPU; packed_sdpa (the trainer's default) runs the fused kernel on the bf16 tensors there (with
+    `cpu_attention: sdpa`, or where the kernel cannot be built, it attends in fp32: the sdpa case below)."""
+    from pipeline.models.packed_attention import cpu_attends_in_fp32
     from pipeline.train.preflight import PLANNER_ATTENTION
 
     shape = dict(vocab_size=1000, hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=352)
     model, cfg = tiny_model(shape, attn, targets, rank=4)
+    cpu_attention_kernel(cpu_kernel or "fused")
     measured = saved_bytes_one_layer(model, batch=2, seq=64)
     est = activation_bytes(batch=2, seq=64, hidden=128, intermediate=352, heads=4, kv_heads=2, head_dim=32,
                            vocab=1000, layers=2, act_bytes=2, adapted=targets, rank=4,
-                           attn_impl=PLANNER_ATTENTION[attn], attention_fp32=attn == "packed_sdpa")
+                           attn_impl=PLANNER_ATTENTION[attn],
+                           attention_fp32=attn == "packed_sdpa" and cpu_attends_in_fp32(32, "bf16", cpu_kernel))
     assert measured == est.per_layer
 
 

@@ -24,6 +24,9 @@ class ModelConfig(StrictModel):
     # on a GPU in 16 bits through torch's varlen flash kernel, elsewhere one sdpa call per run of equal samples;
     # sdpa / eager: the collator's dense block-causal mask.
     attn_implementation: Literal["packed_sdpa", "sdpa", "eager"] = "packed_sdpa"
+    # packed_sdpa on CPU: `fused`, a kernel built for this CPU on first use (pipeline/models/cpu_attention.py; needs
+    # a C++ compiler, else sdpa with a warning); `sdpa`, torch's kernel per run of equal-length samples, in fp32
+    cpu_attention: Literal["fused", "sdpa"] = "fused"
     # auto: recompute activations only when the memory planner says the run does not fit without (decided at
     # launch, pipeline/train/preflight.py: the GPU's memory, or on CPU the host's RAM shared by its processes).
     gradient_checkpointing: Union[bool, Literal["auto"]] = "auto"

@@ -8,9 +8,13 @@ boundaries come in as `packed_segments` (per row, its samples' lengths), compute
 - CUDA, bf16/fp16: torch's varlen flash attention (`torch.nn.attention.varlen.varlen_attn`) over the whole batch
   as one flat sequence of tokens, each sample (and each row's padding tail) a sequence of its own: one kernel call
   per layer, sum of l^2 scores. Its cumulative lengths are built once per forward and shared by every layer.
-- otherwise (CPU; fp32 or dropout on CUDA): each sample runs its own causal sdpa over its own tokens. Consecutive
-  samples of equal length (best-fit-decreasing packing places samples longest first, so a row is mostly such runs)
-  share ONE sdpa call as a batch: a view of the row, no copy, no padding; ~23 samples per 4 GLUE rows take ~7 calls.
+- CPU, bf16/fp32, no dropout: a fused kernel built for this machine on first use (pipeline/models/cpu_attention.py),
+  one task per (sample, KV head), reading the 16-bit tensors as they are and computing in fp32: the default
+  (`model.cpu_attention: fused`).
+- otherwise (`cpu_attention: sdpa`, where the kernel cannot be built; fp32 or dropout on CUDA): each sample runs its
+  own causal sdpa over its own tokens (on CPU in fp32). Consecutive samples of equal length (best-fit-decreasing
+  packing places samples longest first, so a row is mostly such runs) share ONE sdpa call as a batch: a view of the
+  row, no copy, no padding; ~23 samples per 4 GLUE rows take ~7 calls.
 Padding positions get a zero output on both (nothing reads them: no label, no contrastive pooling).
 """
 from __future__ import annotations
@@ -24,7 +28,25 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
+from pipeline.models import cpu_attention
+
 NAME = "packed_sdpa"
+CPU_KERNELS = ("fused", "sdpa")
+_cpu_kernel = ["fused"]  # the process's choice (the trainer sets `model.cpu_attention`)
+
+
+def use_cpu_kernel(name: str) -> None:
+    """Which kernel packed attention runs on CPU in this process: "fused" (where it builds) or "sdpa"."""
+    if name not in CPU_KERNELS:
+        raise ValueError(f"CPU attention kernel must be one of {CPU_KERNELS}, got {name!r}")
+    _cpu_kernel[0] = name
+
+
+def cpu_attends_in_fp32(head_dim: int, dtype: str, kernel: str = "fused") -> bool:
+    """Whether packed attention on CPU keeps fp32 copies of a 16-bit model's q, k, v (the sdpa path) rather than
+    running the fused kernel on them as they are: what the memory planner needs to know."""
+    return dtype != "fp32" and not (kernel == "fused" and dtype == "bf16" and head_dim in cpu_attention.HEAD_DIMS
+                                    and cpu_attention.kernel() is not None)
 
 
 class PackedSegments(list):
@@ -33,7 +55,15 @@ class PackedSegments(list):
 
     def __init__(self, lengths):
         super().__init__(lengths)
-        self._varlen = None
+        self._varlen = self._table = None
+
+    def sample_table(self) -> torch.Tensor:
+        """(N, 3) int64: every sample's row, first position and length (the fused CPU kernel's input)."""
+        if self._table is None:
+            firsts = [list(itertools.accumulate(lens, initial=0))[:-1] for lens in self]
+            self._table = torch.tensor([(b, f, n) for b, lens in enumerate(self) for f, n in zip(firsts[b], lens)],
+                                       dtype=torch.int64).reshape(-1, 3)
+        return self._table
 
     def varlen_layout(self, row_len: int, device: torch.device):
         """(cu_seqlens int32 (N+1,), longest sequence, padding (B*L,) bool or None) for B rows of `row_len` tokens
@@ -160,10 +190,13 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, dropout: fl
     if len(packed_segments) != query.shape[0]:
         raise ValueError(f"packed_segments holds {len(packed_segments)} rows for a batch of {query.shape[0]}")
     out_dtype = out_dtype or value.dtype
+    if not isinstance(packed_segments, PackedSegments):
+        packed_segments = PackedSegments(packed_segments)
     if takes_varlen(query, dropout) and (sliding_window is None or torch_varlen_kernel().takes_window):
-        if not isinstance(packed_segments, PackedSegments):
-            packed_segments = PackedSegments(packed_segments)
         return varlen_attention(query, key, value, packed_segments, scaling, window=sliding_window).to(out_dtype), None
+    if _cpu_kernel[0] == "fused" and cpu_attention.takes_fused(query, key, dropout):
+        out = cpu_attention.fused_attention(query, key, value, packed_segments.sample_table(), scaling, sliding_window)
+        return out.to(out_dtype), None
     if query.device.type == "cpu":  # CPU sdpa in bf16 ran 1.5-5x slower than in fp32 per sample (AMX machine)
         query, key, value = query.float(), key.float(), value.float()
     return per_sample_attention(query, key, value, packed_segments, dropout, scaling, sliding_window).to(out_dtype), None

@@ -79,11 +79,16 @@ def build_model(cfg: TrainConfig, task_names: list[str], dist_info: DistInfo):
     from pipeline.models.compiled_rope import compile_rope
     from pipeline.models.loading import load_base_model
     from pipeline.models.nf4_matmul import pool_outputs as pool_nf4_outputs
+    from pipeline.models import cpu_attention, packed_attention
     from pipeline.models.packed_attention import NAME as PACKED_ATTENTION
     from pipeline.models.pooled_swiglu import pool_swiglu_mlps
     from pipeline.more import inject
     from pipeline.more.io import base_weights_sha256
 
+    packed_attention.use_cpu_kernel(cfg.model.cpu_attention)
+    if (cfg.model.cpu_attention == "fused" and dist_info.device.type == "cpu"
+            and cfg.model.attn_implementation == PACKED_ATTENTION):
+        cpu_attention.kernel()  # built (or found in the cache) now, not inside the first step
     device_map = {"": dist_info.device} if cfg.model.quantization == "nf4" else None
     base = load_base_model(cfg.model.path, cfg.model.quantization, cfg.model.dtype,
                            cfg.model.attn_implementation, device_map=device_map,

@@ -16,6 +16,18 @@ from pipeline.config.train import TrainConfig
 PLANNER_ATTENTION = {"packed_sdpa": "flash", "sdpa": "sdpa", "eager": "eager"}
 
 
+def attends_in_fp32(cfg: TrainConfig) -> bool:
+    """Whether the run's attention keeps fp32 copies of q, k, v: packed_sdpa on CPU through sdpa."""
+    if cfg.model.attn_implementation != "packed_sdpa" or torch.cuda.is_available():
+        return False
+    from pipeline.models.packed_attention import cpu_attends_in_fp32
+    from pipeline.plan.model import resolve_config
+
+    c = resolve_config(cfg.model.path)
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    return cpu_attends_in_fp32(head_dim, cfg.model.dtype, cfg.model.cpu_attention)
+
+
 def plan_run(cfg: TrainConfig, ds_config: str, num_tasks: int, nodes: int, gpus_per_node: int, gpu_mem_gb: float,
              grad_ckpt: bool, replicate_frozen: bool | None = None):
     """The planner's memory plan of this training config on the given machines."""
@@ -30,7 +42,7 @@ def plan_run(cfg: TrainConfig, ds_config: str, num_tasks: int, nodes: int, gpus_
                 num_tasks=num_tasks, task_embedding=cfg.more.task_embedding,
                 task_embedding_dim=cfg.more.task_embedding_dim, num_experts=len(cfg.more.ranks),
                 adapter_dropout=cfg.more.dropout,
-                attention_fp32=cfg.model.attn_implementation == "packed_sdpa" and not torch.cuda.is_available(),
+                attention_fp32=attends_in_fp32(cfg),
                 attn_impl=PLANNER_ATTENTION[cfg.model.attn_implementation], dtype=cfg.model.dtype,
                 replicate_frozen=(cfg.model.frozen_base == "replicated") if replicate_frozen is None
                 else replicate_frozen)

@@ -1,0 +1,71 @@
+"""Packed attention's fused CPU kernel (csrc/packed_attention_cpu.cpp), built for this machine on first use.
+
+The kernel computes each (sample, KV head) in one task: no per-sample sdpa calls, no fp32 copies of q, k, v and
+their gradients (it reads bf16 or fp32 and computes in fp32), the causal half only. It is compiled with
+-march=native by torch's C++ extension loader (a C++ compiler and ninja, both in the venv's build
+requirements), cached under the name of this CPU's vector extensions so that a shared cache never runs a binary
+built for another CPU. Where it cannot be built, `kernel()` is None and the sdpa path runs instead.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import warnings
+from pathlib import Path
+
+import torch
+
+from pipeline.models.cpu import vector_flags
+
+SOURCE = Path(__file__).with_name("csrc") / "packed_attention_cpu.cpp"
+HEAD_DIMS = (32, 64, 80, 96, 128, 256)  # compiled in; others take the sdpa path
+
+
+@functools.cache
+def kernel():
+    """The compiled module (forward, backward), or None (with a warning) where it cannot be built here."""
+    from torch.utils import cpp_extension
+
+    flags = hashlib.sha1(" ".join(vector_flags()).encode()).hexdigest()[:8]
+    try:
+        return cpp_extension.load(name=f"packed_attention_cpu_{flags}", sources=[str(SOURCE)],
+                                  extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"],
+                                  extra_ldflags=["-fopenmp"],
+                                  verbose=False)
+    except Exception as e:  # no compiler, no ninja, a failed build: training still runs, on sdpa
+        warnings.warn(f"packed attention's CPU kernel could not be built ({type(e).__name__}: {e}); "
+                      "per-sample sdpa runs instead")
+        return None
+
+
+class PackedAttention(torch.autograd.Function):
+    """query (B, H, L, D), key/value (B, Hkv, L, D) -> (B, L, H, D) in their dtype; padding positions get zeros."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, samples, scale, window):
+        out, lse = kernel().forward(query, key, value, samples, scale, window)
+        ctx.save_for_backward(query, key, value, out, lse)
+        ctx.samples, ctx.scale, ctx.window = samples, scale, window  # samples: O(samples), shared by every layer
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        query, key, value, out, lse = ctx.saved_tensors
+        dq, dk, dv = kernel().backward(query, key, value, out, lse, grad_out, ctx.samples, ctx.scale, ctx.window)
+        return dq, dk, dv, None, None, None
+
+
+def takes_fused(query: torch.Tensor, key: torch.Tensor, dropout: float) -> bool:
+    """Whether the fused kernel runs: CPU, fp32 or bf16, no attention dropout, as many queries as keys, a compiled
+    head size, and a kernel."""
+    return (query.device.type == "cpu" and query.dtype in (torch.float32, torch.bfloat16) and not dropout
+            and key.dtype == query.dtype and query.shape[2] == key.shape[2] and query.shape[-1] in HEAD_DIMS
+            and kernel() is not None)
+
+
+def fused_attention(query, key, value, samples: torch.Tensor, scaling=None, window=None) -> torch.Tensor:
+    """query (B, H, L, D), key/value (B, Hkv, L, D) -> (B, L, H, D): causal attention within each sample of
+    `samples` ((N, 3) int64: row, first position, length), within a sliding `window` when one is set."""
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value))
+    return PackedAttention.apply(q, k, v, samples, float(scale), int(window or 0))
