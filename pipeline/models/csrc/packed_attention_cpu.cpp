@@ -23,22 +23,9 @@
 namespace {
 
 constexpr int RB = 4;   // query rows per block: each K^T tile load serves RB rows (the helpers below unroll 4)
-constexpr int JB = 32;  // key columns per tile (two AVX-512 registers of fp32)
+constexpr int JB = 32;  // key columns per tile (two AVX-512 registers of fp32); ld, a row's key count rounded up
 
 inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
-
-// e^x for x <= 0 (a score minus its row's maximum): branch-free so the compiler vectorises the loop around it.
-inline float exp_nonpositive(float x) {
-  x = std::max(x, -87.0f);
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
-  const float r = x - n * 0.693145751953125f - n * 1.428606765330187e-06f;  // |r| <= ln2 / 2
-  const float p = 1.0f + r * (1.0f + r * (0.5f + r * (1.0f / 6 + r * (1.0f / 24 + r * (1.0f / 120 +
-                  r * (1.0f / 720 + r * (1.0f / 5040)))))));
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float two_n;
-  std::memcpy(&two_n, &bits, sizeof two_n);
-  return p * two_n;
-}
 
 struct Strides { int64_t b, h, l; };
 
@@ -62,15 +49,76 @@ void load_transposed(const T* src, int64_t sl, int64_t rows, int64_t ld, float* 
 // 16 fp32 lanes: one AVX-512 register, two AVX2 ones (GCC/Clang vector extension; aligned(4): unaligned loads)
 typedef float vec16 __attribute__((vector_size(64), aligned(4)));
 
+typedef int32_t vint16 __attribute__((vector_size(64), aligned(4)));
+
 inline vec16 load16(const float* p) { return *reinterpret_cast<const vec16*>(p); }
 inline void store16(float* p, vec16 x) { *reinterpret_cast<vec16*>(p) = x; }
+inline vec16 splat(float x) { return vec16{} + x; }
+inline float lane_sum(vec16 x) { float s = 0.0f; for (int c = 0; c < 16; ++c) s += x[c]; return s; }
+inline float lane_max(vec16 x) { float m = x[0]; for (int c = 1; c < 16; ++c) m = std::max(m, x[c]); return m; }
 
-// s[r][j] = a[r] . bt[:, j] for RB rows of a (RB x D) and columns j0..j1 (multiples of JB) of bt (D x ld):
+// e^x for x <= 0 (a score minus its row's maximum or log-sum-exp), 16 at a time: |relative error| < 1e-6
+inline vec16 exp_nonpositive(vec16 x) {
+  x = x < splat(-87.0f) ? splat(-87.0f) : x;
+  const vint16 ni = __builtin_convertvector(x * 1.44269504088896341f - 0.5f, vint16);  // round(x / ln2): x <= 0
+  const vec16 n = __builtin_convertvector(ni, vec16);
+  const vec16 r = x - n * 0.693145751953125f - n * 1.428606765330187e-06f;  // |r| <= ln2 / 2
+  const vec16 p = 1.0f + r * (1.0f + r * (0.5f + r * (1.0f / 6 + r * (1.0f / 24 + r * (1.0f / 120 +
+                  r * (1.0f / 720 + r * (1.0f / 5040)))))));
+  return p * reinterpret_cast<vec16>((ni + 127) << 23);
+}
+
+// Which of the 16 keys j0..j0+15 a query sees (keys lo..hi): lanes all-ones where seen
+inline vint16 seen_keys(int64_t j0, int64_t lo, int64_t hi) {
+  const vint16 j = vint16{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15} + static_cast<int32_t>(j0);
+  return (j >= static_cast<int32_t>(lo)) & (j <= static_cast<int32_t>(hi));
+}
+
+// One query's scores s[j0..j1) (multiples of 16) -> its probabilities (0 outside keys lo..hi), unnormalised:
+// e^(s - max). Returns the log of their sum plus the max (the row's log-sum-exp) and writes 1 / their sum.
+inline float softmax_row(float* s, int64_t j0, int64_t j1, int64_t lo, int64_t hi, float& inv_sum) {
+  vec16 vmax = splat(-3.0e38f);
+  for (int64_t j = j0; j < j1; j += 16) {
+    const vec16 x = load16(s + j);
+    vmax = seen_keys(j, lo, hi) & (x > vmax) ? x : vmax;
+  }
+  const float m = lane_max(vmax);
+  vec16 vsum{};
+  for (int64_t j = j0; j < j1; j += 16) {
+    const vec16 e = seen_keys(j, lo, hi) ? exp_nonpositive(load16(s + j) - m) : vec16{};
+    store16(s + j, e);
+    vsum += e;
+  }
+  const float sum = lane_sum(vsum);
+  inv_sum = 1.0f / sum;
+  return m + std::log(sum);
+}
+
+// Backward, one query's tiles: p[j] <- its probability e^(s - lse), ds[j] <- p (dp - delta) (both 0 outside keys
+// lo..hi), for j in [j0, j1) (multiples of 16)
+inline void score_gradients_row(float* p, float* ds, int64_t j0, int64_t j1, int64_t lo, int64_t hi, float lse,
+                                float delta) {
+  for (int64_t j = j0; j < j1; j += 16) {
+    const vec16 pj = seen_keys(j, lo, hi) ? exp_nonpositive(load16(p + j) - lse) : vec16{};
+    store16(p + j, pj);
+    store16(ds + j, pj * (load16(ds + j) - delta));
+  }
+}
+
+template <int D>
+inline float dot(const float* a, const float* b) {
+  vec16 acc{};
+  for (int d = 0; d < D; d += 16) acc += load16(a + d) * load16(b + d);
+  return lane_sum(acc);
+}
+
+// s[r][j] = a[r] . bt[:, j] for RB rows of a (RB x D) and columns j0..j1 (multiples of 16) of bt (D x ld):
 // RB x 2 accumulators, enough independent chains to keep both FMA units busy
 template <int D>
 void tile_products(const float* __restrict__ a, const float* __restrict__ bt, int64_t ld, int64_t j0, int64_t j1,
                    float* __restrict__ s) {
-  for (int64_t jb = j0; jb < j1; jb += JB) {
+  int64_t jb = j0;
+  for (; jb + JB <= j1; jb += JB) {
     vec16 acc[RB][2] = {};
     for (int d = 0; d < D; ++d) {
       const vec16 b0 = load16(bt + d * ld + jb), b1 = load16(bt + d * ld + jb + 16);
@@ -84,6 +132,14 @@ void tile_products(const float* __restrict__ a, const float* __restrict__ bt, in
       store16(s + r * ld + jb, acc[r][0]);
       store16(s + r * ld + jb + 16, acc[r][1]);
     }
+  }
+  if (jb < j1) {  // the last 16 columns (the causal edge): half a tile
+    vec16 acc[RB] = {};
+    for (int d = 0; d < D; ++d) {
+      const vec16 b0 = load16(bt + d * ld + jb);
+      for (int r = 0; r < RB; ++r) acc[r] += a[r * D + d] * b0;
+    }
+    for (int r = 0; r < RB; ++r) store16(s + r * ld + jb, acc[r]);
   }
 }
 
@@ -178,20 +234,13 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
       load_rows<T, D>(qp + s.row * qs.b + h * qs.h + s.first * qs.l, qs.l, n, scale, qq.data());
       for (int64_t i0 = 0; i0 < n; i0 += RB) {
         const int64_t rows = std::min<int64_t>(RB, n - i0), j_end = i0 + rows, j_lo = first_key(i0, window);
-        const int64_t j_tile = j_lo / JB * JB;
-        tile_products<D>(qq.data() + i0 * D, kt.data(), ld, j_tile, round_up(j_end, JB), sc.data());
+        const int64_t j_tile = j_lo / 16 * 16, j_stop = round_up(j_end, 16);
+        tile_products<D>(qq.data() + i0 * D, kt.data(), ld, j_tile, j_stop, sc.data());
         float inv_sum[RB] = {};
         for (int64_t r = 0; r < rows; ++r) {
-          const int64_t i = i0 + r, lo = first_key(i, window);
-          float* p = sc.data() + r * ld;
-          float m = p[lo];
-          for (int64_t j = lo; j <= i; ++j) m = std::max(m, p[j]);
-          float sum = 0.0f;
-          for (int64_t j = lo; j <= i; ++j) sum += (p[j] = exp_nonpositive(p[j] - m));
-          for (int64_t j = j_tile; j < lo; ++j) p[j] = 0.0f;
-          for (int64_t j = i + 1; j < j_end; ++j) p[j] = 0.0f;
-          inv_sum[r] = 1.0f / sum;
-          lp[(s.row * H + h) * L + s.first + i] = m + std::log(sum);
+          const int64_t i = i0 + r;
+          lp[(s.row * H + h) * L + s.first + i] =
+              softmax_row(sc.data() + r * ld, j_tile, j_stop, first_key(i, window), i, inv_sum[r]);
         }
         for (int64_t r = rows; r < RB; ++r) std::fill(sc.data() + r * ld + j_lo, sc.data() + r * ld + j_end, 0.0f);
         float acc[RB][D] = {};
@@ -219,7 +268,7 @@ void backward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   for_each_task(samples, Hkv, [&](const Sample& s, int64_t g) {
     const int64_t n = s.len, ld = round_up(n, JB);
     std::vector<float> kt(D * ld), vt(D * ld), kk(n * D), qq((n + RB) * D, 0.0f), go((n + RB) * D, 0.0f);
-    std::vector<float> delta(n), p(RB * ld), dp(RB * ld), dkk(n * D, 0.0f), dvv(n * D, 0.0f);
+    std::vector<float> oo(n * D), delta(n), p(RB * ld), dp(RB * ld), dkk(n * D, 0.0f), dvv(n * D, 0.0f);
     const T* k0 = kp + s.row * ks.b + g * ks.h + s.first * ks.l;
     const T* v0 = vp + s.row * vs.b + g * vs.h + s.first * vs.l;
     load_transposed<T, D>(k0, ks.l, n, ld, kt.data());
@@ -229,27 +278,19 @@ void backward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
       load_rows<T, D>(qp + s.row * qs.b + h * qs.h + s.first * qs.l, qs.l, n, scale, qq.data());
       const int64_t at0 = (s.row * L + s.first) * ol + h * D;
       load_rows<T, D>(gp + at0, ol, n, 1.0f, go.data());
-      for (int64_t i = 0; i < n; ++i) {  // delta_i = dO_i . O_i
-        float x = 0.0f;
-        for (int d = 0; d < D; ++d) x += go[i * D + d] * static_cast<float>(op[at0 + i * ol + d]);
-        delta[i] = x;
-      }
+      load_rows<T, D>(op + at0, ol, n, 1.0f, oo.data());
+      for (int64_t i = 0; i < n; ++i) delta[i] = dot<D>(go.data() + i * D, oo.data() + i * D);  // dO_i . O_i
       const float* lse_h = lp + (s.row * H + h) * L + s.first;
       for (int64_t i0 = 0; i0 < n; i0 += RB) {
         const int64_t rows = std::min<int64_t>(RB, n - i0), j_end = i0 + rows, j_lo = first_key(i0, window);
-        const int64_t j_tile = j_lo / JB * JB, j_stop = round_up(j_end, JB);
+        const int64_t j_tile = j_lo / 16 * 16, j_stop = round_up(j_end, 16);
         tile_products<D>(qq.data() + i0 * D, kt.data(), ld, j_tile, j_stop, p.data());
         tile_products<D>(go.data() + i0 * D, vt.data(), ld, j_tile, j_stop, dp.data());
-        for (int64_t r = 0; r < RB; ++r) {  // p <- probabilities, dp <- score gradients (0 outside the keys seen)
-          const int64_t i = i0 + r, lo = r < rows ? first_key(i, window) : j_end;
-          const float m = r < rows ? lse_h[i] : 0.0f, di = r < rows ? delta[i] : 0.0f;
-          float *pr = p.data() + r * ld, *dr = dp.data() + r * ld;
-          for (int64_t j = j_tile; j < j_end; ++j) {
-            const bool seen = j >= lo && j <= i;
-            const float pj = seen ? exp_nonpositive(pr[j] - m) : 0.0f;
-            pr[j] = pj;
-            dr[j] = pj * (dr[j] - di);
-          }
+        for (int64_t r = 0; r < RB; ++r) {  // rows past the sample's end: keys lo > hi, so all zero
+          const int64_t i = i0 + r;
+          score_gradients_row(p.data() + r * ld, dp.data() + r * ld, j_tile, j_stop,
+                              r < rows ? first_key(i, window) : j_stop, i, r < rows ? lse_h[i] : 0.0f,
+                              r < rows ? delta[i] : 0.0f);
         }
         accumulate_key_gradients<D>(p.data(), dp.data(), ld, go.data() + i0 * D, qq.data() + i0 * D, j_lo, j_end,
                                     dvv.data(), dkk.data());
