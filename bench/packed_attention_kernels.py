@@ -1,7 +1,9 @@
 """Packed attention's kernels side by side on one layer's shapes: forward + backward of attention over packed rows
 of GLUE-like samples, each sample attending only within itself.
 
-    per_sample  one sdpa call per run of equal-length samples (the CPU path; on CPU in fp32, as the trainer runs it)
+    fused_cpu   the fused CPU kernel, one task per (sample, KV head) (the trainer's CPU path; CPU only)
+    per_sample  one sdpa call per run of equal-length samples (`model.cpu_attention: sdpa`; on CPU in fp32, as the
+                trainer runs it)
     varlen      torch's varlen flash kernel over the flat batch, one call (the CUDA path in bf16/fp16; CUDA only)
     dense_mask  one sdpa call per batch with the (B, 1, L, L) block-causal mask (`attn_implementation=sdpa`)
 
@@ -10,6 +12,7 @@ Shapes: SmolLM2-135M's heads (9 query, 3 KV, 64 wide) and a ~1B Llama's (32, 8, 
 (seeded, log-normal around 70 tokens like the GLUE mix through a chat template) and packed best-fit-decreasing.
 
     python bench/packed_attention_kernels.py --device cuda --out bench/results/packed_attention_cuda.json
+    python bench/packed_attention_kernels.py --device cpu --dtype bf16 --out bench/results/packed_attention_cpu_bf16.json
     python bench/packed_attention_kernels.py --quick --out DIR/k.json        # the test: CPU, small, few repeats
 """
 from __future__ import annotations
@@ -29,8 +32,9 @@ sys.path.insert(0, str(ROOT))
 
 from pipeline.atomic import atomic_write  # noqa: E402
 from pipeline.data.loader import block_causal_mask  # noqa: E402
+from pipeline.models import cpu_attention  # noqa: E402
 from pipeline.models import packed_attention as pa  # noqa: E402
-from pipeline.models.cpu import cpu_isa  # noqa: E402
+from pipeline.models.cpu import cpu_isa, cpu_model  # noqa: E402
 
 SHAPES = {"smollm2-135m": (9, 3, 64), "llama-1b": (32, 8, 64)}  # query heads, KV heads, head width
 
@@ -73,6 +77,9 @@ def kernels(device: str, dtype: torch.dtype, mask: torch.Tensor):
                                               ).transpose(1, 2)
 
     out = {"per_sample": per_sample, "dense_mask": dense}
+    probe = torch.empty(1, 1, 1, 64, dtype=dtype, device=device)
+    if cpu_attention.takes_fused(probe, probe, 0.0):
+        out["fused_cpu"] = lambda q, k, v, seg: cpu_attention.fused_attention(q, k, v, seg.sample_table())
     if device == "cuda" and pa.takes_varlen(torch.empty(1, 1, 1, 64, device=device, dtype=dtype), 0.0):
         out["varlen"] = lambda q, k, v, seg: pa.varlen_attention(q, k, v, seg)
     return out
@@ -111,12 +118,14 @@ def main() -> int:
     ap.add_argument("--row-len", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=None, help="timed calls per kernel (default 20; quick 2)")
     ap.add_argument("--quick", action="store_true", help="SmolLM2's shape, 2 rows of 256, 2 repeats (the test)")
+    ap.add_argument("--dtype", choices=["fp32", "bf16"], default=None,
+                    help="q, k, v as the model hands them over (default: bf16 on CUDA, fp32 on CPU)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     device = a.device
     if device == "cuda" and not torch.cuda.is_available():
         sys.exit(f"--device cuda: torch {torch.__version__} sees no GPU here (take --device cpu)")
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[a.dtype or ("bf16" if device == "cuda" else "fp32")]
     rows = a.rows or (2 if a.quick else 16 if device == "cuda" else 4)
     row_len = 256 if a.quick else a.row_len
     repeats = a.repeats or (2 if a.quick else 20)
@@ -148,9 +157,10 @@ def main() -> int:
         results[shape_name] = {"heads": heads, "kv_heads": kv_heads, "head_dim": width, "kernels": rec}
     out = {"command": "python bench/packed_attention_kernels.py" + (" --quick" if a.quick else "")
                       + f" --device {device}" + (f" --rows {a.rows}" if a.rows else "")
+                      + (f" --dtype {a.dtype}" if a.dtype else "")
                       + (f" --out {a.out}" if a.out else ""),
            "device": (torch.cuda.get_device_name() if device == "cuda"
-                      else f"{cpu_isa()} CPU, {torch.get_num_threads()} threads"),
+                      else f"{cpu_model()} ({cpu_isa()}), {torch.get_num_threads()} threads"),
            "dtype": str(dtype).removeprefix("torch."), "rows": rows, "row_len": row_len, "repeats": repeats,
            "samples": sum(len(s) for s in segments), "real_tokens": sum(map(sum, segments)),
            "torch": torch.__version__, "shapes": results}

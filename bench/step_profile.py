@@ -38,7 +38,7 @@ from pipeline.models.cpu import fastest_dtype  # noqa: E402
 KINDS = {  # operator kind: substrings of profiler event names (self time; first match wins)
     "matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::_addmm_activation"),
     "nf4_dequantize": ("bitsandbytes", "dequantize"),
-    "attention": ("scaled_dot_product", "flash_attention", "_efficient_attention"),
+    "attention": ("scaled_dot_product", "flash_attention", "_efficient_attention", "packed_attention_cpu"),
     "optimizer": ("adam", "Adam", "_foreach_"),  # Adam's kernels and the foreach ops of its step and clipping
 }
 

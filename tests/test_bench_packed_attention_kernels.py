@@ -1,5 +1,5 @@
-"""bench/packed_attention_kernels.py at its smallest on CPU: the per-sample kernel checked against the dense mask and
-timed beside it (the varlen kernel joins on a GPU); the GLUE-like rows look like prep's."""
+"""bench/packed_attention_kernels.py at its smallest on CPU: the fused and per-sample kernels checked against the
+dense mask and timed beside it (the varlen kernel joins on a GPU); the GLUE-like rows look like prep's."""
 import json
 import subprocess
 import sys
@@ -26,7 +26,8 @@ def test_quick_run_checks_and_times_each_kernel(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     r = json.loads(out.read_text())
     kernels = r["shapes"]["smollm2-135m"]["kernels"]
-    assert set(kernels) == {"per_sample", "dense_mask"}  # no varlen kernel on CPU
-    assert kernels["per_sample"]["max_abs_diff_vs_dense"] < 1e-4 and kernels["dense_mask"]["max_abs_diff_vs_dense"] == 0
+    assert set(kernels) == {"fused_cpu", "per_sample", "dense_mask"}  # no varlen kernel on CPU
+    assert kernels["dense_mask"]["max_abs_diff_vs_dense"] == 0
+    assert kernels["per_sample"]["max_abs_diff_vs_dense"] < 1e-4 and kernels["fused_cpu"]["max_abs_diff_vs_dense"] < 1e-4
     assert all(k["ms"] > 0 for k in kernels.values()) and kernels["per_sample"]["speedup_vs_per_sample"] == 1.0
     assert r["real_tokens"] == sum(map(sum, glue_like_rows(2, 256))) and r["command"].endswith(f"--out {out}")

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.models import cpu_attention
+from pipeline.models.cpu import cpu_flags
 from pipeline.models import packed_attention as pa
 
 SEGMENTS = {
@@ -176,18 +177,28 @@ def test_a_sliding_window_model_packed_equals_each_sample_alone():
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+# The kernel is compiled for the CPU that runs it, its vector width following the target: "native" is this host's
+# code (16 lanes on an AVX-512 machine); x86-64-v3 (AVX2: 8 lanes) and x86-64-v2 (SSE4.2: 4 lanes, the width an
+# ARM build takes too) run on any x86 host with AVX2.
+ARCHES = ["native"] + [pytest.param(arch, marks=pytest.mark.skipif("avx2" not in cpu_flags(),
+                                                                   reason="needs an x86 CPU with AVX2"))
+                       for arch in ("x86-64-v3", "x86-64-v2")]
+
+
+@pytest.mark.parametrize("arch", ARCHES)
 @pytest.mark.parametrize("head_dim", cpu_attention.HEAD_DIMS)
 @pytest.mark.parametrize("window", [None, 17], ids=["causal", "sliding_window_17"])
-def test_fused_cpu_kernel_on_long_samples_equals_per_sample_sdpa(head_dim, window):
+def test_fused_cpu_kernel_on_long_samples_equals_per_sample_sdpa(head_dim, window, arch):
     """Samples spanning several of the kernel's 32-key tiles and 4-query blocks (lengths 1 to 70, a window that
     starts inside a tile), a row without samples, every compiled head size (each has its own loop widths), q, k, v
     as the model hands them over: (B, L, heads, D) storage viewed as (B, heads, L, D)."""
+    assert cpu_attention.kernel(arch) is not None
     g = torch.Generator().manual_seed(head_dim)
     B, H, Hkv, L = 3, 6, 2, 160
     segments = pa.PackedSegments([[70, 33, 1, 40, 5], [], [64, 63, 32]])
     q, k, v = (torch.randn(B, L, h, head_dim, generator=g).transpose(1, 2).requires_grad_() for h in (H, Hkv, Hkv))
     upstream = torch.randn(B, L, H, head_dim, generator=g)
-    got = cpu_attention.fused_attention(q, k, v, segments.sample_table(), 0.2, window)
+    got = cpu_attention.fused_attention(q, k, v, segments.sample_table(), 0.2, window, arch=arch)
     (got * upstream).sum().backward()
     fused = [got.detach()] + [t.grad for t in (q, k, v)]
     for t in (q, k, v):

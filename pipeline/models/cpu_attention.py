@@ -22,16 +22,17 @@ HEAD_DIMS = (32, 64, 80, 96, 128, 256)  # compiled in; others take the sdpa path
 
 
 @functools.cache
-def kernel():
-    """The compiled module (forward, backward), or None (with a warning) where it cannot be built here."""
+def kernel(arch: str = "native"):
+    """The compiled module (forward, backward), or None (with a warning) where it cannot be built here. `arch`: the
+    compiler's -march; "native" is this CPU (the tests also build x86-64-v3, AVX2, to run that code on any host)."""
     from torch.utils import cpp_extension
 
-    flags = hashlib.sha1(" ".join(vector_flags()).encode()).hexdigest()[:8]
+    tag = hashlib.sha1(" ".join(vector_flags()).encode()).hexdigest()[:8] if arch == "native" else arch
     try:
-        return cpp_extension.load(name=f"packed_attention_cpu_{flags}", sources=[str(SOURCE)],
-                                  extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"],
-                                  extra_ldflags=["-fopenmp"],
-                                  verbose=False)
+        return cpp_extension.load(name=f"packed_attention_cpu_{tag}".replace("-", "_").replace(".", "_"),
+                                  sources=[str(SOURCE)], verbose=False, extra_ldflags=["-fopenmp"],
+                                  extra_cflags=["-O3", f"-march={arch}", "-fopenmp", "-fno-math-errno",
+                                                "-fno-trapping-math"])
     except Exception as e:  # no compiler, no ninja, a failed build: training still runs, on sdpa
         warnings.warn(f"packed attention's CPU kernel could not be built ({type(e).__name__}: {e}); "
                       "per-sample sdpa runs instead")
@@ -42,17 +43,20 @@ class PackedAttention(torch.autograd.Function):
     """query (B, H, L, D), key/value (B, Hkv, L, D) -> (B, L, H, D) in their dtype; padding positions get zeros."""
 
     @staticmethod
-    def forward(ctx, query, key, value, samples, scale, window):
-        out, lse = kernel().forward(query, key, value, samples, scale, window)
+    def forward(ctx, query, key, value, samples, scale, window, arch):
+        with torch.profiler.record_function("packed_attention_cpu"):
+            out, lse = kernel(arch).forward(query, key, value, samples, scale, window)
         ctx.save_for_backward(query, key, value, out, lse)
-        ctx.samples, ctx.scale, ctx.window = samples, scale, window  # samples: O(samples), shared by every layer
+        ctx.samples, ctx.scale, ctx.window, ctx.arch = samples, scale, window, arch  # samples: shared by all layers
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         query, key, value, out, lse = ctx.saved_tensors
-        dq, dk, dv = kernel().backward(query, key, value, out, lse, grad_out, ctx.samples, ctx.scale, ctx.window)
-        return dq, dk, dv, None, None, None
+        with torch.profiler.record_function("packed_attention_cpu_backward"):
+            dq, dk, dv = kernel(ctx.arch).backward(query, key, value, out, lse, grad_out, ctx.samples, ctx.scale,
+                                                   ctx.window)
+        return dq, dk, dv, None, None, None, None
 
 
 def takes_fused(query: torch.Tensor, key: torch.Tensor, dropout: float) -> bool:
@@ -63,9 +67,10 @@ def takes_fused(query: torch.Tensor, key: torch.Tensor, dropout: float) -> bool:
             and kernel() is not None)
 
 
-def fused_attention(query, key, value, samples: torch.Tensor, scaling=None, window=None) -> torch.Tensor:
+def fused_attention(query, key, value, samples: torch.Tensor, scaling=None, window=None,
+                    arch: str = "native") -> torch.Tensor:
     """query (B, H, L, D), key/value (B, Hkv, L, D) -> (B, L, H, D): causal attention within each sample of
     `samples` ((N, 3) int64: row, first position, length), within a sliding `window` when one is set."""
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value))
-    return PackedAttention.apply(q, k, v, samples, float(scale), int(window or 0))
+    return PackedAttention.apply(q, k, v, samples, float(scale), int(window or 0), arch)

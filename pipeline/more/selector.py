@@ -45,7 +45,8 @@ def straight_through(p: torch.Tensor, mode: str = "all_experts") -> torch.Tensor
     `all_experts`: w = hard + (p - p.detach()), dL/dp_k = <dL/dy, expert_k output> for every k.
     `selected`: w = hard * (1 + p - p.detach()), gradient only to the chosen p (the reference's estimator).
     """
-    hard = F.one_hot(p.argmax(-1), p.shape[-1]).to(p.dtype)
+    # scatter, not F.one_hot: one_hot checks its indices' range with a host read (on a GPU a sync per MoRE layer)
+    hard = torch.zeros_like(p).scatter_(-1, p.argmax(-1, keepdim=True), 1.0)
     delta = p - p.detach()
     return hard + delta if mode == "all_experts" else hard * (1.0 + delta)
 

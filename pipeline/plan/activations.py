@@ -11,8 +11,9 @@ against saved-tensor hooks in tests/test_plan.py:
 - attention keeps q, k, v after RoPE: a*(hq + 2hkv), or a*3hq when k/v are repeated to all heads (SDPA with a mask,
   eager); SDPA/flash also keep their output (a*hq, laid out so o_proj's input is the same storage) and the fp32
   logsumexp (4 x heads); eager keeps the fp32 softmax and its a-byte copy ((4 + a) x heads x S per token) and o_proj's
-  input a*hq only if o_proj is adapted. `attention_fp32` (packed_sdpa on CPU, which attends in fp32): q, k, v and
-  the output kept in fp32, plus o_proj's 16-bit input (the output cast back) if o_proj is adapted;
+  input a*hq only if o_proj is adapted. `attention_fp32` (packed_sdpa on CPU through sdpa, which attends in
+  fp32 copies; the fused CPU kernel keeps the 16-bit tensors): q, k, v and the output kept in fp32, plus o_proj's
+  16-bit input (the output cast back) if o_proj is adapted;
 - SwiGLU keeps gate (SiLU input), SiLU(gate) and up (the product's inputs): 3a*i;
 - adapter dropout p>0 adds its output and a 1-byte mask per adapted Linear: (a + 1) x in_features.
 Beyond the layers: the final norm 4h, a 4-D additive mask a*S^2 per row unless flash-varlen, and the loss peak

@@ -46,7 +46,7 @@ class PlanInputs:
     attn_impl: str = "flash"  # flash (varlen, no mask) | sdpa (with the packed 4-D mask) | eager
     dtype: str = "bf16"
     adapter_dropout: float = 0.0
-    attention_fp32: bool = False  # attention computed in fp32 from 16-bit activations (packed_sdpa on CPU)
+    attention_fp32: bool = False  # attention in fp32 copies of 16-bit activations (packed_sdpa on CPU via sdpa)
     double_quant: bool = False
     overhead_gb: float = 1.5  # CUDA context, cuBLAS workspace, NCCL buffers
     host_mem_gb: float | None = None  # host RAM per node, for the host verdict

@@ -22,8 +22,7 @@
 
 namespace {
 
-constexpr int RB = 4;   // query rows per block: each K^T tile load serves RB rows (the helpers below unroll 4)
-constexpr int JB = 32;  // key columns per tile (two AVX-512 registers of fp32); ld, a row's key count rounded up
+constexpr int RB = 4;  // query rows per block: each K^T tile load serves RB rows
 
 inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
@@ -46,47 +45,59 @@ void load_transposed(const T* src, int64_t sl, int64_t rows, int64_t ld, float* 
     for (int d = 0; d < D; ++d) dst[d * ld + i] = static_cast<float>(src[i * sl + d]);
 }
 
-// 16 fp32 lanes: one AVX-512 register, two AVX2 ones (GCC/Clang vector extension; aligned(4): unaligned loads)
-typedef float vec16 __attribute__((vector_size(64), aligned(4)));
+// W fp32 lanes per vector: the CPU's register width where the compiler targets it (AVX-512: 16, AVX2: 8, else 4;
+// GCC/Clang vector extension, aligned(4): unaligned loads). Wider vectors than the target's registers compile to
+// slow code (an AVX2 build of 16-lane vectors ran 25x slower), so the width follows the target.
+#if defined(__AVX512F__)
+constexpr int W = 16;
+#elif defined(__AVX__)
+constexpr int W = 8;
+#else
+constexpr int W = 4;
+#endif
+constexpr int JB = 2 * W;  // key columns per tile (two vectors); a task's buffers hold its length rounded up to it
+typedef float vecf __attribute__((vector_size(4 * W), aligned(4)));
+typedef int32_t veci __attribute__((vector_size(4 * W), aligned(4)));
 
-typedef int32_t vint16 __attribute__((vector_size(64), aligned(4)));
+inline vecf loadv(const float* p) { return *reinterpret_cast<const vecf*>(p); }
+inline void storev(float* p, vecf x) { *reinterpret_cast<vecf*>(p) = x; }
+inline vecf splat(float x) { return vecf{} + x; }
+inline float lane_sum(vecf x) { float s = 0.0f; for (int c = 0; c < W; ++c) s += x[c]; return s; }
+inline float lane_max(vecf x) { float m = x[0]; for (int c = 1; c < W; ++c) m = std::max(m, x[c]); return m; }
 
-inline vec16 load16(const float* p) { return *reinterpret_cast<const vec16*>(p); }
-inline void store16(float* p, vec16 x) { *reinterpret_cast<vec16*>(p) = x; }
-inline vec16 splat(float x) { return vec16{} + x; }
-inline float lane_sum(vec16 x) { float s = 0.0f; for (int c = 0; c < 16; ++c) s += x[c]; return s; }
-inline float lane_max(vec16 x) { float m = x[0]; for (int c = 1; c < 16; ++c) m = std::max(m, x[c]); return m; }
-
-// e^x for x <= 0 (a score minus its row's maximum or log-sum-exp), 16 at a time: |relative error| < 1e-6
-inline vec16 exp_nonpositive(vec16 x) {
+// e^x for x <= 0 (a score minus its row's maximum or log-sum-exp), W at a time: |relative error| < 1e-6
+inline vecf exp_nonpositive(vecf x) {
   x = x < splat(-87.0f) ? splat(-87.0f) : x;
-  const vint16 ni = __builtin_convertvector(x * 1.44269504088896341f - 0.5f, vint16);  // round(x / ln2): x <= 0
-  const vec16 n = __builtin_convertvector(ni, vec16);
-  const vec16 r = x - n * 0.693145751953125f - n * 1.428606765330187e-06f;  // |r| <= ln2 / 2
-  const vec16 p = 1.0f + r * (1.0f + r * (0.5f + r * (1.0f / 6 + r * (1.0f / 24 + r * (1.0f / 120 +
+  const veci ni = __builtin_convertvector(x * 1.44269504088896341f - 0.5f, veci);  // round(x / ln2): x <= 0
+  const vecf n = __builtin_convertvector(ni, vecf);
+  const vecf r = x - n * 0.693145751953125f - n * 1.428606765330187e-06f;  // |r| <= ln2 / 2
+  const vecf p = 1.0f + r * (1.0f + r * (0.5f + r * (1.0f / 6 + r * (1.0f / 24 + r * (1.0f / 120 +
                   r * (1.0f / 720 + r * (1.0f / 5040)))))));
-  return p * reinterpret_cast<vec16>((ni + 127) << 23);
+  return p * reinterpret_cast<vecf>((ni + 127) << 23);
 }
 
-// Which of the 16 keys j0..j0+15 a query sees (keys lo..hi): lanes all-ones where seen
-inline vint16 seen_keys(int64_t j0, int64_t lo, int64_t hi) {
-  const vint16 j = vint16{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15} + static_cast<int32_t>(j0);
+inline veci lane_index() { veci x{}; for (int c = 0; c < W; ++c) x[c] = c; return x; }
+
+// Which of the W keys j0.. a query sees (keys lo..hi): lanes all-ones where seen
+inline veci seen_keys(int64_t j0, int64_t lo, int64_t hi) {
+  static const veci lanes = lane_index();
+  const veci j = lanes + static_cast<int32_t>(j0);
   return (j >= static_cast<int32_t>(lo)) & (j <= static_cast<int32_t>(hi));
 }
 
-// One query's scores s[j0..j1) (multiples of 16) -> its probabilities (0 outside keys lo..hi), unnormalised:
+// One query's scores s[j0..j1) (multiples of W) -> its probabilities (0 outside keys lo..hi), unnormalised:
 // e^(s - max). Returns the log of their sum plus the max (the row's log-sum-exp) and writes 1 / their sum.
 inline float softmax_row(float* s, int64_t j0, int64_t j1, int64_t lo, int64_t hi, float& inv_sum) {
-  vec16 vmax = splat(-3.0e38f);
-  for (int64_t j = j0; j < j1; j += 16) {
-    const vec16 x = load16(s + j);
+  vecf vmax = splat(-3.0e38f);
+  for (int64_t j = j0; j < j1; j += W) {
+    const vecf x = loadv(s + j);
     vmax = seen_keys(j, lo, hi) & (x > vmax) ? x : vmax;
   }
   const float m = lane_max(vmax);
-  vec16 vsum{};
-  for (int64_t j = j0; j < j1; j += 16) {
-    const vec16 e = seen_keys(j, lo, hi) ? exp_nonpositive(load16(s + j) - m) : vec16{};
-    store16(s + j, e);
+  vecf vsum{};
+  for (int64_t j = j0; j < j1; j += W) {
+    const vecf e = seen_keys(j, lo, hi) ? exp_nonpositive(loadv(s + j) - m) : vecf{};
+    storev(s + j, e);
     vsum += e;
   }
   const float sum = lane_sum(vsum);
@@ -95,33 +106,33 @@ inline float softmax_row(float* s, int64_t j0, int64_t j1, int64_t lo, int64_t h
 }
 
 // Backward, one query's tiles: p[j] <- its probability e^(s - lse), ds[j] <- p (dp - delta) (both 0 outside keys
-// lo..hi), for j in [j0, j1) (multiples of 16)
+// lo..hi), for j in [j0, j1) (multiples of W)
 inline void score_gradients_row(float* p, float* ds, int64_t j0, int64_t j1, int64_t lo, int64_t hi, float lse,
                                 float delta) {
-  for (int64_t j = j0; j < j1; j += 16) {
-    const vec16 pj = seen_keys(j, lo, hi) ? exp_nonpositive(load16(p + j) - lse) : vec16{};
-    store16(p + j, pj);
-    store16(ds + j, pj * (load16(ds + j) - delta));
+  for (int64_t j = j0; j < j1; j += W) {
+    const vecf pj = seen_keys(j, lo, hi) ? exp_nonpositive(loadv(p + j) - lse) : vecf{};
+    storev(p + j, pj);
+    storev(ds + j, pj * (loadv(ds + j) - delta));
   }
 }
 
 template <int D>
 inline float dot(const float* a, const float* b) {
-  vec16 acc{};
-  for (int d = 0; d < D; d += 16) acc += load16(a + d) * load16(b + d);
+  vecf acc{};
+  for (int d = 0; d < D; d += W) acc += loadv(a + d) * loadv(b + d);
   return lane_sum(acc);
 }
 
-// s[r][j] = a[r] . bt[:, j] for RB rows of a (RB x D) and columns j0..j1 (multiples of 16) of bt (D x ld):
+// s[r][j] = a[r] . bt[:, j] for RB rows of a (RB x D) and columns j0..j1 (multiples of W) of bt (D x ld):
 // RB x 2 accumulators, enough independent chains to keep both FMA units busy
 template <int D>
 void tile_products(const float* __restrict__ a, const float* __restrict__ bt, int64_t ld, int64_t j0, int64_t j1,
                    float* __restrict__ s) {
   int64_t jb = j0;
   for (; jb + JB <= j1; jb += JB) {
-    vec16 acc[RB][2] = {};
+    vecf acc[RB][2] = {};
     for (int d = 0; d < D; ++d) {
-      const vec16 b0 = load16(bt + d * ld + jb), b1 = load16(bt + d * ld + jb + 16);
+      const vecf b0 = loadv(bt + d * ld + jb), b1 = loadv(bt + d * ld + jb + W);
       for (int r = 0; r < RB; ++r) {
         const float x = a[r * D + d];
         acc[r][0] += x * b0;
@@ -129,17 +140,17 @@ void tile_products(const float* __restrict__ a, const float* __restrict__ bt, in
       }
     }
     for (int r = 0; r < RB; ++r) {
-      store16(s + r * ld + jb, acc[r][0]);
-      store16(s + r * ld + jb + 16, acc[r][1]);
+      storev(s + r * ld + jb, acc[r][0]);
+      storev(s + r * ld + jb + W, acc[r][1]);
     }
   }
-  if (jb < j1) {  // the last 16 columns (the causal edge): half a tile
-    vec16 acc[RB] = {};
+  if (jb < j1) {  // the last W columns (the causal edge): half a tile
+    vecf acc[RB] = {};
     for (int d = 0; d < D; ++d) {
-      const vec16 b0 = load16(bt + d * ld + jb);
+      const vecf b0 = loadv(bt + d * ld + jb);
       for (int r = 0; r < RB; ++r) acc[r] += a[r * D + d] * b0;
     }
-    for (int r = 0; r < RB; ++r) store16(s + r * ld + jb, acc[r]);
+    for (int r = 0; r < RB; ++r) storev(s + r * ld + jb, acc[r]);
   }
 }
 
@@ -148,20 +159,21 @@ void tile_products(const float* __restrict__ a, const float* __restrict__ bt, in
 template <int D>
 void weighted_rows(const float* __restrict__ w, int64_t ld, const float* __restrict__ x, int64_t j0, int64_t j1,
                    float (&out)[RB][D]) {
-  static_assert(D % 16 == 0, "head dim must be a multiple of 16");
-  constexpr int C = D % 64 == 0 ? 4 : D % 48 == 0 ? 3 : D % 32 == 0 ? 2 : 1;  // vectors per chunk
-  for (int d0 = 0; d0 < D; d0 += 16 * C) {
-    vec16 acc[RB][C] = {};
+  static_assert(D % W == 0, "head dim must be a multiple of the vector width");
+  // vectors per chunk: RB x C accumulators fit the registers (32 with AVX-512, 16 otherwise)
+  constexpr int C = W == 16 ? (D % 64 == 0 ? 4 : D % 48 == 0 ? 3 : D % 32 == 0 ? 2 : 1) : (D % (2 * W) == 0 ? 2 : 1);
+  for (int d0 = 0; d0 < D; d0 += W * C) {
+    vecf acc[RB][C] = {};
     for (int64_t j = j0; j < j1; ++j) {
-      vec16 xj[C];
-      for (int c = 0; c < C; ++c) xj[c] = load16(x + j * D + d0 + 16 * c);
+      vecf xj[C];
+      for (int c = 0; c < C; ++c) xj[c] = loadv(x + j * D + d0 + W * c);
       for (int r = 0; r < RB; ++r) {
         const float wr = w[r * ld + j];
         for (int c = 0; c < C; ++c) acc[r][c] += wr * xj[c];
       }
     }
     for (int r = 0; r < RB; ++r)
-      for (int c = 0; c < C; ++c) store16(&out[r][d0 + 16 * c], load16(&out[r][d0 + 16 * c]) + acc[r][c]);
+      for (int c = 0; c < C; ++c) storev(&out[r][d0 + W * c], loadv(&out[r][d0 + W * c]) + acc[r][c]);
   }
 }
 
@@ -172,14 +184,14 @@ void accumulate_key_gradients(const float* __restrict__ p, const float* __restri
                               const float* __restrict__ go, const float* __restrict__ qs, int64_t j0, int64_t j1,
                               float* __restrict__ dv, float* __restrict__ dk) {
   for (int64_t j = j0; j < j1; ++j) {
-    for (int d = 0; d < D; d += 16) {
-      vec16 v = load16(dv + j * D + d), k = load16(dk + j * D + d);
+    for (int d = 0; d < D; d += W) {
+      vecf v = loadv(dv + j * D + d), k = loadv(dk + j * D + d);
       for (int r = 0; r < RB; ++r) {
-        v += p[r * ld + j] * load16(go + r * D + d);
-        k += ds[r * ld + j] * load16(qs + r * D + d);
+        v += p[r * ld + j] * loadv(go + r * D + d);
+        k += ds[r * ld + j] * loadv(qs + r * D + d);
       }
-      store16(dv + j * D + d, v);
-      store16(dk + j * D + d, k);
+      storev(dv + j * D + d, v);
+      storev(dk + j * D + d, k);
     }
   }
 }
@@ -234,7 +246,7 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
       load_rows<T, D>(qp + s.row * qs.b + h * qs.h + s.first * qs.l, qs.l, n, scale, qq.data());
       for (int64_t i0 = 0; i0 < n; i0 += RB) {
         const int64_t rows = std::min<int64_t>(RB, n - i0), j_end = i0 + rows, j_lo = first_key(i0, window);
-        const int64_t j_tile = j_lo / 16 * 16, j_stop = round_up(j_end, 16);
+        const int64_t j_tile = j_lo / W * W, j_stop = round_up(j_end, W);
         tile_products<D>(qq.data() + i0 * D, kt.data(), ld, j_tile, j_stop, sc.data());
         float inv_sum[RB] = {};
         for (int64_t r = 0; r < rows; ++r) {
@@ -283,7 +295,7 @@ void backward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
       const float* lse_h = lp + (s.row * H + h) * L + s.first;
       for (int64_t i0 = 0; i0 < n; i0 += RB) {
         const int64_t rows = std::min<int64_t>(RB, n - i0), j_end = i0 + rows, j_lo = first_key(i0, window);
-        const int64_t j_tile = j_lo / 16 * 16, j_stop = round_up(j_end, 16);
+        const int64_t j_tile = j_lo / W * W, j_stop = round_up(j_end, W);
         tile_products<D>(qq.data() + i0 * D, kt.data(), ld, j_tile, j_stop, p.data());
         tile_products<D>(go.data() + i0 * D, vt.data(), ld, j_tile, j_stop, dp.data());
         for (int64_t r = 0; r < RB; ++r) {  // rows past the sample's end: keys lo > hi, so all zero
