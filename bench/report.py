@@ -249,6 +249,8 @@ def vs_trl(r) -> list[str]:
              "ours_1p_more_fresh_outputs": "this project, MoRE, 1 process, CPU buffer pool off",
              "ours_zero3_more_sharded_base": "this project, MoRE, ZeRO-3, 2 ranks, frozen base sharded (before)",
              "ours_1p_more_sharded_base": "this project, MoRE, 1 process, frozen base a ZeRO-3 parameter (before)",
+             "ours_zero3_more_sdpa_attention": "this project, MoRE, ZeRO-3, 2 ranks, per-sample sdpa attention (before)",
+             "ours_1p_more_sdpa_attention": "this project, MoRE, 1 process, per-sample sdpa attention (before)",
              "trl_padded": "TRL SFTTrainer + PEFT LoRA r8, padded micro-batches of 16",
              "trl_packed": "TRL SFTTrainer + PEFT LoRA r8, `packing=True` (samples not isolated: sdpa, no varlen kernel)",
              "trl_packed_compiled": "TRL, `packing=True`, `torch_compile=True` (compiles in its first step)"}
@@ -323,6 +325,11 @@ def vs_trl(r) -> list[str]:
         if f"buffer_pool_speedup_{path}" in R:
             notes.append(f"Large activations in reused blocks / fresh memory, MoRE {what} tokens/s: "
                          f"{R[f'buffer_pool_speedup_{path}']:.2f}")
+    for path, what in (("zero3", "ZeRO-3 2 ranks"), ("1p", "1 process")):
+        fused, sdpa = S.get(f"ours_{path}_more"), S.get(f"ours_{path}_more_sdpa_attention")
+        if fused and sdpa:
+            notes.append(f"Fused CPU attention kernel / per-sample sdpa, MoRE {what} tokens/s: "
+                         f"{fused['tokens_per_s'] / sdpa['tokens_per_s']:.2f}")
     if "zero3_2ranks_over_1p_tokens_per_s" in R:
         notes.append(f"ZeRO-3 on 2 ranks / 1 process, MoRE tokens/s: {R['zero3_2ranks_over_1p_tokens_per_s']:.2f}")
     return lines + ([""] + [f"- {n}" for n in notes] if notes else [])
@@ -362,7 +369,8 @@ def gemm_peak(r) -> list[str]:
 
 
 def packed_attention_kernels(r) -> list[str]:
-    names = {"per_sample": "per-sample sdpa (one call per run of equal lengths)",
+    names = {"fused_cpu": "fused CPU kernel (one task per sample and KV head)",
+             "per_sample": "per-sample sdpa (one call per run of equal lengths)",
              "varlen": "varlen flash kernel (one call per batch)", "dense_mask": "dense (B, 1, L, L) block-causal mask"}
     lines = [f"## Packed attention kernels, {r['device']}, {r['dtype']} (`{r['command']}`)",
              f"One layer's attention over {r['rows']} packed rows of {r['row_len']} ({r['samples']} GLUE-like samples, "
@@ -392,7 +400,8 @@ def loader_memory(r) -> list[str]:
 
 
 SECTIONS = [("prep", prep), ("packing", packing), ("adapter_step", adapter_step),
-            ("train_throughput", train_throughput), ("lm_head", lm_head), ("vs_trl_zen5", vs_trl),
+            ("train_throughput", train_throughput), ("lm_head", lm_head), ("vs_trl_zen5_fused", vs_trl),
+            ("vs_trl_zen5_fused_first_kernel", vs_trl), ("vs_trl_1b_zen5_fused", vs_trl), ("vs_trl_zen5", vs_trl),
             ("vs_trl_1b_zen5", vs_trl), ("vs_trl_epyc", vs_trl),
             ("vs_trl_epyc_repeat", vs_trl), ("vs_trl_epyc_run3", vs_trl), ("vs_trl_epyc_trl_first", vs_trl),
             ("vs_trl_epyc_trl_eager_first", vs_trl), ("vs_trl_epyc_trl_compiled_first", vs_trl),
@@ -404,7 +413,8 @@ SECTIONS = [("prep", prep), ("packing", packing), ("adapter_step", adapter_step)
             ("vs_trl_1b", vs_trl), ("vs_trl_1b_dequant", vs_trl), ("vs_trl_1b_pool_ab", vs_trl),
             ("vs_trl_1b_pool_order", vs_trl), ("vs_trl_1b_pool_order_1p", vs_trl), ("vs_trl_1b_rope", vs_trl),
             ("vs_trl_1b_attention_runs", vs_trl), ("step_profile", step_profile), ("loader_memory", loader_memory),
-            ("packed_attention_cpu", packed_attention_kernels), ("packed_attention_cuda", packed_attention_kernels),
+            ("packed_attention_cpu_bf16", packed_attention_kernels), ("packed_attention_cpu", packed_attention_kernels),
+            ("packed_attention_cuda", packed_attention_kernels),
             ("vs_trl_135m_gpu", vs_trl), ("vs_trl_1b_gpu", vs_trl),
             ("merge", merge), ("fidelity", fidelity), ("glue_variants", glue_variants),
             ("glue_variants_quick", glue_variants)]

@@ -5,7 +5,7 @@
 // (and the gradients back) around it. Here each task loads its sample's K and V once (converted to fp32, K
 // transposed), serves every query head that shares them, and keeps everything in cache: scores in fp32 from
 // register-tiled loops, the softmax in fp32, the causal half only. Compiled for the machine that runs it
-// (pipeline/models/cpu_attention.py): the compiler picks AVX2 or AVX-512 from -march=native.
+// (pipeline/models/cpu_attention.py, -march=native): the vector width W follows what the target has.
 //
 // Layout: q (B, H, L, D), k and v (B, Hkv, L, D) as strided views (head dim contiguous); out (B, L, H, D);
 // lse (B, H, L) fp32, the log-sum-exp of each row's scaled scores, kept for backward; positions outside every
