@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import sys
 from pathlib import Path
 
@@ -434,6 +435,10 @@ def main() -> int:
             missing.append(name)
             continue
         out += render(r) + [""]
+        written = re.search(r"--out (\S+?)`?$", r.get("command", ""))
+        if written and Path(written.group(1)).stem != name:  # a result moved or renamed after its run
+            out += [f"(This section's file is bench/results/{name}.json: its command wrote {written.group(1)}; the "
+                    "file was moved or renamed after the run, its contents as measured.)", ""]
     out += [REPRODUCE, ""]
     out += ["Not measured by `make bench`, in [bench/NOTES.md](NOTES.md): the memory planner's prediction vs the "
             "measured peak RSS of a tiny CPU step (`tests/plan_measure.py`).", ""]
