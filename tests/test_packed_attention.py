@@ -237,3 +237,19 @@ def test_without_a_compiler_packed_attention_falls_back_to_sdpa_with_a_warning(t
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
                           cwd=Path(__file__).resolve().parents[1])
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_the_cpu_kernel_choice_is_honoured(monkeypatch, cpu_attention_kernel):
+    """`model.cpu_attention: sdpa` (the trainer calls use_cpu_kernel) must not reach the fused kernel; `fused` must."""
+    calls = []
+    real = cpu_attention.fused_attention
+    monkeypatch.setattr(cpu_attention, "fused_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    q = torch.randn(1, 2, 6, 32)
+    cpu_attention_kernel("sdpa")
+    pa.packed_sdpa_attention(None, q, q, q, None, packed_segments=[[4, 2]])
+    assert calls == []
+    cpu_attention_kernel("fused")
+    pa.packed_sdpa_attention(None, q, q, q, None, packed_segments=[[4, 2]])
+    assert calls == [1]
+    with pytest.raises(ValueError, match="one of .'fused', 'sdpa'., got 'flash'"):
+        pa.use_cpu_kernel("flash")

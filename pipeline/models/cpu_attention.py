@@ -2,9 +2,9 @@
 
 The kernel computes each (sample, KV head) in one task: no per-sample sdpa calls, no fp32 copies of q, k, v and
 their gradients (it reads bf16 or fp32 and computes in fp32), the causal half only. It is compiled with
--march=native by torch's C++ extension loader (a C++ compiler and ninja, both in the venv's build
-requirements), cached under the name of this CPU's vector extensions so that a shared cache never runs a binary
-built for another CPU. Where it cannot be built, `kernel()` is None and the sdpa path runs instead.
+-march=native by torch's C++ extension loader (needs the machine's C++ compiler and ninja, a declared dependency),
+cached under the name of this CPU's vector extensions so that a shared cache never runs a binary built for another
+CPU. Where it cannot be built, `kernel()` is None (with a warning) and the sdpa path runs instead.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ HEAD_DIMS = (32, 64, 80, 96, 128, 256)  # compiled in; others take the sdpa path
 @functools.cache
 def kernel(arch: str = "native"):
     """The compiled module (forward, backward), or None (with a warning) where it cannot be built here. `arch`: the
-    compiler's -march; "native" is this CPU (the tests also build x86-64-v3, AVX2, to run that code on any host)."""
+    compiler's -march; "native" is this CPU (the tests also build x86-64-v3 and -v2 to run the AVX2 and SSE code)."""
     from torch.utils import cpp_extension
 
     tag = hashlib.sha1(" ".join(vector_flags()).encode()).hexdigest()[:8] if arch == "native" else arch

@@ -75,11 +75,11 @@ def seed_everything(seed: int) -> None:
 
 
 def build_model(cfg: TrainConfig, task_names: list[str], dist_info: DistInfo):
+    from pipeline.models import cpu_attention, packed_attention
     from pipeline.models.compiled_norm import compile_rms_norms
     from pipeline.models.compiled_rope import compile_rope
     from pipeline.models.loading import load_base_model
     from pipeline.models.nf4_matmul import pool_outputs as pool_nf4_outputs
-    from pipeline.models import cpu_attention, packed_attention
     from pipeline.models.packed_attention import NAME as PACKED_ATTENTION
     from pipeline.models.pooled_swiglu import pool_swiglu_mlps
     from pipeline.more import inject
