@@ -67,9 +67,11 @@ def model_shapes(model_dir: Path, tokens: int) -> dict[str, tuple[int, int, int]
     """(m, k, n) of every distinct decoder linear of a Llama-family config, forward and input gradient."""
     from transformers import AutoConfig
 
+    from pipeline.plan.model import head_dim
+
     c = AutoConfig.from_pretrained(model_dir)
     d, f = c.hidden_size, c.intermediate_size
-    kv = c.num_key_value_heads * (getattr(c, "head_dim", None) or d // c.num_attention_heads)
+    kv = c.num_key_value_heads * head_dim(c)
     shapes = {}
     for name, (i, o) in {"q/o": (d, d), "k/v": (d, kv), "gate/up": (d, f), "down": (f, d)}.items():
         shapes[f"{name} forward"] = (tokens, i, o)

@@ -170,7 +170,7 @@ def test_per_layer_activations_equal_saved_tensors(attn, targets, cpu_kernel, cp
     est = activation_bytes(batch=2, seq=64, hidden=128, intermediate=352, heads=4, kv_heads=2, head_dim=32,
                            vocab=1000, layers=2, act_bytes=2, adapted=targets, rank=4,
                            attn_impl=PLANNER_ATTENTION[attn],
-                           attention_fp32=attn == "packed_sdpa" and cpu_attends_in_fp32(32, "bf16", cpu_kernel))
+                           attention_fp32=attn == "packed_sdpa" and cpu_attends_in_fp32(32, torch.bfloat16, cpu_kernel))
     assert measured == est.per_layer
 
 

@@ -59,12 +59,16 @@ class PackedAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None
 
 
+def runs_on(head_dim: int, dtype: torch.dtype) -> bool:
+    """Whether the kernel takes heads of this size and dtype (fp32 or bf16) here: compiled for it, and built."""
+    return dtype in (torch.float32, torch.bfloat16) and head_dim in HEAD_DIMS and kernel() is not None
+
+
 def takes_fused(query: torch.Tensor, key: torch.Tensor, dropout: float) -> bool:
-    """Whether the fused kernel runs: CPU, fp32 or bf16, no attention dropout, as many queries as keys, a compiled
-    head size, and a kernel."""
-    return (query.device.type == "cpu" and query.dtype in (torch.float32, torch.bfloat16) and not dropout
-            and key.dtype == query.dtype and query.shape[2] == key.shape[2] and query.shape[-1] in HEAD_DIMS
-            and kernel() is not None)
+    """Whether the fused kernel runs: CPU, no attention dropout, as many queries as keys of one dtype, and
+    `runs_on` the head size and dtype."""
+    return (query.device.type == "cpu" and not dropout and key.dtype == query.dtype
+            and query.shape[2] == key.shape[2] and runs_on(query.shape[-1], query.dtype))
 
 
 def fused_attention(query, key, value, samples: torch.Tensor, scaling=None, window=None,

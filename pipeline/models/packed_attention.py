@@ -42,11 +42,10 @@ def use_cpu_kernel(name: str) -> None:
     _cpu_kernel[0] = name
 
 
-def cpu_attends_in_fp32(head_dim: int, dtype: str, kernel: str = "fused") -> bool:
+def cpu_attends_in_fp32(head_dim: int, dtype: torch.dtype, kernel: str = "fused") -> bool:
     """Whether packed attention on CPU keeps fp32 copies of a 16-bit model's q, k, v (the sdpa path) rather than
     running the fused kernel on them as they are: what the memory planner needs to know."""
-    return dtype != "fp32" and not (kernel == "fused" and dtype == "bf16" and head_dim in cpu_attention.HEAD_DIMS
-                                    and cpu_attention.kernel() is not None)
+    return dtype != torch.float32 and not (kernel == "fused" and cpu_attention.runs_on(head_dim, dtype))
 
 
 class PackedSegments(list):
@@ -195,8 +194,8 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, dropout: fl
     if takes_varlen(query, dropout) and (sliding_window is None or torch_varlen_kernel().takes_window):
         return varlen_attention(query, key, value, packed_segments, scaling, window=sliding_window).to(out_dtype), None
     if _cpu_kernel[0] == "fused" and cpu_attention.takes_fused(query, key, dropout):
-        out = cpu_attention.fused_attention(query, key, value, packed_segments.sample_table(), scaling, sliding_window)
-        return out.to(out_dtype), None
+        samples = packed_segments.sample_table()
+        return cpu_attention.fused_attention(query, key, value, samples, scaling, sliding_window).to(out_dtype), None
     if query.device.type == "cpu":  # CPU sdpa in bf16 ran 1.5-5x slower than in fp32 per sample (AMX machine)
         query, key, value = query.float(), key.float(), value.float()
     return per_sample_attention(query, key, value, packed_segments, dropout, scaling, sliding_window).to(out_dtype), None

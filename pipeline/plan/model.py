@@ -39,6 +39,11 @@ def resolve_config(model):
     return AutoConfig.from_pretrained(str(p), local_files_only=True)
 
 
+def head_dim(config) -> int:
+    """Width of one attention head: the config's own, else hidden size over heads."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 def meta_model(config) -> nn.Module:
     """The real architecture with every tensor on `meta` (no memory, no weights)."""
     from transformers import AutoModelForCausalLM
@@ -140,7 +145,7 @@ def inventory(model, name: str = "", quant: str = "nf4") -> ModelInventory:
         intermediate=getattr(cfg, "intermediate_size", None) or 4 * hidden,
         heads=heads,
         kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
-        head_dim=getattr(cfg, "head_dim", None) or hidden // heads,
+        head_dim=head_dim(cfg),
         vocab=cfg.vocab_size,
         params=tuple(params),
         largest_fetch_unit_numel=max(largest_module, *layer_numel.values()),

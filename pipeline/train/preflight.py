@@ -20,12 +20,12 @@ def attends_in_fp32(cfg: TrainConfig) -> bool:
     """Whether the run's attention keeps fp32 copies of q, k, v: packed_sdpa on CPU through sdpa."""
     if cfg.model.attn_implementation != "packed_sdpa" or torch.cuda.is_available():
         return False
+    from pipeline.models.loading import DTYPES
     from pipeline.models.packed_attention import cpu_attends_in_fp32
-    from pipeline.plan.model import resolve_config
+    from pipeline.plan.model import head_dim, resolve_config
 
-    c = resolve_config(cfg.model.path)
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    return cpu_attends_in_fp32(head_dim, cfg.model.dtype, cfg.model.cpu_attention)
+    return cpu_attends_in_fp32(head_dim(resolve_config(cfg.model.path)), DTYPES[cfg.model.dtype],
+                               cfg.model.cpu_attention)
 
 
 def plan_run(cfg: TrainConfig, ds_config: str, num_tasks: int, nodes: int, gpus_per_node: int, gpu_mem_gb: float,
