@@ -22,7 +22,7 @@ import torch
 
 from pipeline.train.distributed import free_port
 from pipeline.train.faults import Fault, configured, point
-from test_train import ROOT, TRAIN, ZERO3, _env, _logs, spawn_ranks, wait_all
+from test_train import ROOT, TRAIN, ZERO3, _env, _logs, spawn_ranks, term_when_all_paused, wait_all
 
 ZERO2 = ZERO3.parent / "zero2.json"
 
@@ -257,9 +257,15 @@ def test_sigterm_during_checkpoint_write_and_during_model_load_then_resume(tiny_
     assert int(latest.split("_")[1]) >= 2
     before = {p.relative_to(ckpt): p.stat().st_mtime_ns for p in ckpt.rglob("*")}
 
-    monkeypatch.setenv("PIPELINE_FAULT", "term@*:0:load")
-    codes, _ = _srun_style(args, logs / "2")
-    assert "[faults] term on rank 0" in _logs(logs / "2")
+    # Every rank waits after its load for the signal: a rank's own `term` could fire before the other rank got
+    # there, which then stops as told by it ("another rank was preempted"), never inside its own load.
+    monkeypatch.setenv("PIPELINE_FAULT", "pause@*:0:load")
+    (logs / "2").mkdir(parents=True)
+    procs = spawn_ranks(2, args, logs / "2")
+    term_when_all_paused(procs, logs / "2", timeout=TIMEOUT_S + MARGIN_S + 60)
+    codes = wait_all(procs, timeout=TIMEOUT_S + MARGIN_S)
+    for r in (0, 1):
+        assert "SIGTERM before training started" in (logs / "2" / f"rank{r}.log").read_text(), _logs(logs / "2")
     assert codes == [75, 75], _logs(logs / "2")
     assert {p.relative_to(ckpt): p.stat().st_mtime_ns for p in ckpt.rglob("*")} == before
     assert_nothing_half_written(run)

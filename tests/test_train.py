@@ -53,6 +53,16 @@ def wait_all(procs, timeout=600) -> list[int]:
     return codes
 
 
+def term_when_all_paused(procs, log_dir: Path, timeout=600) -> None:
+    """Once every rank waits at its `pause` fault point, SIGTERM to each, as SLURM signals every task of a step."""
+    deadline = time.time() + timeout
+    while not all("[faults] pause on rank" in (log_dir / f"rank{r}.log").read_text() for r in range(len(procs))):
+        assert time.time() < deadline and all(p.poll() is None for p in procs), _logs(log_dir)
+        time.sleep(0.2)
+    for p in procs:
+        p.send_signal(signal.SIGTERM)
+
+
 def step_losses(run_dir: Path) -> dict[int, float]:
     out = {}
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
@@ -256,12 +266,7 @@ def test_sigterm_checkpoint_and_resume_reproduce_uninterrupted_losses(tiny_train
     run.mkdir()
     args = ["--config", str(tiny_train_setup["config"]), "--set", f"output_dir={run}", "--set", "eval.every=1"]
     procs = spawn_ranks(2, args, run, {"PIPELINE_FAULT": "pause@*:3"})
-    deadline = time.time() + 600
-    while not all("[faults] pause on rank" in (run / f"rank{r}.log").read_text() for r in (0, 1)):
-        assert time.time() < deadline and all(p.poll() is None for p in procs), _logs(run)
-        time.sleep(0.2)
-    for p in procs:  # SLURM sends the signal to every task of the step
-        p.send_signal(signal.SIGTERM)
+    term_when_all_paused(procs, run)
     codes = wait_all(procs)
     assert codes == [75, 75], _logs(run)
     stopped_at = max(step_losses(run))
