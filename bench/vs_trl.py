@@ -16,6 +16,8 @@ data and number of real training tokens.
                       process (fp32: the same losses as ZeRO-3; bf16: the same until the first update, then within 2%)
     ours_zero3_more_eager_norms  ours_zero3_more with eager RMSNorms (`model.compile_norms=false`): what the
                       compiled norm (pipeline/models/compiled_norm.py) gains on the documented path
+    ours_zero3_more_eager_mlp  ours_zero3_more with the MLPs' silu(gate) * up eager (`model.compile_swiglu=false`):
+                      what the compiled one (pipeline/models/compiled_swiglu.py) gains on the documented path
     ours_zero3_more_compiled_rope, ours_1p_more_compiled_rope  ours_zero3_more / ours_1p_more with the rotary
                       embedding and attention's fp32 casts in one compiled kernel (`model.compile_rope=true`, off by
                       default: pipeline/models/compiled_rope.py)
@@ -102,6 +104,7 @@ SYSTEMS = {  # name: (kind, ranks (ours) or micro-batch size (TRL; None: --trl-m
                                                               # a CPU where --dtype auto is fp32)
     "ours_1p_more_zero2": ("ours", 1, []),  # ZeRO-2 instead of ZeRO-3 in one process (DS_CONFIGS)
     "ours_zero3_more_eager_norms": ("ours", 2, ["model.compile_norms=false"]),  # before the compiled RMSNorm
+    "ours_zero3_more_eager_mlp": ("ours", 2, ["model.compile_swiglu=false"]),  # before the compiled MLP product
     "ours_zero3_more_compiled_rope": ("ours", 2, ["model.compile_rope=true"]),  # the compiled rotary embedding
     "ours_1p_more_compiled_rope": ("ours", 1, ["model.compile_rope=true"]),  # (off by default)
     "ours_zero3_more_fresh_dequant": ("ours", 2, ["model.nf4_dequant_buffers=false"]),  # before the NF4 buffers

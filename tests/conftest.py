@@ -86,9 +86,10 @@ def tiny_train_setup(prepared_builtin_data, tmp_path_factory):
     cfg = {
         "output_dir": str(root / "unused"),
         "seed": 0,
-        # compiled norms cost ~2 s per process and gain nothing 64 wide; test_train.py's bf16 ZeRO-3 run turns them on
+        # compiled norms and MLPs cost ~2 s per process and gain nothing 64 wide; test_train.py's bf16 ZeRO-3 run
+        # turns them on
         "model": {"path": str(base), "quantization": "nf4", "dtype": "fp32", "gradient_checkpointing": True,
-                  "compile_norms": False},
+                  "compile_norms": False, "compile_swiglu": False},
         "data": {"dir": str(prepared_builtin_data), "temperature": 2.0},
         "more": {"max_rank": 4, "target_modules": ["q_proj", "v_proj", "up_proj", "down_proj"]},
         "optim": {"lr": 1.0e-2, "warmup_steps": 0, "max_steps": 6, "micro_batch_size": 2, "grad_accum": 1,

@@ -193,18 +193,19 @@ def test_ds_config_precision_sections_follow_model_dtype(tiny_train_setup, tmp_p
 def test_zero3_two_ranks_nf4_learns_and_adapter_reproduces_eval_loss(tiny_train_setup, tmp_path, bnb_cpu_path):
     """The README's main entry: `deepspeed launch/train.py --deepspeed ds_configs/zero3.json --config ...`, on both
     bitsandbytes CPU branches, with an in-training eval followed by a checkpoint (where the AVX512-BF16 repack
-    killed runs), and the compiled RMSNorms (under ZeRO-3 and recomputation; the adapter is then checked on eager
-    ones)."""
+    killed runs), and the compiled RMSNorms and MLPs (under ZeRO-3 and recomputation; the adapter is then checked
+    on eager ones)."""
     run = tmp_path / "run"
     deepspeed = Path(sys.executable).parent / "deepspeed"
     port = free_port()
     cmd = [str(deepspeed), "--num_gpus", "2", "--master_port", str(port), str(TRAIN), "--deepspeed", str(ZERO3),
            "--config", str(tiny_train_setup["config"]), "--set", f"output_dir={run}", "--set", "model.dtype=bf16",
-           "--set", "model.compile_norms=true", "--set", "optim.max_steps=24", "--set", "eval.max_batches=null",
+           "--set", "model.compile_norms=true", "--set", "model.compile_swiglu=true", "--set", "optim.max_steps=24", "--set", "eval.max_batches=null",
            "--set", "eval.every=12", "--set", "checkpoint.every=12"]
     proc = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "compile_norms: 5 RMSNorms compiled" in proc.stdout  # 2 per decoder layer, the final norm
+    assert "compile_swiglu: 2 MLPs' silu(gate) * up compiled" in proc.stdout
     # DeepSpeed's CPU all-reduce buffers (one /dev/shm file per rank, RAM) are gone with the run
     assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
 

@@ -37,6 +37,10 @@ class ModelConfig(StrictModel):
     # RMSNorms through torch.compile (pipeline/models/compiled_norm.py); stays eager, with a warning, where
     # torch.compile does not work (a CPU host without a C++ compiler).
     compile_norms: bool = True
+    # the MLPs' silu(gate) * up through torch.compile (pipeline/models/compiled_swiglu.py), one loop each way instead
+    # of five passes; eager, with a warning, where torch.compile does not work. `cpu_buffer_pool` replaces it with its
+    # own eager MLP
+    compile_swiglu: bool = True
     # training on CPU with packed_sdpa: each attention's rotary embedding and the fp32 cast of q, k, v in one compiled
     # kernel (pipeline/models/compiled_rope.py); eager, with a warning, where torch.compile does not work. Off: 1.07x
     # in one process (steps alternated), 0.95x, 0.98x and 1.01x on the documented 2-rank path (README, train)
