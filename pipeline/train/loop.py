@@ -22,7 +22,7 @@ from pipeline.config.train import TrainConfig
 from pipeline.train import checkpoint, faults
 from pipeline.train.data import TrainData, check_data
 from pipeline.train.distributed import (EXIT_REQUEUE, DistInfo, all_reduce_sum, any_rank, init_distributed,
-                                        shutdown)
+                                        share_cpu_cores, shutdown)
 from pipeline.train.ds_config import fill_ds_config
 from pipeline.train.loss import token_loss_sums
 from pipeline.train.monitor import Monitor
@@ -78,6 +78,7 @@ def build_model(cfg: TrainConfig, task_names: list[str], dist_info: DistInfo):
     from pipeline.models import cpu_attention, packed_attention
     from pipeline.models.compiled_norm import compile_rms_norms
     from pipeline.models.compiled_rope import compile_rope
+    from pipeline.models.compiled_swiglu import compile_swiglus
     from pipeline.models.loading import load_base_model
     from pipeline.models.nf4_matmul import pool_outputs as pool_nf4_outputs
     from pipeline.models.packed_attention import NAME as PACKED_ATTENTION
@@ -101,6 +102,10 @@ def build_model(cfg: TrainConfig, task_names: list[str], dist_info: DistInfo):
         n = compile_rms_norms(model.base_model)
         if dist_info.is_main:
             print(f"compile_norms: {n} RMSNorms compiled", flush=True)
+    if cfg.model.compile_swiglu:
+        n = compile_swiglus(model.base_model)
+        if dist_info.is_main:
+            print(f"compile_swiglu: {n} MLPs' silu(gate) * up compiled", flush=True)
     if (cfg.model.compile_rope and dist_info.device.type == "cpu"
             and cfg.model.attn_implementation == PACKED_ATTENTION):
         n = compile_rope(model.base_model)
@@ -498,6 +503,10 @@ def build_trainer(cfg: TrainConfig, ds_config: str, local_rank: Optional[int] = 
     task_names = validate(cfg, ds_config)
     preflight(cfg, ds_config, len(task_names))
     dist_info = init_distributed(cfg.dist_timeout_s, local_rank)
+    threads = share_cpu_cores(dist_info)
+    if threads is not None and dist_info.is_main:
+        print(f"cpu threads: {threads} per rank (this host's cores over its ranks; OMP_NUM_THREADS overrides)",
+              flush=True)
     cfg = decide_checkpointing(cfg, ds_config, len(task_names), dist_info)
     cfg = decide_frozen_base(cfg, ds_config, len(task_names), dist_info)
     return Trainer(cfg, ds_config, task_names, dist_info)
