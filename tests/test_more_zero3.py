@@ -25,7 +25,9 @@ def build(base_dir, reentrant, layout="shared"):
     from pipeline.more import inject
 
     base = load_base_model(str(base_dir), "nf4", "bf16")
-    m = inject(base, MoreConfig(gate_init="random", selector_warmup_steps=0, task_embedding=layout), TASKS, base_model_id="tiny")
+    # 3 experts: each gate's bias (3 values) leaves padding in rank 1's ZeRO-3 partition (check_partitions_...)
+    m = inject(base, MoreConfig(gate_init="random", selector_warmup_steps=0, task_embedding=layout,
+                                expert_ranks=[2, 4, 8]), TASKS, base_model_id="tiny")
     g = torch.Generator().manual_seed(11)
     with torch.no_grad():
         for layer in m.layers.values():
@@ -66,6 +68,29 @@ def _param(m, key):
     return dict(m.named_parameters())[key if key.startswith("selector") else "base_model." + key]
 
 
+def check_partitions_leave_out_padding(engine, world):
+    """The trainer's finiteness check reads every real element of this rank's partitions and none of the padding
+    (uninitialised memory: NaN here)."""
+    import torch.distributed as dist
+    from pipeline.train.loop import _trainable_partitions
+
+    params = [p for p in engine.module.parameters() if p.requires_grad]
+    padded = []
+    for p in params:
+        real = max(0, min(p.ds_tensor.numel(), p.ds_numel - p.ds_tensor.numel() * p.ds_zero_partition_rank))
+        padded.append((p.ds_tensor, real))
+        p.ds_tensor.data[real:] = float("nan")
+    parts = _trainable_partitions(engine)
+    assert all(bool(torch.isfinite(t).all()) for t in parts)
+    counts = torch.tensor([float(sum(t.numel() for t in parts)), float(sum(part.numel() > real
+                                                                           for part, real in padded))])
+    dist.all_reduce(counts)
+    assert int(counts[0]) == sum(p.ds_numel for p in params)
+    assert world == 1 or counts[1] > 0  # some partition is padded here: the check above could fail
+    for part, real in padded:
+        part.data[real:] = 0
+
+
 def worker(base_dir, out_dir, reentrant, layout):
     import deepspeed
     import torch.distributed as dist
@@ -79,6 +104,7 @@ def worker(base_dir, out_dir, reentrant, layout):
     ds = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "zero_optimization": {"stage": 3},
           "bf16": {"enabled": True}, "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}}}
     engine, *_ = deepspeed.initialize(model=m, model_parameters=m.param_groups(1e-3), config=ds)
+    check_partitions_leave_out_padding(engine, world)
     b = bf16_batch()
     n_sup = int((b["labels"][:, 1:] != -100).sum())
     mine = row(b, rank)

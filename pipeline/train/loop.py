@@ -443,8 +443,19 @@ def _local_grad_sq_sum(engine) -> Optional[float]:
 
 
 def _trainable_partitions(engine) -> list[torch.Tensor]:
-    """This rank's share of the trainable parameters (its ZeRO-3 partition, else the full tensor)."""
-    return [getattr(p, "ds_tensor", p).detach() for p in engine.module.parameters() if p.requires_grad]
+    """This rank's share of the trainable parameters: its ZeRO-3 partition without the padding (DeepSpeed pads the
+    last rank's partition with uninitialised memory, which held NaNs in one run), else the full tensor."""
+    out = []
+    for p in engine.module.parameters():
+        if not p.requires_grad:
+            continue
+        part = getattr(p, "ds_tensor", None)
+        if part is None:
+            out.append(p.detach())
+            continue
+        start = part.numel() * p.ds_zero_partition_rank
+        out.append(part.detach()[:max(0, min(part.numel(), p.ds_numel - start))])
+    return out
 
 
 def _contrastive_samples(batch: dict[str, torch.Tensor]) -> int:
