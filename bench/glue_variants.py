@@ -52,11 +52,12 @@ VARIANTS = {  # in the order they run
 }
 
 
-def run(cmd: list, log: Path) -> None:
-    """Run a stage command; its output goes to `log`, and a failure stops the benchmark with the log's tail."""
+def run(cmd: list, log: Path, env: dict | None = None) -> None:
+    """Run a stage command (with `env` over this environment); its output goes to `log`, and a failure stops the
+    benchmark with the log's tail."""
     with open(log, "w") as f:
         proc = subprocess.run([str(c) for c in cmd], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
-                              env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
+                              env=dict(os.environ, TOKENIZERS_PARALLELISM="false", **(env or {})))
     if proc.returncode:
         sys.exit(f"failed ({proc.returncode}): {' '.join(map(str, cmd))}\n{log.read_text()[-3000:]}")
 

@@ -16,6 +16,8 @@ data and number of real training tokens.
                       process (fp32: the same losses as ZeRO-3; bf16: the same until the first update, then within 2%)
     ours_zero3_more_eager_norms  ours_zero3_more with eager RMSNorms (`model.compile_norms=false`): what the
                       compiled norm (pipeline/models/compiled_norm.py) gains on the documented path
+    ours_zero3_more_all_threads  ours_zero3_more with every rank on all of torch's default threads (OMP_NUM_THREADS
+                      set to them), as before the ranks of a host split its cores (pipeline/train/distributed.py)
     ours_zero3_more_eager_mlp  ours_zero3_more with the MLPs' silu(gate) * up eager (`model.compile_swiglu=false`):
                       what the compiled one (pipeline/models/compiled_swiglu.py) gains on the documented path
     ours_zero3_more_compiled_rope, ours_1p_more_compiled_rope  ours_zero3_more / ours_1p_more with the rotary
@@ -104,6 +106,7 @@ SYSTEMS = {  # name: (kind, ranks (ours) or micro-batch size (TRL; None: --trl-m
                                                               # a CPU where --dtype auto is fp32)
     "ours_1p_more_zero2": ("ours", 1, []),  # ZeRO-2 instead of ZeRO-3 in one process (DS_CONFIGS)
     "ours_zero3_more_eager_norms": ("ours", 2, ["model.compile_norms=false"]),  # before the compiled RMSNorm
+    "ours_zero3_more_all_threads": ("ours", 2, []),  # OMP_NUM_THREADS (SYSTEM_ENV): before the cores were split
     "ours_zero3_more_eager_mlp": ("ours", 2, ["model.compile_swiglu=false"]),  # before the compiled MLP product
     "ours_zero3_more_compiled_rope": ("ours", 2, ["model.compile_rope=true"]),  # the compiled rotary embedding
     "ours_1p_more_compiled_rope": ("ours", 1, ["model.compile_rope=true"]),  # (off by default)
@@ -121,6 +124,7 @@ SYSTEMS = {  # name: (kind, ranks (ours) or micro-batch size (TRL; None: --trl-m
 }
 
 DS_CONFIGS = {"ours_1p_more_zero2": "ds_configs/zero2.json"}  # every other `ours` system: ds_configs/zero3.json
+SYSTEM_ENV = {"ours_zero3_more_all_threads": {"OMP_NUM_THREADS": str(torch.get_num_threads())}}  # torch's default
 
 
 def useful_flops_per_token(model_dir: Path, supervised_share: float) -> float:
@@ -189,7 +193,7 @@ def run_ours(name: str, ranks: int, extra: list[str], model: Path, data: Path, t
               if ranks > 1 else [sys.executable])
     cmd = [*launch, "launch/train.py", "--deepspeed", DS_CONFIGS.get(name, "ds_configs/zero3.json"),
            "--config", TRAIN_CONFIG, "--no-resume", *[a for s in sets for a in ("--set", s)]]
-    run(cmd, work / f"{name}.log")
+    run(cmd, work / f"{name}.log", SYSTEM_ENV.get(name))
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     evals = {r["step"]: r["eval/loss"] for r in rows if "eval/loss" in r}
     rows = [r for r in rows if "train/tokens" in r]
