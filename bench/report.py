@@ -239,6 +239,9 @@ def vs_trl(r) -> list[str]:
              "ours_1p_more_fp32": "this project, MoRE, 1 process, fp32",
              "ours_1p_more_zero2": "this project, MoRE, 1 process, ZeRO-2 instead of ZeRO-3",
              "ours_zero3_more_eager_norms": "this project, MoRE, ZeRO-3, 2 ranks, eager RMSNorm (before)",
+             "ours_zero3_more_eager_mlp": "this project, MoRE, ZeRO-3, 2 ranks, eager silu(gate) * up (before)",
+             "ours_zero3_more_all_threads": "this project, MoRE, ZeRO-3, 2 ranks, each on all of torch's default "
+                                            "threads (before the split)",
              "ours_zero3_more_compiled_rope": "this project, MoRE, ZeRO-3, 2 ranks, compiled rotary embedding",
              "ours_1p_more_compiled_rope": "this project, MoRE, 1 process, compiled rotary embedding",
              "ours_zero3_more_fresh_dequant": "this project, MoRE, ZeRO-3, 2 ranks, fresh NF4 dequantisation (before)",
@@ -401,7 +404,8 @@ def loader_memory(r) -> list[str]:
 
 
 SECTIONS = [("prep", prep), ("packing", packing), ("adapter_step", adapter_step),
-            ("train_throughput", train_throughput), ("lm_head", lm_head), ("vs_trl_zen5_fused", vs_trl),
+            ("train_throughput", train_throughput), ("lm_head", lm_head), ("vs_trl_zen5_threads", vs_trl),
+            ("vs_trl_1b_zen5_threads", vs_trl), ("vs_trl_zen5_fused", vs_trl),
             ("vs_trl_zen5_fused_first_kernel", vs_trl), ("vs_trl_1b_zen5_fused", vs_trl), ("vs_trl_zen5", vs_trl),
             ("vs_trl_1b_zen5", vs_trl), ("vs_trl_epyc", vs_trl),
             ("vs_trl_epyc_repeat", vs_trl), ("vs_trl_epyc_run3", vs_trl), ("vs_trl_epyc_trl_first", vs_trl),

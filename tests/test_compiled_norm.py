@@ -1,5 +1,5 @@
-"""The compiled RMSNorm computes LlamaRMSNorm's function, forward and backward, and stays eager where torch.compile
-cannot run."""
+"""The compiled RMSNorm computes LlamaRMSNorm's function, forward and backward; it and the compiled MLP product stay
+eager where torch.compile cannot run."""
 import os
 import subprocess
 import sys
@@ -50,12 +50,14 @@ def test_every_norm_of_a_llama_is_routed_and_logits_keep():
     torch.testing.assert_close(model(ids).logits, want, atol=1e-5, rtol=1e-5)
 
 
-def test_without_a_cxx_compiler_the_norms_stay_eager_with_a_warning(tmp_path):
+@pytest.mark.parametrize("module,route,what", [("compiled_norm", "compile_rms_norms", "RMSNorm"),
+                                               ("compiled_swiglu", "compile_swiglus", "silu(gate) * up")])
+def test_without_a_cxx_compiler_the_modules_stay_eager_with_a_warning(tmp_path, module, route, what):
     code = ("import warnings, torch; from more_fixtures import tiny_llama; "
-            "from pipeline.models.compiled_norm import compile_rms_norms\n"
+            f"from pipeline.models.{module} import {route}\n"
             "with warnings.catch_warnings(record=True) as w:\n"
-            "    warnings.simplefilter('always'); n = compile_rms_norms(tiny_llama())\n"
-            "print(n, [str(x.message) for x in w if 'RMSNorm stays eager' in str(x.message)])")
+            f"    warnings.simplefilter('always'); n = {route}(tiny_llama())\n"
+            f"print(n, [str(x.message) for x in w if {what!r} + ' stays eager' in str(x.message)])")
     env = {**os.environ, "CXX": "/bin/false", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path),
            "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)

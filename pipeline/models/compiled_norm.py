@@ -47,6 +47,21 @@ def compile_failure(fn, *example: torch.Tensor) -> str:
     return ""
 
 
+def route_if_compiled(modules: list[nn.Module], forward, compiled, example: list[torch.Tensor], what: str,
+                      knob: str) -> int:
+    """Give each of `modules` `forward` (its own kept as `_eager_forward`) if `compiled` runs forward and backward on
+    `example` here; returns how many (0, with a warning that `what` stays eager, where it does not)."""
+    why = compile_failure(compiled, *example)
+    if why:
+        warnings.warn(f"{what} stays eager: torch.compile failed here ({why}); set model.{knob}: false to skip the "
+                      "attempt")
+        return 0
+    for m in modules:
+        m._eager_forward = m.forward
+        m.forward = types.MethodType(forward, m)
+    return len(modules)
+
+
 def compile_rms_norms(model: nn.Module) -> int:
     """Route every Llama-family RMSNorm of `model` through the compiled function; returns how many (0, with a
     warning, where torch.compile does not work on this machine: the norms stay eager)."""
@@ -55,11 +70,5 @@ def compile_rms_norms(model: nn.Module) -> int:
         return 0
     w = norms[0].weight.detach()
     x = torch.randn(1, 8, w.shape[-1], dtype=w.dtype, device=w.device, requires_grad=True)
-    why = compile_failure(_compiled, x, w, norms[0].variance_epsilon)
-    if why:
-        warnings.warn(f"RMSNorm stays eager: torch.compile failed here ({why}); set model.compile_norms: false "
-                      "to skip the attempt")
-        return 0
-    for m in norms:
-        m.forward = types.MethodType(_compiled_forward, m)
-    return len(norms)
+    return route_if_compiled(norms, _compiled_forward, _compiled, [x, w, norms[0].variance_epsilon], "RMSNorm",
+                             "compile_norms")

@@ -15,13 +15,11 @@ were (they run in Module.__call__, not forward).
 from __future__ import annotations
 
 import sys
-import types
-import warnings
 
 import torch
 from torch import nn
 
-from pipeline.models.compiled_norm import compile_failure
+from pipeline.models.compiled_norm import route_if_compiled
 from pipeline.models.packed_attention import packed_sdpa_attention
 
 
@@ -76,12 +74,4 @@ def compile_rope(model: nn.Module) -> int:
     a, dt = attns[0], getattr(model, "dtype", torch.float32)  # a transformers model: its compute dtype
     x = [torch.randn(1, h, 4, a.head_dim, dtype=dt, requires_grad=True) for h in (2, 1, 1)]
     cs = [torch.randn(1, 4, a.head_dim, dtype=dt) for _ in range(2)]
-    why = compile_failure(_compiled, *x, *cs)
-    if why:
-        warnings.warn(f"rotary embedding stays eager: torch.compile failed here ({why}); set model.compile_rope: "
-                      "false to skip the attempt")
-        return 0
-    for m in attns:
-        m._eager_forward = m.forward
-        m.forward = types.MethodType(_forward, m)
-    return len(attns)
+    return route_if_compiled(attns, _forward, _compiled, [*x, *cs], "rotary embedding", "compile_rope")

@@ -9,14 +9,11 @@ The projections stay outside (MoRE linears, with their ZeRO-3 leaf hooks where t
 """
 from __future__ import annotations
 
-import types
-import warnings
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.models.compiled_norm import compile_failure
+from pipeline.models.compiled_norm import route_if_compiled
 from pipeline.models.pooled_swiglu import is_swiglu_mlp
 
 
@@ -40,11 +37,5 @@ def compile_swiglus(model: nn.Module) -> int:
     dtype = getattr(model, "dtype", torch.float32)  # a transformers model: its compute dtype
     device = getattr(model, "device", torch.device("cpu"))
     example = [torch.randn(1, 8, 16, dtype=dtype, device=device, requires_grad=True) for _ in range(2)]
-    why = compile_failure(_compiled, *example)
-    if why:
-        warnings.warn(f"the MLPs' silu(gate) * up stays eager: torch.compile failed here ({why}); set "
-                      "model.compile_swiglu: false to skip the attempt")
-        return 0
-    for m in mlps:
-        m.forward = types.MethodType(_compiled_forward, m)
-    return len(mlps)
+    return route_if_compiled(mlps, _compiled_forward, _compiled, example, "the MLPs' silu(gate) * up",
+                             "compile_swiglu")

@@ -87,9 +87,10 @@ def share_cpu_cores(info: DistInfo) -> Optional[int]:
     returns that count (None: left as it was, on a GPU or where OMP_NUM_THREADS chose).
 
     torch starts one thread per core in every process, so 2 ranks on a 2-core host ran 4 threads that spun waiting
-    for each other's cores. One thread per rank trained 1.09x faster there (SmolLM2, NF4, ZeRO-3, two alternated
-    pairs, 2-core Zen 5 EPYC). torchrun sets OMP_NUM_THREADS=1 for the same reason; srun and the deepspeed launcher
-    (without --bind_cores_to_rank) do not. Ranks bound to their own cores (srun's CPU binding, numactl) share nothing and keep them all."""
+    for each other's cores. One thread per rank trained 1.09-1.10x faster there (SmolLM2, NF4, ZeRO-3, 2-core Zen 5
+    EPYC, bench/NOTES.md). torchrun sets OMP_NUM_THREADS=1 for the same reason; srun and the deepspeed launcher
+    (without --bind_cores_to_rank) do not. Ranks bound to cores of their own (srun's CPU binding, numactl) share
+    nothing and keep them all."""
     if info.device.type != "cpu":
         return None
     me = (socket.gethostname(), sorted(os.sched_getaffinity(0)))
