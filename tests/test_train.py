@@ -200,8 +200,8 @@ def test_zero3_two_ranks_nf4_learns_and_adapter_reproduces_eval_loss(tiny_train_
     port = free_port()
     cmd = [str(deepspeed), "--num_gpus", "2", "--master_port", str(port), str(TRAIN), "--deepspeed", str(ZERO3),
            "--config", str(tiny_train_setup["config"]), "--set", f"output_dir={run}", "--set", "model.dtype=bf16",
-           "--set", "model.compile_norms=true", "--set", "model.compile_swiglu=true", "--set", "optim.max_steps=24", "--set", "eval.max_batches=null",
-           "--set", "eval.every=12", "--set", "checkpoint.every=12"]
+           "--set", "model.compile_norms=true", "--set", "model.compile_swiglu=true", "--set", "optim.max_steps=24",
+           "--set", "eval.max_batches=null", "--set", "eval.every=12", "--set", "checkpoint.every=12"]
     proc = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "compile_norms: 5 RMSNorms compiled" in proc.stdout  # 2 per decoder layer, the final norm
