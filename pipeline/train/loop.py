@@ -102,7 +102,8 @@ def build_model(cfg: TrainConfig, task_names: list[str], dist_info: DistInfo):
         n = compile_rms_norms(model.base_model)
         if dist_info.is_main:
             print(f"compile_norms: {n} RMSNorms compiled", flush=True)
-    if cfg.model.compile_swiglu:
+    pooled = cfg.model.cpu_buffer_pool and dist_info.device.type == "cpu"
+    if cfg.model.compile_swiglu and not pooled:  # the pool routes the MLPs through its own eager product
         n = compile_swiglus(model.base_model)
         if dist_info.is_main:
             print(f"compile_swiglu: {n} MLPs' silu(gate) * up compiled", flush=True)
@@ -111,7 +112,7 @@ def build_model(cfg: TrainConfig, task_names: list[str], dist_info: DistInfo):
         n = compile_rope(model.base_model)
         if dist_info.is_main:
             print(f"compile_rope: {n} attentions' rotary embeddings compiled", flush=True)
-    if cfg.model.cpu_buffer_pool and dist_info.device.type == "cpu":
+    if pooled:
         pool_nf4_outputs(model.base_model)
         pool_swiglu_mlps(model.base_model)
     if cfg.model.gradient_checkpointing:
