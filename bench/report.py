@@ -278,7 +278,9 @@ def vs_trl(r) -> list[str]:
              f"{r.get('rows_per_step', 2)} rows per optimizer step"
              + (f" (TRL packed: micro-batches of {r['trl_micro_rows']} row, accumulated)" if "trl_micro_rows" in r
                 else "") + f"; rates over the "
-             f"steps after the first {r['skip_steps']}; the systems ran one after another in the table's row order. "
+             f"steps after the first {r['skip_steps']}; the systems ran one after another in the table's row order"
+             + (f", {r['rounds']} rounds alternated (each rate over its steps of every round)" if r.get("rounds", 1) > 1
+                else "") + ". "
              f"Matmul peak measured in the same run: "
              f"{r['matmul_peak_gflops']:.0f} GFLOP/s ({where}"
              f"{', '.join(r.get('matmul_peak_shapes', ['2048^3']))}); useful work "
@@ -315,6 +317,13 @@ def vs_trl(r) -> list[str]:
         if f"{n}_time_to_loss_speedup_vs_trl_best" in R:
             notes.append(f"TRL's best time to the target loss / {label.get(n, n)}'s: "
                          f"{R[f'{n}_time_to_loss_speedup_vs_trl_best']:.2f}")
+    for n, x in S.items():
+        if "rounds_tokens_per_s" in x:
+            by_round = R.get(f"{n}_vs_trl_best_by_round")
+            notes.append(f"{label.get(n, n)}, tokens/s by round: "
+                         + " / ".join(f"{t:.0f}" for t in x["rounds_tokens_per_s"])
+                         + (" (× TRL's best of the round: " + " / ".join(f"{q:.2f}" for q in by_round) + ")"
+                            if by_round else ""))
     if "zero2_over_zero3_1p_tokens_per_s" in R:
         notes.append(f"ZeRO-2 / ZeRO-3 in 1 process, MoRE tokens/s: {R['zero2_over_zero3_1p_tokens_per_s']:.2f}")
     if "compiled_norms_speedup_zero3" in R:

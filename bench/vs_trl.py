@@ -44,7 +44,8 @@ data and number of real training tokens.
                       of its tokens/s with the other warm-up steps)
 
 Systems run one after another in the order of the table above (--order given: the order of --systems, e.g. TRL
-first, to see whether the host drifts over a run). Every system takes the same real tokens per optimizer step
+first, to see whether the host drifts over a run); --rounds N runs that list N times (A B A B), so that a drift of the
+host's speed during the run reaches every system alike. Every system takes the same real tokens per optimizer step
 (--rows-per-step rows of 512), so the held-out curves compare the same number of updates.
 
 Every system computes in --dtype: auto is bf16 on a CPU with AVX512-BF16 or AMX and fp32 elsewhere
@@ -334,6 +335,21 @@ def summarise(rec: dict, skip: int, flops_per_token: float, peak: float) -> dict
             "eval_curve": [[step, round(elapsed[step], 3), loss] for step, loss in rec["eval"]]}  # step, s, loss
 
 
+def pool_rounds(rounds: list[dict], flops_per_token: float, peak: float) -> dict:
+    """One system over its --rounds runs: the rate over every round's measured steps together (the host's speed
+    drifts while the systems run one after another; alternating them spreads that drift over all), the largest peak
+    memory, the first round's step log and held-out curve (the same training again), and each round's own rate."""
+    if len(rounds) == 1:
+        return rounds[0]
+    steady = [step for r in rounds for step in r["step_log"][len(r["step_log"]) - r["measured_steps"]:]]
+    rate = sum(n for n, _ in steady) / sum(t for _, t in steady)
+    return {**rounds[0], "measured_steps": len(steady), "tokens_per_s": rate,
+            "matmul_peak_share": rate * flops_per_token / (peak * 1e9),
+            "peak_mem_gb": max(r["peak_mem_gb"] for r in rounds),
+            "wall_s": round(sum(r["wall_s"] for r in rounds), 1),
+            "rounds_tokens_per_s": [r["tokens_per_s"] for r in rounds]}
+
+
 def seconds_to_loss(curve: list, target: float):
     """Training seconds until the first held-out evaluation at or below `target` (None: never reached)."""
     return next((s for _, s, loss in curve if loss <= target), None)
@@ -355,6 +371,9 @@ def main() -> int:
     ap.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated subset")
     ap.add_argument("--order", choices=["table", "given"], default="table",
                     help="run the systems in the table's order (default) or in the order of --systems")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run the list of systems this many times, alternated (A B A B), each system's rate over "
+                         "its steps of every round")
     ap.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
                     help="compute dtype of every system (auto: bf16 on AVX512-BF16/AMX CPUs, fp32 elsewhere)")
     ap.add_argument("--work", default="runs/bench-vs-trl")
@@ -368,6 +387,8 @@ def main() -> int:
     if a.rows_per_step % (2 * a.trl_micro_rows):
         sys.exit(f"--rows-per-step {a.rows_per_step}: must split over 2 ranks and into TRL micro-batches of "
                  f"--trl-micro-rows {a.trl_micro_rows}")
+    if a.rounds < 1:
+        sys.exit(f"--rounds {a.rounds}: must be at least 1")
     unknown = sorted(set(chosen) - set(SYSTEMS))
     if unknown:
         sys.exit(f"--systems: unknown {unknown} (known: {', '.join(SYSTEMS)})")
@@ -408,6 +429,7 @@ def main() -> int:
                            + (f" --dtype {a.dtype}" if a.dtype != "auto" else "")
                            + (f" --systems {a.systems}" if chosen != list(SYSTEMS) else "")
                            + (f" --order {a.order}" if a.order != "table" else "")
+                           + (f" --rounds {a.rounds}" if a.rounds != 1 else "")
                            + (f" --rows-per-step {a.rows_per_step}" if a.rows_per_step != 4 else "")
                            + (f" --trl-micro-rows {a.trl_micro_rows}" if a.trl_micro_rows != 1 else "")
                            + (f" --eval-every {a.eval_every}" if a.eval_every != 2 else "")
@@ -417,7 +439,8 @@ def main() -> int:
                 "trl_micro_rows": a.trl_micro_rows,
                 "row_len": ROW_LEN, "supervised_share": supervised_share, "useful_flops_per_token": flops,
                 "matmul_peak_gflops": peak, "matmul_peak_shapes": [f"{n}^3" for n in peak_sizes(device)],
-                "run_order": order, "gpu": gpu, "memory": "GPU memory allocated" if gpu else "RSS per process",
+                "run_order": order, "rounds": a.rounds, "gpu": gpu,
+                "memory": "GPU memory allocated" if gpu else "RSS per process",
                 "skip_steps": a.skip, "eval_every": a.eval_every, "eval_samples": n_eval,
                 "cpu": platform.processor() or platform.machine(), "cpu_model": cpu_model(), "cpu_isa": cpu_isa(),
                 "dtype": dtype,
@@ -426,10 +449,12 @@ def main() -> int:
                              "trl": trl.__version__, "peft": peft.__version__}}
     out_path = Path(a.out or ROOT / "bench" / "results" / f"vs_trl{'_quick' if a.quick else ''}.json")
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    results, failed = {}, {}
-    for i, name in enumerate(order):
+    results, failed, rounds = {}, {}, {}
+    for i, name in ((i, name) for _ in range(a.rounds) for i, name in enumerate(order)):
+        if name in failed:
+            continue
         kind, size, extra = SYSTEMS[name]
-        print(f"[vs_trl] {name}", flush=True)
+        print(f"[vs_trl] {name}" + (f", round {len(rounds.get(name, [])) + 1}" if a.rounds > 1 else ""), flush=True)
         t0 = time.perf_counter()
         try:
             rec = (run_ours(name, size, extra, model, data, tokens, work, 29600 + i, dtype, a.eval_every,
@@ -439,11 +464,14 @@ def main() -> int:
                                                   a.eval_every * a.rows_per_step * ROW_LEN * 0.97))
         except (SystemExit, Exception) as e:  # one system failing: said and kept, the others still run
             failed[name] = str(e)[-3000:]
+            results.pop(name, None)
             print(f"[vs_trl] {name} FAILED: {failed[name]}", flush=True)
             continue
-        results[name] = {**summarise(rec, a.skip, flops, peak), "wall_s": round(time.perf_counter() - t0, 1)}
-        print(f"[vs_trl] {name}: {results[name]['tokens_per_s']:.1f} real tokens/s, peak memory "
-              f"{results[name]['peak_mem_gb']:.2f} GB, {results[name]['matmul_peak_share']:.1%} of matmul peak",
+        rounds.setdefault(name, []).append({**summarise(rec, a.skip, flops, peak),
+                                            "wall_s": round(time.perf_counter() - t0, 1)})
+        results[name] = pool_rounds(rounds[name], flops, peak)
+        print(f"[vs_trl] {name}: {rounds[name][-1]['tokens_per_s']:.1f} real tokens/s, peak memory "
+              f"{rounds[name][-1]['peak_mem_gb']:.2f} GB, {rounds[name][-1]['matmul_peak_share']:.1%} of matmul peak",
               flush=True)
         # after every system, so that a run cut short keeps what it measured
         target, ratios = compare(results)
@@ -468,6 +496,12 @@ def compare(results: dict) -> tuple[float, dict]:
     if trl_best:
         ratios.update({f"{n}_vs_trl_best": r["tokens_per_s"] / trl_best for n, r in results.items()
                        if n.startswith("ours")})
+    trl_rounds = [r.get("rounds_tokens_per_s", [r["tokens_per_s"]]) for n, r in results.items() if n.startswith("trl")]
+    for n, r in results.items():  # with --rounds: against TRL's best of the same round, round by round
+        if n.startswith("ours") and "rounds_tokens_per_s" in r:
+            ratios[f"{n}_vs_trl_best_by_round"] = [rate / max(t[k] for t in trl_rounds if k < len(t))
+                                                   for k, rate in enumerate(r["rounds_tokens_per_s"])
+                                                   if any(k < len(t) for t in trl_rounds)]
     if trl_fastest:
         ratios.update({f"{n}_time_to_loss_speedup_vs_trl_best": trl_fastest / r["seconds_to_target_loss"]
                        for n, r in results.items() if n.startswith("ours") and r["seconds_to_target_loss"]})

@@ -19,23 +19,28 @@ GLUE = ROOT.parent / "shared" / "data" / "glue"
 def test_quick_side_by_side_measures_both_tools_on_the_same_budget(tiny_chat_model, tmp_path):
     out = tmp_path / "vs_trl.json"
     cmd = [sys.executable, "bench/vs_trl.py", "--quick", "--model", str(tiny_chat_model), "--tokens", "1000",
-           "--skip", "1", "--systems", "trl_packed,ours_1p_more,ours_1p_lora", "--order", "given", "--work", str(tmp_path / "work"),
-           "--out", str(out)]
+           "--skip", "1", "--systems", "trl_packed,ours_1p_more,ours_1p_lora", "--order", "given", "--rounds", "2",
+           "--work", str(tmp_path / "work"), "--out", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     r = json.loads(out.read_text())
     # the defaults: smollm2-glue.yaml's 4 rows per step, for TRL as 4 micro-batches of 1 row (its fastest)
     assert (r["rows_per_step"], r["trl_micro_rows"]) == (4, 1)
-    # run in the order given (TRL first), not the table's
+    # run in the order given (TRL first), not the table's, twice
     assert list(r["systems"]) == r["run_order"] == ["trl_packed", "ours_1p_more", "ours_1p_lora"]
-    assert "--order given" in r["command"] and r["matmul_peak_shapes"] == ["512^3", "1024^3", "2048^3"]
+    assert "--order given --rounds 2" in r["command"] and r["rounds"] == 2
+    assert r["matmul_peak_shapes"] == ["512^3", "1024^3", "2048^3"]
     assert r["gpu"] is None and r["memory"] == "RSS per process"
     assert r["cpu_model"] == cpu_model()  # the machine, by generation (pipeline/models/cpu.py)
     for name, s in r["systems"].items():
-        log = s["step_log"]
+        log = s["step_log"]  # the first round's; the rate is over both rounds' steps after the first
         assert len(log) == s["steps"] >= 4 and s["real_tokens"] == sum(n for n, _ in log)
         steady = log[1:]
-        assert s["tokens_per_s"] == pytest.approx(sum(n for n, _ in steady) / sum(t for _, t in steady), rel=1e-3)
+        first = sum(n for n, _ in steady) / sum(t for _, t in steady)
+        assert s["rounds_tokens_per_s"][0] == pytest.approx(first, rel=1e-3) and len(s["rounds_tokens_per_s"]) == 2
+        second = s["rounds_tokens_per_s"][1]  # equal steps per round: the pooled rate lies between the two
+        assert min(first, second) * 0.999 <= s["tokens_per_s"] <= max(first, second) * 1.001
+        assert s["measured_steps"] == 2 * len(steady)
         assert s["matmul_peak_share"] == pytest.approx(
             s["tokens_per_s"] * r["useful_flops_per_token"] / (r["matmul_peak_gflops"] * 1e9))
         assert 0 < s["peak_mem_gb"] < 24
@@ -63,6 +68,9 @@ def test_quick_side_by_side_measures_both_tools_on_the_same_budget(tiny_chat_mod
         r["systems"]["ours_1p_lora"]["tokens_per_s"] / r["systems"]["ours_1p_more"]["tokens_per_s"])
     assert r["ratios"]["ours_1p_more_vs_trl_best"] == pytest.approx(
         r["systems"]["ours_1p_more"]["tokens_per_s"] / r["systems"]["trl_packed"]["tokens_per_s"])
+    assert r["ratios"]["ours_1p_more_vs_trl_best_by_round"] == pytest.approx(
+        [a / b for a, b in zip(r["systems"]["ours_1p_more"]["rounds_tokens_per_s"],
+                               r["systems"]["trl_packed"]["rounds_tokens_per_s"])])
 
     sys.path.insert(0, str(ROOT / "bench"))
     import report
@@ -70,6 +78,7 @@ def test_quick_side_by_side_measures_both_tools_on_the_same_budget(tiny_chat_mod
     section = "\n".join(report.vs_trl(r))
     assert "TRL SFTTrainer + PEFT LoRA r8, `packing=True`" in section and "| 1.00 |" in section
     assert "MoRE / plain LoRA step time, 1 process" in section and "s to the target loss" in section
+    assert "2 rounds alternated" in section and "this project, MoRE, 1 process, tokens/s by round: " in section
 
 
 @pytest.mark.slow
