@@ -320,6 +320,11 @@ def held_out_loss(model, samples) -> float:
     return total / max(count, 1)
 
 
+def peak_share(rate: float, flops_per_token: float, peak: float) -> float:
+    """The share of the measured matmul peak (GFLOP/s) that `rate` real tokens/s of useful work reach."""
+    return rate * flops_per_token / (peak * 1e9)
+
+
 def summarise(rec: dict, skip: int, flops_per_token: float, peak: float) -> dict:
     steady = rec["steps"][skip:] or rec["steps"]
     tokens, seconds = sum(n for n, _ in steady), sum(s for _, s in steady)
@@ -329,7 +334,7 @@ def summarise(rec: dict, skip: int, flops_per_token: float, peak: float) -> dict
         elapsed.append(elapsed[-1] + t)
     return {"steps": len(rec["steps"]), "real_tokens": int(sum(n for n, _ in rec["steps"])),
             "measured_steps": len(steady), "tokens_per_s": rate, "peak_mem_gb": rec["peak_mem_gb"],
-            "matmul_peak_share": rate * flops_per_token / (peak * 1e9),
+            "matmul_peak_share": peak_share(rate, flops_per_token, peak),
             "step_log": [[n, round(t, 4)] for n, t in rec["steps"]],  # per step: real tokens, seconds
             "eval_every_steps": rec["eval_every_steps"],
             "eval_curve": [[step, round(elapsed[step], 3), loss] for step, loss in rec["eval"]]}  # step, s, loss
@@ -344,7 +349,7 @@ def pool_rounds(rounds: list[dict], flops_per_token: float, peak: float) -> dict
     steady = [step for r in rounds for step in r["step_log"][len(r["step_log"]) - r["measured_steps"]:]]
     rate = sum(n for n, _ in steady) / sum(t for _, t in steady)
     return {**rounds[0], "measured_steps": len(steady), "tokens_per_s": rate,
-            "matmul_peak_share": rate * flops_per_token / (peak * 1e9),
+            "matmul_peak_share": peak_share(rate, flops_per_token, peak),
             "peak_mem_gb": max(r["peak_mem_gb"] for r in rounds),
             "wall_s": round(sum(r["wall_s"] for r in rounds), 1),
             "rounds_tokens_per_s": [r["tokens_per_s"] for r in rounds]}
