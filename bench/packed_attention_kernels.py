@@ -9,7 +9,7 @@ of GLUE-like samples, each sample attending only within itself.
 
 Every kernel's output and input gradients are checked against dense_mask's at the real positions before timing.
 Shapes: SmolLM2-135M's heads (9 query, 3 KV, 64 wide) and a ~1B Llama's (32, 8, 64); sample lengths drawn once
-(seeded, log-normal around 70 tokens like the GLUE mix through a chat template) and packed best-fit-decreasing.
+(seeded, log-normal around 70 tokens like the GLUE mix through a chat template) and packed as prep packs them.
 
     python bench/packed_attention_kernels.py --device cuda --out bench/results/packed_attention_cuda.json
     python bench/packed_attention_kernels.py --device cpu --dtype bf16 --out bench/results/packed_attention_cpu_bf16.json
@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from pipeline.atomic import atomic_write  # noqa: E402
 from pipeline.data.loader import block_causal_mask  # noqa: E402
+from pipeline.data.pack import pack  # noqa: E402
 from pipeline.models import cpu_attention  # noqa: E402
 from pipeline.models import packed_attention as pa  # noqa: E402
 from pipeline.models.cpu import cpu_isa, cpu_model  # noqa: E402
@@ -40,20 +41,12 @@ SHAPES = {"smollm2-135m": (9, 3, 64), "llama-1b": (32, 8, 64)}  # query heads, K
 
 
 def glue_like_rows(rows: int, row_len: int, seed: int = 0) -> list[list[int]]:
-    """Sample lengths (log-normal, median ~70, 12..row_len) packed best-fit-decreasing as prep packs them; the
-    `rows` fullest rows."""
+    """Sample lengths (log-normal, median ~70, 12..row_len) packed by prep's packer; the `rows` fullest rows, each
+    row's sample lengths longest first."""
     g = torch.Generator().manual_seed(seed)
     lengths = (torch.randn(2 * rows * row_len // 70, generator=g) * 0.5 + 4.25).exp().round().clamp(12, row_len)
-    free, packed = [], []
-    for n in sorted(lengths.int().tolist(), reverse=True):
-        fits = [r for r in range(len(free)) if free[r] >= n]
-        if not fits:
-            free.append(row_len)
-            packed.append([])
-            fits = [len(free) - 1]
-        r = min(fits, key=lambda r: free[r])
-        packed[r].append(n)
-        free[r] -= n
+    lengths = lengths.long().numpy()
+    packed = [lengths[r].tolist() for r in pack(lengths, row_len)]
     return sorted(packed, key=sum, reverse=True)[:rows]
 
 

@@ -14,7 +14,7 @@ from packed_attention_kernels import glue_like_rows  # noqa: E402
 def test_rows_are_packed_like_prep():
     rows = glue_like_rows(4, 512)
     assert len(rows) == 4 and all(sum(r) <= 512 for r in rows)
-    assert sum(map(sum, rows)) > 0.95 * 4 * 512  # the fullest rows of a best-fit-decreasing packing
+    assert sum(map(sum, rows)) == 4 * 512  # the fullest rows of prep's packing: full
     assert all(r == sorted(r, reverse=True) for r in rows)  # longest first: runs of equal lengths share a call
     assert 15 <= sum(map(len, rows)) <= 40  # ~70 tokens per sample
 

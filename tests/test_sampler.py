@@ -108,13 +108,14 @@ def test_from_dataset_uses_manifest_and_rejects_unknown_tasks(prepared_builtin_d
 
 # The mix is one of EXAMPLES, whatever the packing. Synthetic data packed by prep's packer: task 0 short samples
 # (~34 per row when rows hold one task), task 1 long ones (1 per row), task 2 mid-length samples that, with
-# mixed-task rows, always join a task-1 row and so are never a row's majority (by tokens, as rows used to be grouped).
+# mixed-task rows, always join a task-1 row and so are never a row's majority (by tokens, as rows used to be grouped):
+# short lengths are even, long and mid ones odd, so only one mid sample fills a long sample's row exactly.
 class Mix:
     def __init__(self, per_task: bool, capacity: int = 1024):
         rng = np.random.default_rng(0)
-        spec = [(3000, 20, 40), (600, 850, 900), (150, 90, 110)]
-        lens = np.concatenate([rng.integers(lo, hi + 1, n) for n, lo, hi in spec])
-        task = np.repeat(np.arange(len(spec)), [n for n, _, _ in spec])
+        spec = [(3000, 10, 20, 0), (600, 425, 449, 1), (450, 45, 54, 1)]  # count, 2 * [lo, hi] + parity
+        lens = np.concatenate([2 * rng.integers(lo, hi + 1, n) + odd for n, lo, hi, odd in spec])
+        task = np.repeat(np.arange(len(spec)), [n for n, *_ in spec])
         rows = pack(lens, capacity, task if per_task else None)
         self.examples = np.array([np.bincount(task[r], minlength=3) for r in rows])
         self.tokens = np.array([np.bincount(task[r], weights=lens[r], minlength=3) for r in rows]).astype(np.int64)

@@ -24,7 +24,7 @@ from pipeline.config.tasks import TaskConfig
 from pipeline.data import builtin
 from pipeline.data.errors import PrepError
 from pipeline.data.mask import IGNORE_INDEX, build_labels
-from pipeline.data.pack import pack
+from pipeline.data.pack import ALGORITHM as PACKING, pack
 from pipeline.data.render import check_columns, check_rows, render
 from pipeline.data.sampler import task_probabilities
 from pipeline.data.sources import EXAMPLE_ID, fingerprint_source, load_task, row_location
@@ -56,6 +56,7 @@ def cache_key(cfg: PrepConfig) -> str:
     parts = {
         "format_version": FORMAT_VERSION,
         "render_version": RENDER_VERSION,
+        "packing": PACKING,
         "config": cfg.cache_hash(),
         "sources": {t.name: fingerprint_source(t, _task_splits(cfg, t)) for t in cfg.tasks},
         "tokenizer": hash_files(cfg.tokenizer.path) if cfg.tokenizer.path else None,

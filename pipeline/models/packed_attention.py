@@ -12,9 +12,9 @@ boundaries come in as `packed_segments` (per row, its samples' lengths), compute
   one task per (sample, KV head), reading the 16-bit tensors as they are and computing in fp32: the default
   (`model.cpu_attention: fused`).
 - otherwise (`cpu_attention: sdpa`, where the kernel cannot be built; fp32 or dropout on CUDA): each sample runs its
-  own causal sdpa over its own tokens (on CPU in fp32). Consecutive samples of equal length (best-fit-decreasing
-  packing places samples longest first, so a row is mostly such runs) share ONE sdpa call as a batch: a view of the
-  row, no copy, no padding; ~23 samples per 4 GLUE rows take ~7 calls.
+  own causal sdpa over its own tokens (on CPU in fp32). Consecutive samples of equal length (prep puts each row's
+  samples longest first, so equal lengths sit together) share ONE sdpa call as a batch: a view of the row, no copy,
+  no padding; ~22 samples per 4 GLUE rows take ~13 calls.
 Padding positions get a zero output on both (nothing reads them: no label, no contrastive pooling).
 """
 from __future__ import annotations
