@@ -1,8 +1,9 @@
 """Bin packing of whole samples into rows of at most `capacity` tokens, each row filled as full as it can be.
 
-Minimum bin slack (Gupta and Ho, 1999): a row takes the longest sample left, then the subset of the remaining
-samples that fills the rest of the row best, found exactly by a subset-sum over their lengths (a bitset of the
-reachable sums, one shift-or per length and power-of-two count). Rows keep their samples longest first.
+Minimum bin slack (Gupta and Ho, 1999, in the variant that seeds each bin with the largest item left, Fleszar and
+Hindi, 2002): a row takes the longest sample left, then the subset of the remaining samples that fills the rest of
+the row best, found exactly by a subset sum over their lengths (a bitset of the reachable sums, one shift-or per
+length and power-of-two count). Rows keep their samples longest first.
 
 Why not best-fit decreasing: it places the long samples first and is left with only the short ones for the gaps,
 so when the shortest sample is long (~50 tokens for GLUE-style prompts) every row keeps a gap just shorter than it:
