@@ -414,7 +414,7 @@ def loader_memory(r) -> list[str]:
 
 SECTIONS = [("prep", prep), ("packing", packing), ("adapter_step", adapter_step),
             ("train_throughput", train_throughput), ("lm_head", lm_head), ("vs_trl_1b_zen5_minslack", vs_trl),
-            ("vs_trl_zen5_8rows_minslack", vs_trl), ("vs_trl_zen5_8rows", vs_trl),
+            ("vs_trl_zen5_minslack", vs_trl), ("vs_trl_zen5_8rows_minslack", vs_trl), ("vs_trl_zen5_8rows", vs_trl),
             ("vs_trl_1b_zen5_rounds", vs_trl), ("vs_trl_zen5_rounds", vs_trl),
             ("vs_trl_zen5_1p_zero2", vs_trl),
             ("vs_trl_1b_zen5_long", vs_trl), ("vs_trl_zen5_threads", vs_trl), ("vs_trl_1b_zen5_threads", vs_trl),
