@@ -350,7 +350,9 @@ def vs_trl(r) -> list[str]:
 
 def step_profile(r) -> list[str]:
     m = r["machine"]
-    lines = [f"## One training step by phase and operator kind, {m['isa']} CPU, {r['dtype']} (`{r['command']}`)",
+    cpu = f"{m['model']} ({m['isa']})" if m.get("model") else m["isa"] + " CPU"
+    lines = [f"## One training step by phase and operator kind, {cpu}, {r['dtype']}, ZeRO-{r['zero_stage']} "
+             f"(`{r['command']}`)",
              f"vs_trl's `ours_1p_more` step (packed rows of 512, {r['real_tokens_per_step']:.0f} real tokens) under "
              f"torch.profiler, mean of {r['steps']} steps after the warm-up: {r['step_seconds']:.2f} s per step "
              f"({r['tokens_per_s']:.0f} real tokens/s with the profiler on), {m['threads']} threads.", "",
@@ -363,6 +365,21 @@ def step_profile(r) -> list[str]:
                   f"{r['matmul_peak_gflops']:.0f} GFLOP/s GEMM peak measured in the same run",
               "- top operators (self s/step, calls/step): " + "; ".join(
                   f"{e['name']} {e['self_s_per_step']:.3f} ({e['calls_per_step']:.0f})" for e in r["top_ops"][:8])]
+    od = r.get("onednn")  # runs since 2026-12-07 evening
+    if od and od["records"]:
+        lines += ["", f"One step without the profiler, {od['step_seconds']:.2f} s, its matmuls timed by oneDNN "
+                      f"(bench/onednn_matmuls.py): {od['gemm_seconds']:.2f} s, {od['gemm_share_of_step']:.0%} of "
+                      "the step.", "",
+                  "| matmuls of | s | calls | GFLOP/s | share of the GEMM peak | share of the step |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {k} | {a['seconds']:.3f} | {a['calls']} | {a['gflops']:.0f} | {a['share_of_peak']:.0%} | "
+                  f"{a['share_of_step']:.1%} |"
+                  for k, a in sorted(od["by_kind"].items(), key=lambda kv: -kv[1]["seconds"])]
+        lines += ["", "| shape (M×K:K×N) | kind | layouts | calls | s | GFLOP/s |", "|---|---|---|---|---|---|"]
+        lines += [f"| {t['shape']} | {t['kind']} | {t['layouts']} | {t['calls']} | {t['seconds']:.3f} | "
+                  f"{t['gflops']:.0f} |" for t in od["top_shapes"]]
+    elif od:
+        lines += ["", "No oneDNN matmul records: fp32 CPU matmuls run in MKL."]
     return lines
 
 
@@ -430,7 +447,8 @@ SECTIONS = [("prep", prep), ("packing", packing), ("adapter_step", adapter_step)
             ("vs_trl", vs_trl), ("vs_trl_avx2", vs_trl), ("vs_trl_zero2", vs_trl), ("vs_trl_split_attention", vs_trl),
             ("vs_trl_1b", vs_trl), ("vs_trl_1b_dequant", vs_trl), ("vs_trl_1b_pool_ab", vs_trl),
             ("vs_trl_1b_pool_order", vs_trl), ("vs_trl_1b_pool_order_1p", vs_trl), ("vs_trl_1b_rope", vs_trl),
-            ("vs_trl_1b_attention_runs", vs_trl), ("step_profile", step_profile), ("loader_memory", loader_memory),
+            ("vs_trl_1b_attention_runs", vs_trl), ("step_profile_zen5", step_profile),
+            ("step_profile_1b_zen5", step_profile), ("step_profile", step_profile), ("loader_memory", loader_memory),
             ("packed_attention_cpu_bf16", packed_attention_kernels), ("packed_attention_cpu", packed_attention_kernels),
             ("packed_attention_cuda", packed_attention_kernels),
             ("vs_trl_135m_gpu", vs_trl), ("vs_trl_1b_gpu", vs_trl),

@@ -9,7 +9,9 @@ the trainer's own classes. After --warmup steps, --steps steps run under torch.p
   LoRA/selector small ops are not separable from the model's other element-wise work and count as
   `elementwise/other`;
 - the matmul operators' own rate (their FLOPs over their self time) against the GEMM peak measured in the same run:
-  whether the matmuls are slow themselves (small shapes) or the time goes elsewhere.
+  whether the matmuls are slow themselves (small shapes) or the time goes elsewhere;
+- before those, one step without the profiler, its 16-bit matmuls timed by oneDNN itself (bench/onednn_matmuls.py):
+  base linears, adapter, LM head, each with its GFLOP/s and share of that step, and the costliest shapes.
 
     .venv/bin/python bench/step_profile.py --model models/smollm2-135m-instruct   # ~3 min, 2 cores
     .venv/bin/python bench/step_profile.py --quick --model DIR                    # any model folder (the test)
@@ -30,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+import onednn_matmuls  # noqa: E402
 from gemm_peak import machine, peak_gflops  # noqa: E402
 from vs_trl import TRAIN_CONFIG, ours_overrides, prepare_data  # noqa: E402
 from pipeline.atomic import atomic_write  # noqa: E402
@@ -104,6 +107,10 @@ def main() -> int:
     peak = peak_gflops(torch_dtype, 1.0 if args.quick else 3.0)
     for _ in range(warmup):
         trainer.train_step()
+    # one step without the profiler, its matmuls timed by oneDNN: their real share of a step
+    vocab = trainer.engine.module.base_model.config.vocab_size
+    onednn = onednn_matmuls.summarise(*onednn_matmuls.capture(trainer.train_step), trainer.cfg.more.max_rank, vocab,
+                                      peak)
 
     clock = PhaseClock()
     clock.wrap(trainer.data, "next_train_batch", "batch")
@@ -138,6 +145,7 @@ def main() -> int:
         "matmul_gflops": matmul_gflops, "matmul_peak_gflops": peak, "matmul_rate_vs_peak": matmul_gflops / peak,
         "top_ops": [{"name": e.key, "self_s_per_step": e.self_cpu_time_total / 1e6 / steps, "calls_per_step":
                      e.count / steps} for e in top],
+        "onednn": onednn,
     }
     print(f"[step_profile] {dtype}, {tokens / steps:.0f} real tokens/step, {wall / steps:.2f} s/step "
           f"({tokens / wall:.0f} tokens/s; the profiler adds its own overhead)")
@@ -147,6 +155,7 @@ def main() -> int:
           f"= {result['matmul_rate_vs_peak']:.0%} of the {peak:.0f} GFLOP/s GEMM peak")
     for e in result["top_ops"]:
         print(f"    {e['self_s_per_step']:8.3f} s  {e['calls_per_step']:7.0f} calls  {e['name']}")
+    print("\n".join(onednn_matmuls.report(onednn)))
     out_file.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(out_file, json.dumps(result, indent=2) + "\n")
     from pipeline.train.distributed import shutdown
