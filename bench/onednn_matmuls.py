@@ -3,7 +3,8 @@
 torch.profiler adds its overhead to every operator (a SmolLM2 step profiled takes ~1.8x as long), so it cannot
 say what share of a real step the GEMMs take. oneDNN, which runs PyTorch's 16-bit CPU matmuls, can: with its
 verbose mode on it prints one line per primitive executed, with the problem's shape, the operands' memory layouts
-and the execution time in ms. fp32 CPU matmuls go to MKL instead, which prints nothing: then there are no records.
+and the execution time in ms. fp32 CPU matmuls go to MKL instead, which prints nothing: then there are no records
+(nor in a PyTorch built without oneDNN).
 """
 from __future__ import annotations
 
@@ -24,6 +25,10 @@ _LIBC = ctypes.CDLL(None)
 def capture(fn: Callable[[], object]) -> tuple[float, list[str]]:
     """Runs fn() with oneDNN's verbose mode on; returns its wall seconds and oneDNN's `exec` lines. oneDNN writes to
     the process's stdout (file descriptor 1) through C stdio, so that descriptor goes to a file meanwhile."""
+    if not torch.backends.mkldnn.is_available():  # a build without oneDNN: the step, and no records
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0, []
     sys.stdout.flush()
     saved = os.dup(1)
     with tempfile.TemporaryFile(mode="w+") as log:
