@@ -1,6 +1,6 @@
 """A training step's matrix products timed by oneDNN's own clock: how much of the step its GEMMs are, and how fast.
 
-torch.profiler adds its overhead to every operator (a SmolLM2 step profiled takes ~1.8x as long), so it cannot
+torch.profiler adds its overhead to every operator (a SmolLM2 step profiled takes 1.4-1.8x as long), so it cannot
 say what share of a real step the GEMMs take. oneDNN, which runs PyTorch's 16-bit CPU matmuls, can: with its
 verbose mode on it prints one line per primitive executed, with the problem's shape, the operands' memory layouts
 and the execution time in ms. fp32 CPU matmuls go to MKL instead, which prints nothing: then there are no records
