@@ -84,19 +84,17 @@ def summarise(wall: float, lines: list[str], rank: int, vocab: int, peak: float,
     """Per kind: seconds, calls, GFLOP/s and its share of the GEMM peak (`peak` GFLOP/s); each kind's share of the
     step's wall time; the costliest shapes."""
     recs = [r for r in map(parse, lines) if r]
-    by_kind: dict[str, dict] = {}
-    shapes: dict[tuple, list] = collections.defaultdict(lambda: [0, 0.0, 0.0])
+    shapes: dict[tuple, dict] = collections.defaultdict(lambda: {"calls": 0, "seconds": 0.0, "gflop": 0.0})
     for r in recs:
-        k = kind(r, rank, vocab)
-        flops = 2.0 * r["batch"] * r["M"] * r["K"] * r["N"]
+        s = shapes[(kind(r, rank, vocab), f"{r['M']}x{r['K']}:{r['K']}x{r['N']}", r["layouts"])]
+        s["calls"] += 1
+        s["seconds"] += r["ms"] / 1e3
+        s["gflop"] += 2.0 * r["batch"] * r["M"] * r["K"] * r["N"] / 1e9
+    by_kind: dict[str, dict] = {}
+    for (k, _, _), s in shapes.items():
         agg = by_kind.setdefault(k, {"seconds": 0.0, "calls": 0, "gflop": 0.0})
-        agg["seconds"] += r["ms"] / 1e3
-        agg["calls"] += 1
-        agg["gflop"] += flops / 1e9
-        s = shapes[(k, f"{r['M']}x{r['K']}:{r['K']}x{r['N']}", r["layouts"])]
-        s[0] += 1
-        s[1] += r["ms"] / 1e3
-        s[2] += flops / 1e9
+        for field in agg:
+            agg[field] += s[field]
     for agg in by_kind.values():
         agg["gflops"] = agg["gflop"] / max(agg["seconds"], 1e-12)
         agg["share_of_peak"] = agg["gflops"] / peak
@@ -105,8 +103,9 @@ def summarise(wall: float, lines: list[str], rank: int, vocab: int, peak: float,
     return {
         "step_seconds": wall, "records": len(recs), "gemm_seconds": gemm, "gemm_share_of_step": gemm / wall,
         "by_kind": by_kind,
-        "top_shapes": [{"kind": k, "shape": shape, "layouts": lay, "calls": n, "seconds": s, "gflops": g / max(s, 1e-12)}
-                       for (k, shape, lay), (n, s, g) in sorted(shapes.items(), key=lambda kv: -kv[1][1])[:top]],
+        "top_shapes": [{"kind": k, "shape": shape, "layouts": lay, "calls": s["calls"], "seconds": s["seconds"],
+                        "gflops": s["gflop"] / max(s["seconds"], 1e-12)}
+                       for (k, shape, lay), s in sorted(shapes.items(), key=lambda kv: -kv[1]["seconds"])[:top]],
     }
 
 

@@ -269,7 +269,7 @@ def vs_trl(r) -> list[str]:
     isa = r.get("cpu_isa") or ("AVX-512" if "avx512f" in r["cpu_flags"] else "AVX2")
     gpu = r.get("gpu")  # runs on a GPU: its name
     where = (f"{dtype} GEMM on the {gpu}, best of " if gpu else f"{dtype} GEMM, {r['cores']} cores, best of ")
-    cpu = f"{r['cpu_model']} ({isa})" if r.get("cpu_model") else isa + " CPU"  # runs since 2026-12-07 name it
+    cpu = cpu_name(r.get("cpu_model"), isa)  # runs since 2026-12-07 name the model
     lines = [f"## Training throughput against TRL + PEFT, {gpu or cpu}, {dtype} (`" + r["command"] + "`)",
              f"{r['model']} on an NF4 base, {dtype} compute, gradient checkpointing off everywhere, the same GLUE "
              f"samples "
@@ -348,9 +348,14 @@ def vs_trl(r) -> list[str]:
     return lines + ([""] + [f"- {n}" for n in notes] if notes else [])
 
 
+def cpu_name(model: str | None, isa: str) -> str:
+    """A section title's CPU: its model name and vector ISA where the result recorded the model, else the ISA."""
+    return f"{model} ({isa})" if model else isa + " CPU"
+
+
 def step_profile(r) -> list[str]:
     m = r["machine"]
-    cpu = f"{m['model']} ({m['isa']})" if m.get("model") else m["isa"] + " CPU"
+    cpu = cpu_name(m.get("model"), m["isa"])
     lines = [f"## One training step by phase and operator kind, {cpu}, {r['dtype']}, ZeRO-{r['zero_stage']} "
              f"(`{r['command']}`)",
              f"vs_trl's `ours_1p_more` step (packed rows of 512, {r['real_tokens_per_step']:.0f} real tokens) under "
