@@ -436,7 +436,8 @@ def loader_memory(r) -> list[str]:
 
 SECTIONS = [("prep", prep), ("packing", packing), ("adapter_step", adapter_step),
             ("train_throughput", train_throughput), ("lm_head", lm_head), ("vs_trl_1b_zen5_minslack", vs_trl),
-            ("vs_trl_zen5_minslack", vs_trl), ("vs_trl_zen5_8rows_minslack", vs_trl), ("vs_trl_zen5_8rows", vs_trl),
+            ("vs_trl_zen5_minslack", vs_trl), ("vs_trl_zen5_8rows_minslack", vs_trl), ("vs_trl_1b_zen4", vs_trl),
+            ("vs_trl_zen4", vs_trl), ("vs_trl_zen5_8rows", vs_trl),
             ("vs_trl_1b_zen5_rounds", vs_trl), ("vs_trl_zen5_rounds", vs_trl),
             ("vs_trl_zen5_1p_zero2", vs_trl),
             ("vs_trl_1b_zen5_long", vs_trl), ("vs_trl_zen5_threads", vs_trl), ("vs_trl_1b_zen5_threads", vs_trl),
@@ -452,7 +453,7 @@ SECTIONS = [("prep", prep), ("packing", packing), ("adapter_step", adapter_step)
             ("vs_trl", vs_trl), ("vs_trl_avx2", vs_trl), ("vs_trl_zero2", vs_trl), ("vs_trl_split_attention", vs_trl),
             ("vs_trl_1b", vs_trl), ("vs_trl_1b_dequant", vs_trl), ("vs_trl_1b_pool_ab", vs_trl),
             ("vs_trl_1b_pool_order", vs_trl), ("vs_trl_1b_pool_order_1p", vs_trl), ("vs_trl_1b_rope", vs_trl),
-            ("vs_trl_1b_attention_runs", vs_trl), ("step_profile_zen5", step_profile),
+            ("vs_trl_1b_attention_runs", vs_trl), ("step_profile_zen4", step_profile), ("step_profile_zen5", step_profile),
             ("step_profile_1b_zen5", step_profile), ("step_profile", step_profile), ("loader_memory", loader_memory),
             ("packed_attention_cpu_bf16", packed_attention_kernels), ("packed_attention_cpu", packed_attention_kernels),
             ("packed_attention_cuda", packed_attention_kernels),
